@@ -1,0 +1,478 @@
+//! A real control plane on loopback: etcd, kube-apiserver, kube-controller-manager, and MinIO,
+//! each on free ports and in its own directory, so several can run side by side.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use kube::api::{Api, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::minio::{Keys, Minio};
+use crate::pki::{self, Ca};
+use crate::process::{self, Component, Lifetime};
+use crate::tools::{self, Tools};
+
+/// The field manager of everything the harness applies.
+const FIELD_MANAGER: &str = "keybroker-e2e";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Tools(#[from] tools::Error),
+    #[error(transparent)]
+    Pki(#[from] pki::Error),
+    #[error(transparent)]
+    Process(#[from] process::Error),
+    #[error("preparing {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no free port on 127.0.0.1: {0}")]
+    Port(std::io::Error),
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("kube client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Working directory for PKI, data and logs; created if missing.
+    pub dir: PathBuf,
+    pub lifetime: Lifetime,
+    pub with_minio: bool,
+}
+
+/// A running control plane. Dropping it stops every component (for [`Lifetime::TiedToProcess`]).
+#[derive(Debug)]
+pub struct Cluster {
+    dir: PathBuf,
+    /// A kubeconfig for the `system:masters` admin (setup only: it bypasses RBAC).
+    pub kubeconfig: PathBuf,
+    /// `https://127.0.0.1:<port>`.
+    pub server: String,
+    /// The CA that signed the apiserver's serving certificate.
+    pub ca_cert: PathBuf,
+    pub minio: Option<Minio>,
+    components: Vec<Component>,
+}
+
+impl Cluster {
+    /// Starts every component and waits until each is ready, with a timeout per component.
+    /// When any step fails, whatever was already started is stopped again.
+    pub async fn start(opts: Options) -> Result<Self, Error> {
+        let tools = Tools::locate()?;
+        let mut cluster = Self {
+            dir: opts.dir.clone(),
+            kubeconfig: opts.dir.join("kubeconfig"),
+            server: String::new(),
+            ca_cert: opts.dir.join("pki/ca.crt"),
+            minio: None,
+            components: Vec::new(),
+        };
+        match cluster.boot(&tools, &opts).await {
+            Ok(()) => Ok(cluster),
+            Err(e) => {
+                cluster.stop();
+                Err(e)
+            }
+        }
+    }
+
+    async fn boot(&mut self, tools: &Tools, opts: &Options) -> Result<(), Error> {
+        let dir = &opts.dir;
+        for sub in [
+            "pki",
+            "etcd",
+            "apiserver",
+            "kcm",
+            "minio/data",
+            "minio/certs/CAs",
+        ] {
+            mkdir(&dir.join(sub))?;
+        }
+        let pki_dir = dir.join("pki");
+        let ca = Ca::create(&pki_dir, "keybroker-e2e-ca")?;
+        let serving = ca.issue_server(
+            &pki_dir,
+            "apiserver",
+            &[
+                "127.0.0.1",
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+            ],
+        )?;
+        let admin = ca.issue_client(
+            &pki_dir,
+            "admin",
+            "keybroker-e2e-admin",
+            &["system:masters"],
+        )?;
+        let kcm_client = ca.issue_client(&pki_dir, "kcm", "system:kube-controller-manager", &[])?;
+        let sa_key = pki_dir.join("service-account.key");
+        let sa_pub = pki_dir.join("service-account.pub");
+        pki::write_signing_key(&sa_key, &sa_pub)?;
+        copy(&ca.cert, &dir.join("minio/certs/CAs/ca.crt"))?;
+
+        let [
+            etcd_port,
+            etcd_peer_port,
+            api_port,
+            kcm_port,
+            minio_port,
+            console_port,
+        ] = free_ports()?;
+        let server = format!("https://127.0.0.1:{api_port}");
+        self.server = server.clone();
+
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{etcd_peer_port}");
+        let etcd = self.spawn(
+            &tools.etcd,
+            "etcd",
+            &[
+                "--name=default".into(),
+                format!("--data-dir={}", dir.join("etcd").display()),
+                format!("--listen-client-urls={etcd_url}"),
+                format!("--advertise-client-urls={etcd_url}"),
+                format!("--listen-peer-urls={peer_url}"),
+                format!("--initial-advertise-peer-urls={peer_url}"),
+                format!("--initial-cluster=default={peer_url}"),
+                "--unsafe-no-fsync".into(),
+                "--log-level=warn".into(),
+            ],
+            &[],
+            opts.lifetime,
+        )?;
+        let http = HttpClient::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let health = format!("{etcd_url}/health");
+        self.components[etcd]
+            .wait_ready("GET /health", Duration::from_secs(30), || {
+                http_ok(&http, &health, Some("\"health\":\"true\""))
+            })
+            .await?;
+
+        let root = Keys::generate("ROOT");
+        let minio = if opts.with_minio {
+            let minio_dir = dir.join("minio");
+            let env = [
+                ("MINIO_ROOT_USER", root.access_key_id.as_str()),
+                ("MINIO_ROOT_PASSWORD", root.secret_access_key.as_str()),
+                ("MINIO_BROWSER", "off"),
+                ("MINIO_UPDATE", "off"),
+            ];
+            let args = Minio::server_args(&minio_dir, minio_port, console_port);
+            Some(self.spawn(&tools.minio, "minio", &args, &env, opts.lifetime)?)
+        } else {
+            None
+        };
+
+        let apiserver = self.spawn(
+            &tools.kube_apiserver,
+            "kube-apiserver",
+            &[
+                format!("--etcd-servers={etcd_url}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--secure-port={api_port}"),
+                format!("--cert-dir={}", dir.join("apiserver").display()),
+                format!("--tls-cert-file={}", serving.cert.display()),
+                format!("--tls-private-key-file={}", serving.key.display()),
+                format!("--client-ca-file={}", ca.cert.display()),
+                "--authorization-mode=Node,RBAC".into(),
+                "--anonymous-auth=true".into(),
+                "--allow-privileged=true".into(),
+                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                format!("--service-account-issuer={server}"),
+                format!("--service-account-key-file={}", sa_pub.display()),
+                format!("--service-account-signing-key-file={}", sa_key.display()),
+                format!("--service-account-jwks-uri={server}/openid/v1/jwks"),
+                "--profiling=false".into(),
+            ],
+            &[],
+            opts.lifetime,
+        )?;
+        write_kubeconfig(&self.kubeconfig, &server, &ca.cert, &admin)?;
+        let kcm_kubeconfig = dir.join("kcm/kubeconfig");
+        write_kubeconfig(&kcm_kubeconfig, &server, &ca.cert, &kcm_client)?;
+        let client = client_from(&self.kubeconfig).await?;
+        self.components[apiserver]
+            .wait_ready("GET /readyz", Duration::from_secs(90), || async {
+                let req = http::Request::get("/readyz").body(Vec::new());
+                match req {
+                    Ok(req) => client.request_text(req).await.is_ok_and(|t| t == "ok"),
+                    Err(_) => false,
+                }
+            })
+            .await?;
+        allow_anonymous_issuer_discovery(&client).await?;
+
+        let kcm = self.spawn(
+            &tools.kube_controller_manager,
+            "kube-controller-manager",
+            &[
+                format!("--kubeconfig={}", kcm_kubeconfig.display()),
+                format!("--authentication-kubeconfig={}", kcm_kubeconfig.display()),
+                format!("--authorization-kubeconfig={}", kcm_kubeconfig.display()),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={kcm_port}"),
+                format!("--cert-dir={}", dir.join("kcm").display()),
+                format!("--service-account-private-key-file={}", sa_key.display()),
+                format!("--root-ca-file={}", ca.cert.display()),
+                "--use-service-account-credentials=true".into(),
+                "--controllers=*".into(),
+                "--leader-elect=false".into(),
+                "--profiling=false".into(),
+            ],
+            &[],
+            opts.lifetime,
+        )?;
+        let service_accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
+        self.components[kcm]
+            .wait_ready(
+                "the `default` service account in namespace `default`",
+                Duration::from_secs(60),
+                || async { matches!(service_accounts.get_opt("default").await, Ok(Some(_))) },
+            )
+            .await?;
+
+        if let Some(index) = minio {
+            let endpoint = format!("http://127.0.0.1:{minio_port}");
+            let ready = format!("{endpoint}/minio/health/ready");
+            self.components[index]
+                .wait_ready("GET /minio/health/ready", Duration::from_secs(60), || {
+                    http_ok(&http, &ready, None)
+                })
+                .await?;
+            self.minio = Some(Minio {
+                endpoint,
+                root,
+                iam_helper: tools.minio_iam.clone(),
+                dir: dir.join("minio"),
+            });
+        }
+        Ok(())
+    }
+
+    /// A client authenticated as the `system:masters` admin.
+    pub async fn client(&self) -> Result<kube::Client, Error> {
+        client_from(&self.kubeconfig).await
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn components(&self) -> &[Component] {
+        &self.components
+    }
+
+    /// The last `lines` log lines of every component, for failure reports.
+    pub fn log_tails(&self, lines: usize) -> String {
+        self.components
+            .iter()
+            .map(|c| {
+                format!(
+                    "--- {} ({}) ---\n{}",
+                    c.name(),
+                    c.log_path().display(),
+                    c.log_tail(lines)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Stops every component, detached or not, newest first (the apiserver before etcd).
+    pub fn stop(&mut self) {
+        while let Some(mut c) = self.components.pop() {
+            c.stop(Duration::from_secs(10));
+        }
+    }
+
+    /// Starts a component and returns its index in `components`.
+    fn spawn(
+        &mut self,
+        program: &Path,
+        name: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        lifetime: Lifetime,
+    ) -> Result<usize, Error> {
+        let log = self.dir.join(format!("{name}.log"));
+        let component = Component::spawn(name, program, args, env, &log, lifetime)?;
+        self.components.push(component);
+        Ok(self.components.len() - 1)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Detached components outlive this handle on purpose (`make cluster-up`).
+        self.components.retain(|c| !c.is_detached());
+        self.stop();
+    }
+}
+
+async fn client_from(kubeconfig: &Path) -> Result<kube::Client, Error> {
+    let err = |source| Error::Kubeconfig {
+        path: kubeconfig.to_owned(),
+        source,
+    };
+    let kc = Kubeconfig::read_from(kubeconfig).map_err(err)?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(err)?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Binds the built-in `system:service-account-issuer-discovery` role to unauthenticated
+/// callers, so verifiers (MinIO, AWS) can fetch the OIDC discovery document and keys.
+async fn allow_anonymous_issuer_discovery(client: &kube::Client) -> Result<(), Error> {
+    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": { "name": "keybroker-e2e:anonymous-issuer-discovery" },
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": "system:service-account-issuer-discovery",
+        },
+        "subjects": [{
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Group",
+            "name": "system:unauthenticated",
+        }],
+    }))
+    .map_err(|e| Error::Client(kube::Error::SerdeError(e)))?;
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .patch(
+            "keybroker-e2e:anonymous-issuer-discovery",
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&binding),
+        )
+        .await?;
+    Ok(())
+}
+
+/// True when GET `url` answers 200 (and the body contains `needle`, if given).
+async fn http_ok(
+    http: &HttpClient<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    url: &str,
+    needle: Option<&str>,
+) -> bool {
+    let Ok(uri) = url.parse::<hyper::Uri>() else {
+        return false;
+    };
+    let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), http.get(uri)).await else {
+        return false;
+    };
+    if !resp.status().is_success() {
+        return false;
+    }
+    match needle {
+        None => true,
+        Some(needle) => match resp.into_body().collect().await {
+            Ok(body) => String::from_utf8_lossy(&body.to_bytes()).contains(needle),
+            Err(_) => false,
+        },
+    }
+}
+
+fn write_kubeconfig(
+    path: &Path,
+    server: &str,
+    ca: &Path,
+    user: &pki::CertFiles,
+) -> Result<(), Error> {
+    let contents = format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: keybroker-e2e
+  cluster:
+    server: {server}
+    certificate-authority: {ca}
+users:
+- name: admin
+  user:
+    client-certificate: {cert}
+    client-key: {key}
+contexts:
+- name: keybroker-e2e
+  context:
+    cluster: keybroker-e2e
+    user: admin
+current-context: keybroker-e2e
+",
+        ca = ca.display(),
+        cert = user.cert.display(),
+        key = user.key.display(),
+    );
+    std::fs::write(path, contents).map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// `N` distinct free ports on 127.0.0.1. All listeners are held until every port is chosen, so
+/// the ports differ from each other; another process may still take one before we bind it,
+/// which the readiness wait then reports.
+fn free_ports<const N: usize>() -> Result<[u16; N], Error> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Error::Port)?;
+    let mut ports = [0u16; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr().map_err(Error::Port)?.port();
+    }
+    Ok(ports)
+}
+
+fn mkdir(path: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(path).map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn copy(from: &Path, to: &Path) -> Result<(), Error> {
+    std::fs::copy(from, to)
+        .map(drop)
+        .map_err(|source| Error::Io {
+            path: to.to_owned(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_and_bindable() {
+        let ports: [u16; 6] = free_ports().unwrap();
+        let mut unique = ports.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), 6, "{ports:?}");
+        for port in ports {
+            TcpListener::bind(("127.0.0.1", port)).unwrap();
+        }
+    }
+}
