@@ -1,0 +1,228 @@
+//! The keybroker API (`keybroker.dev/v1alpha1`): `KeyProvider` (cluster-scoped, owned by the
+//! platform team) and `ApiKey` (namespaced, owned by the app team).
+//!
+//! What can be checked without context (formats, bounds, non-empty lists) is in the schema and
+//! CEL rules, so the apiserver refuses it at apply time; what needs the provider's guardrails is
+//! checked by the controller and reported in `status`.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// CEL rule shared by every TTL field: a Go duration between STS's 15-minute floor and 12 hours.
+const TTL_RULE: &str = "duration(self) >= duration('15m') && duration(self) <= duration('12h')";
+const TTL_MESSAGE: &str = "must be a duration such as 15m, 1h or 1h30m, between 15m and 12h";
+
+/// How credentials are minted, and the guardrails every ApiKey that uses this provider must stay
+/// within. Owned by the platform team.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "keybroker.dev",
+    version = "v1alpha1",
+    kind = "KeyProvider",
+    doc = "A way to mint short-lived credentials (an STS role) and the guardrails that bound every ApiKey using it. Cluster-scoped; owned by the platform team.",
+    shortname = "kp",
+    status = "KeyProviderStatus",
+    printcolumn = r#"{"name":"Role","type":"string","jsonPath":".spec.aws.roleArn"}"#,
+    printcolumn = r#"{"name":"Max TTL","type":"string","jsonPath":".spec.guardrails.maxTTL"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(validation = Rule::new("!has(self.guardrails.defaultTTL) || !has(self.guardrails.maxTTL) || duration(self.guardrails.defaultTTL) <= duration(self.guardrails.maxTTL)").message("guardrails.defaultTTL must not exceed guardrails.maxTTL"))]
+#[serde(rename_all = "camelCase")]
+pub struct KeyProviderSpec {
+    /// Mint AWS credentials with STS AssumeRole (AWS, or any STS-compatible service such as
+    /// MinIO or Ceph RGW).
+    pub aws: AwsProvider,
+    /// Namespaces whose ApiKeys may use this provider. `{}` selects every namespace.
+    pub namespace_selector: LabelSelector,
+    /// Upper bounds for every ApiKey that uses this provider.
+    pub guardrails: Guardrails,
+}
+
+/// An STS endpoint and the role the broker assumes there.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsProvider {
+    /// ARN of the role to assume, e.g. `arn:aws:iam::123456789012:role/app-uploads`. Its trust
+    /// policy must allow the broker's identity; the role needs only the rights the guardrails allow.
+    #[x_kube(validation = Rule::new("self.startsWith('arn:')").message("must be an ARN (arn:partition:iam::account:role/name)"))]
+    #[schemars(length(min = 20, max = 2048))]
+    pub role_arn: String,
+    /// STS region, e.g. `eu-west-1` (MinIO accepts any, conventionally `us-east-1`).
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9-]+$"))]
+    pub region: String,
+    /// STS endpoint URL; omit for AWS's regional endpoint. `https://` except on loopback.
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://127.0.0.1') || self.startsWith('http://localhost')").message("must be an https:// URL (plain http only on loopback)"))]
+    #[schemars(length(max = 2048))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Secret with the broker's own keys (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`). Omit to
+    /// use the standard AWS credential chain, i.e. the broker's own workload identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+/// A Secret in a given namespace.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+pub struct SecretRef {
+    /// Namespace of the Secret (usually the operator's own).
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: String,
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// What any ApiKey using the provider may ask for.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Guardrails {
+    /// Actions an ApiKey may request, e.g. `s3:GetObject`; `*` and `?` wildcards allowed. An
+    /// ApiKey's action must lie entirely within one of these (`s3:Get*` is not within `s3:GetObject`).
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 128)))]
+    pub allowed_actions: Vec<String>,
+    /// Resource ARN patterns an ApiKey may request; `*` and `?` wildcards allowed, `{namespace}`
+    /// expands to the ApiKey's namespace, e.g. `arn:aws:s3:::corp-data/{namespace}/*`.
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 512)))]
+    pub allowed_resources: Vec<String>,
+    /// TTL for ApiKeys that do not set one. Default 1h (capped at maxTTL).
+    #[serde(
+        rename = "defaultTTL",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[x_kube(validation = Rule::new(TTL_RULE).message(TTL_MESSAGE))]
+    #[schemars(
+        length(min = 2, max = 16),
+        regex(pattern = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$")
+    )]
+    pub default_ttl: Option<String>,
+    /// Longest TTL an ApiKey may set. Default 1h.
+    #[serde(rename = "maxTTL", default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(TTL_RULE).message(TTL_MESSAGE))]
+    #[schemars(
+        length(min = 2, max = 16),
+        regex(pattern = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$")
+    )]
+    pub max_ttl: Option<String>,
+    /// Credential issuances per minute per ApiKey, a cap against runaway clients and billing
+    /// abuse. Default 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_issuances_per_minute: Option<u32>,
+}
+
+/// Observed state of a KeyProvider.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyProviderStatus {
+    /// `Ready`: the STS endpoint answered and the broker's identity works there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The generation the conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A request for short-lived credentials, used by the pods of the listed service accounts.
+/// Owned by the app team; bounded by its KeyProvider's guardrails.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "keybroker.dev",
+    version = "v1alpha1",
+    kind = "ApiKey",
+    doc = "A request for short-lived, narrowly scoped credentials for the pods of the listed service accounts, minted by a KeyProvider within its guardrails. Namespaced; owned by the app team.",
+    namespaced,
+    shortname = "ak",
+    status = "ApiKeyStatus",
+    printcolumn = r#"{"name":"Provider","type":"string","jsonPath":".spec.providerRef.name"}"#,
+    printcolumn = r#"{"name":"TTL","type":"string","jsonPath":".status.effectiveTTL"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Revoked","type":"boolean","jsonPath":".spec.revoked"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeySpec {
+    /// The KeyProvider that mints the credentials.
+    pub provider_ref: ProviderRef,
+    /// Service accounts (in this namespace) whose pods may use this ApiKey.
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(
+            length(min = 1, max = 253),
+            regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+        )
+    )]
+    pub service_account_names: Vec<String>,
+    /// What the credentials may do.
+    pub scope: Scope,
+    /// Credential lifetime, e.g. `15m` or `1h`; default: the provider's defaultTTL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(TTL_RULE).message(TTL_MESSAGE))]
+    #[schemars(
+        length(min = 2, max = 16),
+        regex(pattern = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$")
+    )]
+    pub ttl: Option<String>,
+    /// Revoke without deleting: no new credentials are issued and running sidecars delete theirs
+    /// within a second.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// Reference to a cluster-scoped KeyProvider.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+pub struct ProviderRef {
+    /// Name of the KeyProvider.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+}
+
+/// Actions and resources, in the provider's terms (for AWS: IAM actions and ARNs).
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+pub struct Scope {
+    /// Actions, e.g. `s3:PutObject`; `*` and `?` wildcards allowed within the guardrails.
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(
+            length(min = 1, max = 128),
+            regex(pattern = r"^[A-Za-z0-9*?-]+:[A-Za-z0-9*?]+$")
+        )
+    )]
+    pub actions: Vec<String>,
+    /// Resource ARN patterns, e.g. `arn:aws:s3:::corp-data/team-a/invoices/*`; `{namespace}`
+    /// expands to this ApiKey's namespace.
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 512)))]
+    pub resources: Vec<String>,
+}
+
+/// Observed state of an ApiKey.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyStatus {
+    /// `Ready`: the ApiKey is within its provider's guardrails and credentials can be issued.
+    /// When False, the reason and message say what to change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The session policy the broker attaches to every issuance (IAM JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_policy: Option<String>,
+    /// SHA-256 of the session policy, as recorded in audit records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope_hash: Option<String>,
+    /// The credential lifetime issued, after defaults and guardrails.
+    #[serde(
+        rename = "effectiveTTL",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub effective_ttl: Option<String>,
+}
