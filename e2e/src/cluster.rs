@@ -19,6 +19,20 @@ use crate::pki::{self, Ca};
 use crate::process::{self, Component, Lifetime};
 use crate::tools::{self, Tools};
 
+/// Audit writes (not reads) to keybroker objects and Leases, at metadata level.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  verbs: [create, update, patch, delete, deletecollection]
+  resources:
+  - group: keybroker.dev
+  - group: coordination.k8s.io
+    resources: [leases]
+- level: None
+";
+
 /// The field manager of everything the harness applies.
 const FIELD_MANAGER: &str = "keybroker-e2e";
 
@@ -123,6 +137,8 @@ impl Cluster {
             &["system:masters"],
         )?;
         let kcm_client = ca.issue_client(&pki_dir, "kcm", "system:kube-controller-manager", &[])?;
+        let audit_policy = dir.join("apiserver/audit-policy.yaml");
+        write_file(&audit_policy, AUDIT_POLICY)?;
         let sa_key = pki_dir.join("service-account.key");
         let sa_pub = pki_dir.join("service-account.pub");
         pki::write_signing_key(&sa_key, &sa_pub)?;
@@ -202,6 +218,9 @@ impl Cluster {
                 format!("--service-account-signing-key-file={}", sa_key.display()),
                 format!("--service-account-jwks-uri={server}/openid/v1/jwks"),
                 "--profiling=false".into(),
+                format!("--audit-policy-file={}", audit_policy.display()),
+                format!("--audit-log-path={}", self.audit_log().display()),
+                "--audit-log-mode=blocking".into(),
             ],
             &[],
             opts.lifetime,
@@ -271,6 +290,25 @@ impl Cluster {
     /// A client authenticated as the `system:masters` admin.
     pub async fn client(&self) -> Result<kube::Client, Error> {
         client_from(&self.kubeconfig).await
+    }
+
+    /// The apiserver's audit log: one JSON event per line for every write to `keybroker.dev`
+    /// objects and Leases (metadata only, never bodies), so tests can count API writes.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("apiserver/audit.log")
+    }
+
+    /// Audit events so far that match `pred`.
+    pub fn audit_events(
+        &self,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.audit_log())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .filter(|event| pred(event))
+            .collect()
     }
 
     pub fn dir(&self) -> &Path {
@@ -423,6 +461,10 @@ current-context: keybroker-e2e
         cert = user.cert.display(),
         key = user.key.display(),
     );
+    write_file(path, &contents)
+}
+
+fn write_file(path: &Path, contents: &str) -> Result<(), Error> {
     std::fs::write(path, contents).map_err(|source| Error::Io {
         path: path.to_owned(),
         source,

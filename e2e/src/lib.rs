@@ -107,6 +107,38 @@ where
     }
 }
 
+/// Applies the committed CRDs in `crds/` (what users apply) and waits until the apiserver
+/// serves them.
+pub async fn install_crds(client: &kube::Client) -> anyhow::Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Patch, PatchParams};
+    use kube::runtime::wait::{await_condition, conditions};
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut files: Vec<_> = std::fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
+    files.sort_by_key(|f| f.path());
+    for file in files {
+        let crd: CustomResourceDefinition =
+            yaml_serde::from_str(&std::fs::read_to_string(file.path())?)?;
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(
+            &name,
+            &PatchParams::apply("keybroker-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("applying {}: {e}", file.path().display()))?;
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(api.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("CRD {name} not established after 30 s"))??;
+    }
+    Ok(())
+}
+
 /// Polls `probe` every 200 ms until it yields a value; fails after `timeout` naming `what`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> anyhow::Result<T>
 where

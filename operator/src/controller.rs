@@ -1,0 +1,358 @@
+//! The controller role: reconciles ApiKeys into compiled session policies (and KeyProviders
+//! into a verified `Ready`), writing status by server-side apply only when it changed.
+//!
+//! Pipeline per ApiKey: dereference (provider and namespace from reflector stores, no API
+//! calls) → evaluate + desired status (pure, `status.rs`) → apply (skipped when equal) → Event
+//! on Ready transitions.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use crate::crd::{ApiKey, ApiKeyStatus, KeyProvider};
+use crate::metrics::Metrics;
+use crate::provider_check;
+use crate::status::{self, Verdict};
+
+/// The field manager of every status the controller writes.
+pub const FIELD_MANAGER: &str = "keybroker-controller";
+const APIKEY: &str = "ApiKey";
+const KEYPROVIDER: &str = "KeyProvider";
+
+/// What the controller watches.
+#[derive(Clone, Debug, Default)]
+pub struct Scope {
+    /// Only ApiKeys in this namespace (default: all namespaces).
+    pub namespace: Option<String>,
+    /// Only KeyProviders with these labels, e.g. `tier=prod` (default: all).
+    pub provider_labels: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("writing status of {kind} {name}: {source}")]
+    WriteStatus {
+        kind: &'static str,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("{0} has no namespace")]
+    NoNamespace(String),
+}
+
+impl Error {
+    /// Low-cardinality label for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::WriteStatus { .. } => "kube_api",
+            Error::NoNamespace(_) => "invalid_object",
+        }
+    }
+}
+
+/// Shared state of the reconcilers.
+struct Context {
+    client: Client,
+    providers: Store<KeyProvider>,
+    namespaces: Store<Namespace>,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+}
+
+/// Runs the ApiKey and KeyProvider controllers until the future is dropped.
+pub async fn run(client: Client, scope: Scope, metrics: Arc<Metrics>, instance: String) {
+    let apikeys: Api<DeserializeGuard<ApiKey>> = match &scope.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let provider_api: Api<KeyProvider> = Api::all(client.clone());
+    let provider_watch = match &scope.provider_labels {
+        Some(labels) => watcher::Config::default().labels(labels),
+        None => watcher::Config::default(),
+    };
+    let namespace_watch = match &scope.namespace {
+        Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
+        None => watcher::Config::default(),
+    };
+
+    let (providers, provider_writer) = reflector::store();
+    let provider_reflector = reflector::reflector(
+        provider_writer,
+        watcher(provider_api.clone(), provider_watch.clone()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|_| async {});
+    let (namespaces, namespace_writer) = reflector::store();
+    let namespace_reflector = reflector::reflector(
+        namespace_writer,
+        watcher(
+            Api::<Namespace>::all(client.clone()),
+            namespace_watch.clone(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|_| async {});
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(instance),
+        },
+    );
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        providers: providers.clone(),
+        namespaces: namespaces.clone(),
+        recorder,
+        metrics,
+    });
+
+    let apikey_controller = {
+        let ctx = Arc::clone(&ctx);
+        async move {
+            // Judging a key before the stores are filled would flip it to ProviderNotFound.
+            let (Ok(()), Ok(())) = (
+                ctx.providers.wait_until_ready().await,
+                ctx.namespaces.wait_until_ready().await,
+            ) else {
+                return;
+            };
+            let controller = Controller::new(apikeys, watcher::Config::default().any_semantic());
+            let keys = controller.store();
+            let keys_for_providers = keys.clone();
+            controller
+                .watches(provider_api.clone(), provider_watch, move |provider| {
+                    keys_referencing(&keys_for_providers, |k| {
+                        k.spec.provider_ref.name == provider.name_any()
+                    })
+                })
+                .watches(
+                    Api::<Namespace>::all(ctx.client.clone()),
+                    namespace_watch,
+                    move |ns| {
+                        let name = ns.name_any();
+                        keys_referencing(&keys, |k| k.namespace().as_deref() == Some(name.as_str()))
+                    },
+                )
+                .shutdown_on_signal()
+                .run(reconcile_apikey, apikey_error_policy, Arc::clone(&ctx))
+                .for_each(|_| async {})
+                .await;
+        }
+    };
+    let provider_controller = {
+        let ctx = Arc::clone(&ctx);
+        let api: Api<DeserializeGuard<KeyProvider>> = Api::all(client);
+        let config = match &scope.provider_labels {
+            Some(labels) => watcher::Config::default().labels(labels),
+            None => watcher::Config::default(),
+        };
+        Controller::new(api, config)
+            .shutdown_on_signal()
+            .run(reconcile_provider, provider_error_policy, ctx)
+            .for_each(|_| async {})
+    };
+    tokio::join!(
+        provider_reflector,
+        namespace_reflector,
+        apikey_controller,
+        provider_controller
+    );
+}
+
+fn keys_referencing(
+    keys: &Store<DeserializeGuard<ApiKey>>,
+    pred: impl Fn(&ApiKey) -> bool,
+) -> Vec<ObjectRef<DeserializeGuard<ApiKey>>> {
+    keys.state()
+        .iter()
+        .filter(|guard| guard.0.as_ref().is_ok_and(&pred))
+        .map(|guard| ObjectRef::from_obj(guard.as_ref()))
+        .collect()
+}
+
+async fn reconcile_apikey(
+    guard: Arc<DeserializeGuard<ApiKey>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile(APIKEY);
+    let key = match &guard.0 {
+        Ok(key) => key,
+        Err(invalid) => {
+            // The apiserver's schema normally prevents this; never let it stall the others.
+            warn!(name = %invalid.metadata.name.as_deref().unwrap_or("?"), error = %invalid.error, "ApiKey does not match the keybroker schema");
+            return Ok(Action::await_change());
+        }
+    };
+    let name = key.name_any();
+    let namespace = key
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(name.clone()))?;
+
+    // dereference
+    let provider = ctx
+        .providers
+        .get(&ObjectRef::new(&key.spec.provider_ref.name));
+    let labels: BTreeMap<String, String> = ctx
+        .namespaces
+        .get(&ObjectRef::new(&namespace))
+        .map(|ns| ns.labels().clone())
+        .unwrap_or_default();
+
+    // evaluate (pure)
+    let verdict = status::evaluate(key, &namespace, &labels, provider.as_deref());
+    let current = key.status.as_ref();
+    let desired = status::desired_status(current, &verdict, key.meta().generation, now());
+    if current == Some(&desired) {
+        return Ok(Action::await_change());
+    }
+
+    // apply
+    let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = serde_json::json!({
+        "apiVersion": "keybroker.dev/v1alpha1",
+        "kind": "ApiKey",
+        "status": desired,
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| Error::WriteStatus {
+        kind: APIKEY,
+        name: name.clone(),
+        source,
+    })?;
+    ctx.metrics.status_write(APIKEY);
+
+    // tell the user when the verdict changed
+    let before = status::ready_condition(current).map(|c| (c.status.clone(), c.reason.clone()));
+    let after =
+        status::ready_condition(Some(&desired)).map(|c| (c.status.clone(), c.reason.clone()));
+    if before != after {
+        publish(&ctx, key, &verdict, &desired).await;
+    }
+    Ok(Action::await_change())
+}
+
+async fn publish(ctx: &Context, key: &ApiKey, verdict: &Verdict, desired: &ApiKeyStatus) {
+    let note = status::ready_condition(Some(desired)).map(|c| c.message.clone());
+    let (type_, reason) = match verdict {
+        Verdict::Ready(_) => (EventType::Normal, "Ready"),
+        Verdict::NotReady { reason, .. } => (EventType::Warning, *reason),
+    };
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note,
+        action: "Compile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &key.object_ref(&())).await {
+        warn!(error = %e, "could not publish event");
+    }
+}
+
+fn apikey_error_policy(
+    _key: Arc<DeserializeGuard<ApiKey>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    warn!(%error, "ApiKey reconcile failed");
+    ctx.metrics.error(APIKEY, error.category());
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// How often a KeyProvider's identity is re-verified.
+const PROVIDER_RECHECK: Duration = Duration::from_secs(300);
+
+async fn reconcile_provider(
+    guard: Arc<DeserializeGuard<KeyProvider>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile(KEYPROVIDER);
+    let provider = match &guard.0 {
+        Ok(p) => p,
+        Err(invalid) => {
+            warn!(name = %invalid.metadata.name.as_deref().unwrap_or("?"), error = %invalid.error, "KeyProvider does not match the keybroker schema");
+            return Ok(Action::await_change());
+        }
+    };
+    let name = provider.name_any();
+    let outcome = provider_check::verify(&ctx.client, &provider.spec.aws).await;
+    let current = provider.status.as_ref();
+    let desired =
+        provider_check::desired_status(current, &outcome, provider.meta().generation, now());
+    if current != Some(&desired) {
+        let api: Api<KeyProvider> = Api::all(ctx.client.clone());
+        let patch = serde_json::json!({
+            "apiVersion": "keybroker.dev/v1alpha1",
+            "kind": "KeyProvider",
+            "status": desired,
+        });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::WriteStatus {
+            kind: KEYPROVIDER,
+            name: name.clone(),
+            source,
+        })?;
+        ctx.metrics.status_write(KEYPROVIDER);
+        info!(provider = %name, ready = outcome.is_ok(), "KeyProvider status changed");
+    }
+    Ok(Action::requeue(PROVIDER_RECHECK))
+}
+
+fn provider_error_policy(
+    _provider: Arc<DeserializeGuard<KeyProvider>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    warn!(%error, "KeyProvider reconcile failed");
+    ctx.metrics.error(KEYPROVIDER, error.category());
+    Action::requeue(Duration::from_secs(10))
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// Runs the controllers only while this replica holds the Lease (see [`crate::leader`]).
+pub async fn run_elected(
+    client: Client,
+    scope: Scope,
+    lease: crate::leader::LeaseConfig,
+    metrics: Arc<Metrics>,
+) -> Result<(), crate::leader::Error> {
+    let instance = lease.identity.clone();
+    crate::leader::run_while_leader(client.clone(), lease, Arc::clone(&metrics), || {
+        run(
+            client.clone(),
+            scope.clone(),
+            Arc::clone(&metrics),
+            instance.clone(),
+        )
+    })
+    .await
+}

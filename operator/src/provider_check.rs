@@ -1,0 +1,231 @@
+//! KeyProvider `Ready`: proves the STS endpoint answers and accepts the broker's own identity,
+//! with a real call (GetCallerIdentity; for STS services without it, such as MinIO, an
+//! AssumeRole of the provider's role under a deny-all session policy).
+
+use std::time::Duration;
+
+use aws_sdk_sts::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_sts::error::ProvideErrorMetadata;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::Api;
+
+use crate::crd::{AwsProvider, KeyProviderStatus};
+use crate::status::ready_transition;
+
+/// Every STS call of the check must finish within this.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The session policy of the fallback AssumeRole: the credentials it yields can do nothing.
+const DENY_ALL: &str =
+    r#"{"Version":"2012-10-17","Statement":[{"Effect":"Deny","Action":["*"],"Resource":["*"]}]}"#;
+
+/// Why a provider is not usable. Messages never contain key material.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("credentials Secret {namespace}/{name}: {detail}")]
+    CredentialsSecret {
+        namespace: String,
+        name: String,
+        detail: String,
+    },
+    #[error("STS rejected the broker's credentials ({code}): {message}")]
+    CredentialsRejected { code: String, message: String },
+    #[error("STS at {endpoint} did not answer: {detail}")]
+    Unreachable { endpoint: String, detail: String },
+}
+
+impl Problem {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Problem::CredentialsSecret { .. } => "CredentialsSecretInvalid",
+            Problem::CredentialsRejected { .. } => "CredentialsRejected",
+            Problem::Unreachable { .. } => "ProviderUnreachable",
+        }
+    }
+}
+
+/// Builds the STS client the broker uses for `aws`: its endpoint and region, and the broker's
+/// own credentials (from `credentialsSecretRef`, else the default AWS chain).
+pub async fn sts_client(
+    kube: &kube::Client,
+    aws: &AwsProvider,
+) -> Result<aws_sdk_sts::Client, Problem> {
+    let mut config = aws_sdk_sts::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(aws.region.clone()));
+    if let Some(endpoint) = &aws.endpoint {
+        config = config.endpoint_url(endpoint);
+    }
+    match &aws.credentials_secret_ref {
+        Some(reference) => {
+            let problem = |detail: String| Problem::CredentialsSecret {
+                namespace: reference.namespace.clone(),
+                name: reference.name.clone(),
+                detail,
+            };
+            let secret = Api::<Secret>::namespaced(kube.clone(), &reference.namespace)
+                .get_opt(&reference.name)
+                .await
+                .map_err(|e| problem(format!("cannot be read: {e}")))?
+                .ok_or_else(|| problem("does not exist".into()))?;
+            let data = secret.data.unwrap_or_default();
+            let field = |key: &str| {
+                data.get(key)
+                    .and_then(|v| String::from_utf8(v.0.clone()).ok())
+                    .filter(|v| !v.is_empty())
+            };
+            let (Some(id), Some(secret_key)) =
+                (field("AWS_ACCESS_KEY_ID"), field("AWS_SECRET_ACCESS_KEY"))
+            else {
+                return Err(problem(
+                    "needs non-empty keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into(),
+                ));
+            };
+            config = config.credentials_provider(Credentials::new(
+                id,
+                secret_key,
+                field("AWS_SESSION_TOKEN"),
+                None,
+                "keybroker-credentials-secret",
+            ));
+        }
+        None => {
+            let shared = aws_config::defaults(BehaviorVersion::latest())
+                .region(Region::new(aws.region.clone()))
+                .load()
+                .await;
+            if let Some(provider) = shared.credentials_provider() {
+                config = config.credentials_provider(provider);
+            }
+        }
+    }
+    Ok(aws_sdk_sts::Client::from_conf(config.build()))
+}
+
+/// Verifies the provider; `Ok` carries a description of the verified identity.
+pub async fn verify(kube: &kube::Client, aws: &AwsProvider) -> Result<String, Problem> {
+    let sts = sts_client(kube, aws).await?;
+    let endpoint = aws
+        .endpoint
+        .clone()
+        .unwrap_or_else(|| format!("sts.{}.amazonaws.com", aws.region));
+    let unreachable = |detail: String| Problem::Unreachable {
+        endpoint: endpoint.clone(),
+        detail,
+    };
+    let identity = tokio::time::timeout(CALL_TIMEOUT, sts.get_caller_identity().send())
+        .await
+        .map_err(|_| unreachable(format!("no answer within {CALL_TIMEOUT:?}")))?;
+    let unsupported = match identity {
+        Ok(out) => {
+            return Ok(format!(
+                "STS accepted the broker's identity {}",
+                out.arn().unwrap_or("(no ARN)")
+            ));
+        }
+        Err(e) => match classify(&e) {
+            Classified::Unsupported => true,
+            Classified::Rejected(code, message) => {
+                return Err(Problem::CredentialsRejected { code, message });
+            }
+            Classified::Unreachable(detail) => return Err(unreachable(detail)),
+        },
+    };
+    debug_assert!(unsupported);
+    let assumed = tokio::time::timeout(
+        CALL_TIMEOUT,
+        sts.assume_role()
+            .role_arn(&aws.role_arn)
+            .role_session_name("keybroker-provider-check")
+            .policy(DENY_ALL)
+            .duration_seconds(900)
+            .send(),
+    )
+    .await
+    .map_err(|_| unreachable(format!("no answer within {CALL_TIMEOUT:?}")))?;
+    match assumed {
+        Ok(_) => Ok(format!(
+            "STS let the broker assume {} (checked with a deny-all session policy)",
+            aws.role_arn
+        )),
+        Err(e) => match classify(&e) {
+            Classified::Rejected(code, message) => {
+                Err(Problem::CredentialsRejected { code, message })
+            }
+            Classified::Unsupported => Err(Problem::CredentialsRejected {
+                code: "Unsupported".into(),
+                message: "the endpoint supports neither GetCallerIdentity nor AssumeRole".into(),
+            }),
+            Classified::Unreachable(detail) => Err(unreachable(detail)),
+        },
+    }
+}
+
+enum Classified {
+    /// The endpoint does not implement the call.
+    Unsupported,
+    Rejected(String, String),
+    Unreachable(String),
+}
+
+fn classify<E, R>(error: &aws_sdk_sts::error::SdkError<E, R>) -> Classified
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    use aws_sdk_sts::error::SdkError;
+    match error {
+        SdkError::ServiceError(service) => {
+            let err = service.err();
+            let code = err.code().unwrap_or("Unknown").to_owned();
+            let message = err.message().unwrap_or("").to_owned();
+            // MinIO answers InvalidParameterValue "Unsupported action GetCallerIdentity".
+            let unsupported = matches!(
+                code.as_str(),
+                "InvalidAction" | "NotImplemented" | "UnknownOperation" | "UnsupportedOperation"
+            ) || message.starts_with("Unsupported action");
+            if unsupported {
+                Classified::Unsupported
+            } else {
+                Classified::Rejected(code, message)
+            }
+        }
+        other => {
+            Classified::Unreachable(innermost_cause(other).unwrap_or_else(|| other.to_string()))
+        }
+    }
+}
+
+/// The innermost cause of a transport error (the outer ones just say "dispatch failure").
+fn innermost_cause(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut source = error.source()?;
+    while let Some(next) = source.source() {
+        source = next;
+    }
+    Some(source.to_string())
+}
+
+/// The KeyProvider status for a verification outcome (lastTransitionTime kept unless the Ready
+/// status flips).
+pub fn desired_status(
+    current: Option<&KeyProviderStatus>,
+    outcome: &Result<String, Problem>,
+    generation: Option<i64>,
+    now: Time,
+) -> KeyProviderStatus {
+    let (status, reason, message) = match outcome {
+        Ok(identity) => ("True", "Verified", identity.clone()),
+        Err(problem) => ("False", problem.reason(), problem.to_string()),
+    };
+    KeyProviderStatus {
+        conditions: vec![ready_transition(
+            current.map(|s| s.conditions.as_slice()).unwrap_or_default(),
+            status,
+            reason,
+            message,
+            generation,
+            now,
+        )],
+        observed_generation: generation,
+    }
+}
