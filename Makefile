@@ -5,7 +5,7 @@ CARGO ?= cargo
 CLUSTER_DIR ?= .cluster
 export NO_PROXY := 127.0.0.1,localhost
 
-.PHONY: help test tools lint unit e2e crds cluster-up cluster-down
+.PHONY: help test tools lint unit e2e crds bench cluster-up cluster-down
 
 help: ## Show the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -24,6 +24,10 @@ unit: ## Unit tests (no servers)
 
 e2e: tools ## End-to-end tests: each test binary starts its own control plane and MinIO
 	$(CARGO) test --workspace --locked --test '*'
+
+bench: tools ## Benchmarks against a real control plane (controller: 1,000 ApiKeys vs. a plain-client floor), as tables
+	$(CARGO) build -q --release --locked -p keybroker-operator --bin keybroker-operator
+	$(CARGO) run -q --locked -p keybroker-e2e --bin keybroker-bench -- controller $(BENCH_ARGS)
 
 crds: ## Regenerate crds/ from the Rust types (a unit test fails when they are stale)
 	$(CARGO) run -q --locked -p keybroker-operator --bin crdgen -- --out crds

@@ -132,8 +132,17 @@ pub async fn run(client: Client, scope: Scope, metrics: Arc<Metrics>, instance: 
             ) else {
                 return;
             };
-            let controller = Controller::new(apikeys, watcher::Config::default().any_semantic());
-            let keys = controller.store();
+            // The cache holds every ApiKey; managedFields are most of an object's size and the
+            // controller never reads them, so they are dropped before caching.
+            let (keys, keys_writer) = reflector::store();
+            let key_stream = watcher(apikeys, watcher::Config::default().any_semantic())
+                .default_backoff()
+                .modify(|key: &mut DeserializeGuard<ApiKey>| {
+                    key.meta_mut().managed_fields = None;
+                })
+                .reflect(keys_writer)
+                .touched_objects();
+            let controller = Controller::for_stream(key_stream, keys.clone());
             let keys_for_providers = keys.clone();
             controller
                 .watches(provider_api.clone(), provider_watch, move |provider| {
