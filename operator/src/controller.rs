@@ -233,23 +233,7 @@ async fn reconcile_apikey(
 
     // apply
     let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &namespace);
-    let patch = serde_json::json!({
-        "apiVersion": "keybroker.dev/v1alpha1",
-        "kind": "ApiKey",
-        "status": desired,
-    });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(|source| Error::WriteStatus {
-        kind: APIKEY,
-        name: name.clone(),
-        source,
-    })?;
-    ctx.metrics.status_write(APIKEY);
+    apply_status(&ctx, &api, APIKEY, &name, &desired).await?;
 
     // tell the user when the verdict changed
     let before = status::ready_condition(current).map(|c| (c.status.clone(), c.reason.clone()));
@@ -311,26 +295,42 @@ async fn reconcile_provider(
         provider_check::desired_status(current, &outcome, provider.meta().generation, now());
     if current != Some(&desired) {
         let api: Api<KeyProvider> = Api::all(ctx.client.clone());
-        let patch = serde_json::json!({
-            "apiVersion": "keybroker.dev/v1alpha1",
-            "kind": "KeyProvider",
-            "status": desired,
-        });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|source| Error::WriteStatus {
-            kind: KEYPROVIDER,
-            name: name.clone(),
-            source,
-        })?;
-        ctx.metrics.status_write(KEYPROVIDER);
+        apply_status(&ctx, &api, KEYPROVIDER, &name, &desired).await?;
         info!(provider = %name, ready = outcome.is_ok(), "KeyProvider status changed");
     }
     Ok(Action::requeue(PROVIDER_RECHECK))
+}
+
+/// Writes `status` by server-side apply under [`FIELD_MANAGER`], owning exactly its fields.
+async fn apply_status<K, S>(
+    ctx: &Context,
+    api: &Api<K>,
+    kind: &'static str,
+    name: &str,
+    status: &S,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: serde::Serialize,
+{
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": kind,
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| Error::WriteStatus {
+        kind,
+        name: name.to_owned(),
+        source,
+    })?;
+    ctx.metrics.status_write(kind);
+    Ok(())
 }
 
 fn provider_error_policy(
