@@ -15,13 +15,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
 use crate::crd::{ApiKey, ApiKeyStatus, KeyProvider};
+use crate::events::{EventType, Publisher};
 use crate::metrics::Metrics;
 use crate::provider_check;
 use crate::status::{self, Verdict};
@@ -67,7 +67,7 @@ struct Context {
     client: Client,
     providers: Store<KeyProvider>,
     namespaces: Store<Namespace>,
-    recorder: Recorder,
+    events: Publisher,
     metrics: Arc<Metrics>,
 }
 
@@ -107,18 +107,12 @@ pub async fn run(client: Client, scope: Scope, metrics: Arc<Metrics>, instance: 
     .touched_objects()
     .for_each(|_| async {});
 
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: Some(instance),
-        },
-    );
+    let events = Publisher::new(client.clone(), FIELD_MANAGER, &instance);
     let ctx = Arc::new(Context {
         client: client.clone(),
         providers: providers.clone(),
         namespaces: namespaces.clone(),
-        recorder,
+        events,
         metrics,
     });
 
@@ -246,19 +240,18 @@ async fn reconcile_apikey(
 }
 
 async fn publish(ctx: &Context, key: &ApiKey, verdict: &Verdict, desired: &ApiKeyStatus) {
-    let note = status::ready_condition(Some(desired)).map(|c| c.message.clone());
+    let note = status::ready_condition(Some(desired))
+        .map(|c| c.message.as_str())
+        .unwrap_or_default();
     let (type_, reason) = match verdict {
         Verdict::Ready(_) => (EventType::Normal, "Ready"),
         Verdict::NotReady { reason, .. } => (EventType::Warning, *reason),
     };
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note,
-        action: "Compile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &key.object_ref(&())).await {
+    if let Err(e) = ctx
+        .events
+        .publish(&key.object_ref(&()), type_, reason, "Compile", note)
+        .await
+    {
         warn!(error = %e, "could not publish event");
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod controller;
 pub mod crd;
+pub mod events;
 pub mod leader;
 pub mod metrics;
 pub mod pattern;
