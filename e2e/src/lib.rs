@@ -5,6 +5,8 @@
 //! [`in_namespace`], which dumps the namespace and the component logs when the test fails.
 
 pub mod cluster;
+pub mod fixtures;
+pub mod logs;
 pub mod minio;
 pub mod pki;
 pub mod process;

@@ -5,8 +5,7 @@
 //! Each test runs its own controller restricted to its own namespace and to KeyProviders
 //! labelled for it, so tests sharing the control plane do not see each other.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
@@ -17,7 +16,7 @@ use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams,
 use tokio::sync::OnceCell;
 use tokio::task::JoinHandle;
 
-use keybroker_e2e::{Cluster, eventually, in_namespace, install_crds, shared};
+use keybroker_e2e::{Cluster, eventually, fixtures, in_namespace, install_crds, logs, shared};
 use keybroker_operator::controller::{self, Scope};
 use keybroker_operator::crd::{ApiKey, KeyProvider};
 use keybroker_operator::leader::LeaseConfig;
@@ -29,41 +28,11 @@ type Mutation = Box<dyn Fn(&mut serde_json::Value) + Send + Sync>;
 /// The shared control plane with the CRDs installed, and everything the controllers log.
 async fn cluster() -> anyhow::Result<&'static Cluster> {
     static CRDS: OnceCell<()> = OnceCell::const_new();
-    capture_logs();
+    logs::capture();
     let cluster = shared().await?;
     CRDS.get_or_try_init(|| async { install_crds(&cluster.client().await?).await })
         .await?;
     Ok(cluster)
-}
-
-/// Captured output of every controller in this test binary (the leak test searches it).
-fn logs() -> &'static Mutex<Vec<u8>> {
-    static LOGS: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
-    LOGS.get_or_init(Mutex::default)
-}
-
-struct LogWriter;
-impl Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Ok(mut logs) = logs().lock() {
-            logs.extend_from_slice(buf);
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture_logs() {
-    static INIT: OnceLock<()> = OnceLock::new();
-    INIT.get_or_init(|| {
-        let _ = tracing_subscriber::fmt()
-            .json()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_writer(|| LogWriter)
-            .try_init();
-    });
 }
 
 /// A controller task that is aborted (like a killed process: the Lease is not released) on drop.
@@ -102,136 +71,6 @@ fn start_controller(client: &Client, ns: &str, identity: &str) -> RunningControl
     RunningController { task, metrics }
 }
 
-/// Labels the test namespace as a tenant, stores a MinIO user's keys in a Secret, and creates a
-/// KeyProvider `<ns>-s3` that gives the namespace its own prefix.
-async fn tenant_with_provider(
-    cluster: &Cluster,
-    client: &Client,
-    ns: &str,
-) -> anyhow::Result<String> {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .patch(
-            ns,
-            &PatchParams::apply("e2e"),
-            &Patch::Apply(serde_json::json!({
-                "apiVersion": "v1", "kind": "Namespace",
-                "metadata": {"name": ns, "labels": {"keybroker.dev/tenant": "true"}}
-            })),
-        )
-        .await?;
-    let minio = cluster.minio.as_ref().context("no MinIO")?;
-    let keys = minio.create_user(
-        &format!("broker-{ns}"),
-        &serde_json::json!({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": ["s3:*"], "Resource": ["arn:aws:s3:::*"]}]
-        }),
-    )?;
-    create_secret(
-        client,
-        ns,
-        "broker-keys",
-        &keys.access_key_id,
-        &keys.secret_access_key,
-    )
-    .await?;
-    let name = format!("{ns}-s3");
-    apply_provider(
-        client,
-        ns,
-        &name,
-        &minio.endpoint,
-        "broker-keys",
-        &["s3:GetObject", "s3:PutObject"],
-        &["keybroker.dev/tenant", "true"],
-    )
-    .await?;
-    Ok(name)
-}
-
-async fn create_secret(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    id: &str,
-    secret: &str,
-) -> anyhow::Result<()> {
-    let s: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
-        "stringData": {"AWS_ACCESS_KEY_ID": id, "AWS_SECRET_ACCESS_KEY": secret}
-    }))?;
-    Api::<Secret>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &s)
-        .await?;
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn apply_provider(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    endpoint: &str,
-    secret: &str,
-    actions: &[&str],
-    selector: &[&str; 2],
-) -> anyhow::Result<()> {
-    Api::<KeyProvider>::all(client.clone())
-        .patch(
-            name,
-            &PatchParams::apply("e2e").force(),
-            &Patch::Apply(serde_json::json!({
-                "apiVersion": "keybroker.dev/v1alpha1", "kind": "KeyProvider",
-                "metadata": {"name": name, "labels": {"e2e-scope": ns}},
-                "spec": {
-                    "aws": {
-                        "roleArn": "arn:aws:iam::000000000000:role/keybroker-e2e",
-                        "region": "us-east-1",
-                        "endpoint": endpoint,
-                        "credentialsSecretRef": {"namespace": ns, "name": secret}
-                    },
-                    "namespaceSelector": {"matchLabels": {selector[0]: selector[1]}},
-                    "guardrails": {
-                        "allowedActions": actions,
-                        "allowedResources": ["arn:aws:s3:::corp-data/{namespace}/*"],
-                        "defaultTTL": "30m",
-                        "maxTTL": "1h"
-                    }
-                }
-            })),
-        )
-        .await?;
-    Ok(())
-}
-
-async fn create_apikey(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    provider: &str,
-    actions: &[&str],
-    resources: &[String],
-    ttl: Option<&str>,
-) -> anyhow::Result<()> {
-    let mut spec = serde_json::json!({
-        "providerRef": {"name": provider},
-        "serviceAccountNames": ["uploader"],
-        "scope": {"actions": actions, "resources": resources}
-    });
-    if let Some(ttl) = ttl {
-        spec["ttl"] = ttl.into();
-    }
-    let key: ApiKey = serde_json::from_value(serde_json::json!({
-        "apiVersion": "keybroker.dev/v1alpha1", "kind": "ApiKey",
-        "metadata": {"name": name}, "spec": spec
-    }))?;
-    Api::<ApiKey>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &key)
-        .await?;
-    Ok(())
-}
-
 /// Waits until ApiKey `name` has a Ready condition for its current generation with `status`.
 async fn ready_condition(
     client: &Client,
@@ -257,24 +96,20 @@ async fn ready_condition(
     .await
 }
 
-fn prefix(ns: &str, rest: &str) -> String {
-    format!("arn:aws:s3:::corp-data/{ns}/{rest}")
-}
-
 #[tokio::test]
 async fn valid_apikey_becomes_ready_with_the_compiled_policy() -> anyhow::Result<()> {
     let cluster = cluster().await?;
     in_namespace(cluster, "ctl-ready", |client, ns| async move {
         let cluster = shared().await?;
-        let provider = tenant_with_provider(cluster, &client, &ns).await?;
+        let provider = fixtures::tenant(cluster, &client, &ns).await?;
         let _controller = start_controller(&client, &ns, "only");
-        create_apikey(
+        fixtures::apikey(
             &client,
             &ns,
             "uploader",
             &provider,
             &["s3:PutObject"],
-            &[prefix(&ns, "invoices/2026/*")],
+            &[fixtures::object_arn(&ns, "invoices/2026/*")],
             Some("15m"),
         )
         .await?;
@@ -288,7 +123,7 @@ async fn valid_apikey_becomes_ready_with_the_compiled_policy() -> anyhow::Result
         );
         ensure!(
             policy["Statement"][0]["Resource"]
-                == serde_json::json!([prefix(&ns, "invoices/2026/*")]),
+                == serde_json::json!([fixtures::object_arn(&ns, "invoices/2026/*")]),
             "{policy}"
         );
         ensure!(status.effective_ttl.as_deref() == Some("15m"));
@@ -296,13 +131,13 @@ async fn valid_apikey_becomes_ready_with_the_compiled_policy() -> anyhow::Result
         ensure!(cond.reason == "Compiled", "{cond:?}");
 
         // A key without a TTL gets the provider's default.
-        create_apikey(
+        fixtures::apikey(
             &client,
             &ns,
             "reader",
             &provider,
             &["s3:GetObject"],
-            &[prefix(&ns, "*")],
+            &[fixtures::object_arn(&ns, "*")],
             None,
         )
         .await?;
@@ -361,23 +196,23 @@ async fn out_of_guardrail_apikeys_are_refused_naming_the_item() -> anyhow::Resul
     let cluster = cluster().await?;
     in_namespace(cluster, "ctl-refuse", |client, ns| async move {
         let cluster = shared().await?;
-        let provider = tenant_with_provider(cluster, &client, &ns).await?;
+        let provider = fixtures::tenant(cluster, &client, &ns).await?;
         let minio = cluster.minio.as_ref().context("no MinIO")?;
         // A provider that selects other namespaces only.
-        apply_provider(
+        fixtures::provider(
             &client,
             &ns,
             &format!("{ns}-elsewhere"),
             &minio.endpoint,
             "broker-keys",
             &["s3:GetObject"],
-            &["team", "finance"],
+            ("team", "finance"),
         )
         .await?;
         let _controller = start_controller(&client, &ns, "only");
 
         let other_team = "arn:aws:s3:::corp-data/team-b/*".to_owned();
-        create_apikey(
+        fixtures::apikey(
             &client,
             &ns,
             "other-prefix",
@@ -387,43 +222,43 @@ async fn out_of_guardrail_apikeys_are_refused_naming_the_item() -> anyhow::Resul
             None,
         )
         .await?;
-        create_apikey(
+        fixtures::apikey(
             &client,
             &ns,
             "all-s3",
             &provider,
             &["s3:*"],
-            &[prefix(&ns, "*")],
+            &[fixtures::object_arn(&ns, "*")],
             None,
         )
         .await?;
-        create_apikey(
+        fixtures::apikey(
             &client,
             &ns,
             "too-long",
             &provider,
             &["s3:GetObject"],
-            &[prefix(&ns, "*")],
+            &[fixtures::object_arn(&ns, "*")],
             Some("2h"),
         )
         .await?;
-        create_apikey(
+        fixtures::apikey(
             &client,
             &ns,
             "not-selected",
             &format!("{ns}-elsewhere"),
             &["s3:GetObject"],
-            &[prefix(&ns, "*")],
+            &[fixtures::object_arn(&ns, "*")],
             None,
         )
         .await?;
-        create_apikey(
+        fixtures::apikey(
             &client,
             &ns,
             "no-provider",
             "does-not-exist",
             &["s3:GetObject"],
-            &[prefix(&ns, "*")],
+            &[fixtures::object_arn(&ns, "*")],
             None,
         )
         .await?;
@@ -485,15 +320,15 @@ async fn tightening_a_provider_flips_a_ready_key() -> anyhow::Result<()> {
     let cluster = cluster().await?;
     in_namespace(cluster, "ctl-tighten", |client, ns| async move {
         let cluster = shared().await?;
-        let provider = tenant_with_provider(cluster, &client, &ns).await?;
+        let provider = fixtures::tenant(cluster, &client, &ns).await?;
         let _controller = start_controller(&client, &ns, "only");
-        create_apikey(
+        fixtures::apikey(
             &client,
             &ns,
             "uploader",
             &provider,
             &["s3:PutObject"],
-            &[prefix(&ns, "*")],
+            &[fixtures::object_arn(&ns, "*")],
             None,
         )
         .await?;
@@ -501,14 +336,14 @@ async fn tightening_a_provider_flips_a_ready_key() -> anyhow::Result<()> {
 
         let minio = cluster.minio.as_ref().context("no MinIO")?;
         let started = Instant::now();
-        apply_provider(
+        fixtures::provider(
             &client,
             &ns,
             &provider,
             &minio.endpoint,
             "broker-keys",
             &["s3:GetObject"],
-            &["keybroker.dev/tenant", "true"],
+            ("keybroker.dev/tenant", "true"),
         )
         .await?;
         let (_, cond) = ready_condition(&client, &ns, "uploader", "False").await?;
@@ -522,14 +357,14 @@ async fn tightening_a_provider_flips_a_ready_key() -> anyhow::Result<()> {
         );
 
         // Removing the namespace from the provider's selector flips it too (namespace watch).
-        apply_provider(
+        fixtures::provider(
             &client,
             &ns,
             &provider,
             &minio.endpoint,
             "broker-keys",
             &["s3:GetObject", "s3:PutObject"],
-            &["keybroker.dev/tenant", "true"],
+            ("keybroker.dev/tenant", "true"),
         )
         .await?;
         ready_condition(&client, &ns, "uploader", "True").await?;
@@ -633,25 +468,25 @@ async fn an_idle_controller_writes_nothing() -> anyhow::Result<()> {
     let cluster = cluster().await?;
     in_namespace(cluster, "ctl-idle", |client, ns| async move {
         let cluster = shared().await?;
-        let provider = tenant_with_provider(cluster, &client, &ns).await?;
+        let provider = fixtures::tenant(cluster, &client, &ns).await?;
         let controller = start_controller(&client, &ns, "only");
-        create_apikey(
+        fixtures::apikey(
             &client,
             &ns,
             "good",
             &provider,
             &["s3:PutObject"],
-            &[prefix(&ns, "*")],
+            &[fixtures::object_arn(&ns, "*")],
             None,
         )
         .await?;
-        create_apikey(
+        fixtures::apikey(
             &client,
             &ns,
             "bad",
             &provider,
             &["s3:*"],
-            &[prefix(&ns, "*")],
+            &[fixtures::object_arn(&ns, "*")],
             None,
         )
         .await?;
@@ -695,7 +530,7 @@ async fn only_the_leader_writes_and_a_killed_leader_hands_over() -> anyhow::Resu
     let cluster = cluster().await?;
     in_namespace(cluster, "ctl-leader", |client, ns| async move {
         let cluster = shared().await?;
-        let provider = tenant_with_provider(cluster, &client, &ns).await?;
+        let provider = fixtures::tenant(cluster, &client, &ns).await?;
         let a = start_controller(&client, &ns, "replica-a");
         let b = start_controller(&client, &ns, "replica-b");
         let (leader, standby) = eventually("a leader", Duration::from_secs(20), || async {
@@ -707,13 +542,13 @@ async fn only_the_leader_writes_and_a_killed_leader_hands_over() -> anyhow::Resu
         })
         .await?;
         let (leader_ctl, standby_ctl) = if leader == "a" { (a, b) } else { (b, a) };
-        create_apikey(
+        fixtures::apikey(
             &client,
             &ns,
             "first",
             &provider,
             &["s3:PutObject"],
-            &[prefix(&ns, "*")],
+            &[fixtures::object_arn(&ns, "*")],
             None,
         )
         .await?;
@@ -741,13 +576,13 @@ async fn only_the_leader_writes_and_a_killed_leader_hands_over() -> anyhow::Resu
             "leader killed -> standby leading after {:?}",
             killed.elapsed()
         );
-        create_apikey(
+        fixtures::apikey(
             &client,
             &ns,
             "second",
             &provider,
             &["s3:GetObject"],
-            &[prefix(&ns, "*")],
+            &[fixtures::object_arn(&ns, "*")],
             None,
         )
         .await?;
@@ -766,11 +601,11 @@ async fn broker_keys_never_reach_status_events_or_logs() -> anyhow::Result<()> {
     let cluster = cluster().await?;
     in_namespace(cluster, "ctl-leak", |client, ns| async move {
         let cluster = shared().await?;
-        let provider = tenant_with_provider(cluster, &client, &ns).await?;
+        let provider = fixtures::tenant(cluster, &client, &ns).await?;
         let minio = cluster.minio.as_ref().context("no MinIO")?;
         // Wrong secret for a real user: STS rejects it, and the error travels to status and logs.
         let wrong_secret = format!("wrong-{}", ns.replace('-', ""));
-        create_secret(
+        fixtures::secret(
             &client,
             &ns,
             "wrong-keys",
@@ -779,24 +614,24 @@ async fn broker_keys_never_reach_status_events_or_logs() -> anyhow::Result<()> {
         )
         .await?;
         let rejected = format!("{ns}-rejected");
-        apply_provider(
+        fixtures::provider(
             &client,
             &ns,
             &rejected,
             &minio.endpoint,
             "wrong-keys",
             &["s3:GetObject"],
-            &["keybroker.dev/tenant", "true"],
+            ("keybroker.dev/tenant", "true"),
         )
         .await?;
         let controller = start_controller(&client, &ns, "only");
-        create_apikey(
+        fixtures::apikey(
             &client,
             &ns,
             "uploader",
             &provider,
             &["s3:PutObject"],
-            &[prefix(&ns, "*")],
+            &[fixtures::object_arn(&ns, "*")],
             None,
         )
         .await?;
@@ -839,9 +674,7 @@ async fn broker_keys_never_reach_status_events_or_logs() -> anyhow::Result<()> {
         let providers = Api::<KeyProvider>::all(client.clone())
             .list(&ListParams::default())
             .await?;
-        let logs =
-            String::from_utf8_lossy(&logs().lock().map_err(|_| anyhow::anyhow!("poisoned"))?)
-                .into_owned();
+        let logs = logs::captured();
         let metrics = controller.metrics.encode()?;
         let surfaces = [
             ("events", serde_json::to_string(&events.items)?),

@@ -1,6 +1,7 @@
 //! keybroker operator library: the API types, the policy compiler, and the controller, webhook
 //! and broker roles built on them.
 
+pub mod broker;
 pub mod controller;
 pub mod crd;
 pub mod events;

@@ -1,0 +1,272 @@
+//! Fluent-enough builders for the objects keybroker tests need: a tenant namespace with its
+//! own KeyProvider backed by MinIO, ApiKeys, opted-in pods, bound tokens and S3 clients.
+
+use anyhow::Context;
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+
+use crate::Cluster;
+
+/// The bucket every tenant's prefix lives in.
+pub const BUCKET: &str = "corp-data";
+const FIELD_MANAGER: &str = "keybroker-e2e";
+
+/// Labels `ns` as a tenant, gives the broker a MinIO user whose keys sit in Secret
+/// `broker-keys` in `ns`, and creates KeyProvider `<ns>-s3` (labelled `e2e-scope=<ns>`) that lets
+/// the namespace Get/Put under `corp-data/<ns>/`. Returns the provider's name.
+pub async fn tenant(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<String> {
+    label_namespace(client, ns, "true").await?;
+    let minio = cluster.minio.as_ref().context("no MinIO")?;
+    let keys = minio.create_user(
+        &format!("broker-{ns}"),
+        &serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": ["s3:*"], "Resource": ["arn:aws:s3:::*"]}]
+        }),
+    )?;
+    secret(
+        client,
+        ns,
+        "broker-keys",
+        &keys.access_key_id,
+        &keys.secret_access_key,
+    )
+    .await?;
+    let name = format!("{ns}-s3");
+    provider(
+        client,
+        ns,
+        &name,
+        &minio.endpoint,
+        "broker-keys",
+        &["s3:GetObject", "s3:PutObject"],
+        ("keybroker.dev/tenant", "true"),
+    )
+    .await?;
+    let root = s3_client(
+        &minio.endpoint,
+        &minio.root.access_key_id,
+        &minio.root.secret_access_key,
+        None,
+    );
+    if let Err(e) = root.create_bucket().bucket(BUCKET).send().await {
+        let code = e.into_service_error().meta().code().map(str::to_owned);
+        anyhow::ensure!(
+            matches!(
+                code.as_deref(),
+                Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")
+            ),
+            "creating bucket {BUCKET}: {code:?}"
+        );
+    }
+    Ok(name)
+}
+
+/// Sets the namespace's `keybroker.dev/tenant` label.
+pub async fn label_namespace(client: &Client, ns: &str, tenant: &str) -> anyhow::Result<()> {
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            ns,
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Apply(serde_json::json!({
+                "apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": ns, "labels": {"keybroker.dev/tenant": tenant}}
+            })),
+        )
+        .await?;
+    Ok(())
+}
+
+/// A Secret holding AWS-style keys.
+pub async fn secret(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    id: &str,
+    secret: &str,
+) -> anyhow::Result<()> {
+    let s: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "stringData": {"AWS_ACCESS_KEY_ID": id, "AWS_SECRET_ACCESS_KEY": secret}
+    }))?;
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &s)
+        .await?;
+    Ok(())
+}
+
+/// Applies KeyProvider `name` (labelled `e2e-scope=<ns>`) over MinIO with the keys in Secret
+/// `<ns>/<secret>`, allowing `actions` under `corp-data/{namespace}/*` for namespaces whose
+/// label `selector.0` is `selector.1`.
+pub async fn provider(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    endpoint: &str,
+    secret: &str,
+    actions: &[&str],
+    selector: (&str, &str),
+) -> anyhow::Result<()> {
+    Api::<keybroker_operator::crd::KeyProvider>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(serde_json::json!({
+                "apiVersion": "keybroker.dev/v1alpha1", "kind": "KeyProvider",
+                "metadata": {"name": name, "labels": {"e2e-scope": ns}},
+                "spec": {
+                    "aws": {
+                        "roleArn": "arn:aws:iam::000000000000:role/keybroker-e2e",
+                        "region": "us-east-1",
+                        "endpoint": endpoint,
+                        "credentialsSecretRef": {"namespace": ns, "name": secret}
+                    },
+                    "namespaceSelector": {"matchLabels": {selector.0: selector.1}},
+                    "guardrails": {
+                        "allowedActions": actions,
+                        "allowedResources": [format!("arn:aws:s3:::{BUCKET}/{{namespace}}/*")],
+                        "defaultTTL": "30m",
+                        "maxTTL": "1h"
+                    }
+                }
+            })),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Creates ApiKey `name` for service account `uploader`.
+pub async fn apikey(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    provider: &str,
+    actions: &[&str],
+    resources: &[String],
+    ttl: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut spec = serde_json::json!({
+        "providerRef": {"name": provider},
+        "serviceAccountNames": ["uploader"],
+        "scope": {"actions": actions, "resources": resources}
+    });
+    if let Some(ttl) = ttl {
+        spec["ttl"] = ttl.into();
+    }
+    let key: keybroker_operator::crd::ApiKey = serde_json::from_value(serde_json::json!({
+        "apiVersion": "keybroker.dev/v1alpha1", "kind": "ApiKey",
+        "metadata": {"name": name}, "spec": spec
+    }))?;
+    Api::<keybroker_operator::crd::ApiKey>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &key)
+        .await?;
+    Ok(())
+}
+
+/// `arn:aws:s3:::corp-data/<ns>/<rest>`.
+pub fn object_arn(ns: &str, rest: &str) -> String {
+    format!("arn:aws:s3:::{BUCKET}/{ns}/{rest}")
+}
+
+/// Creates service account `name`.
+pub async fn service_account(client: &Client, ns: &str, name: &str) -> anyhow::Result<()> {
+    let sa: ServiceAccount =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &sa)
+        .await?;
+    Ok(())
+}
+
+/// Creates pod `name` running as `sa`; `apikeys` (if any) opts it in for those ApiKeys.
+pub async fn pod(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    sa: &str,
+    apikeys: Option<&str>,
+) -> anyhow::Result<Pod> {
+    let mut meta = serde_json::json!({"name": name});
+    if let Some(keys) = apikeys {
+        meta["labels"] = serde_json::json!({"keybroker.dev/inject": "true"});
+        meta["annotations"] = serde_json::json!({"keybroker.dev/apikeys": keys});
+    }
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": meta,
+        "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "registry.invalid/app:1"}]}
+    }))?;
+    Ok(Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pod)
+        .await?)
+}
+
+/// A token for `sa` with `audience`, bound to `pod` when given, as the kubelet projects it.
+pub async fn token(
+    client: &Client,
+    ns: &str,
+    sa: &str,
+    audience: &str,
+    pod: Option<&str>,
+) -> anyhow::Result<String> {
+    let mut spec = serde_json::json!({"audiences": [audience], "expirationSeconds": 600});
+    if let Some(pod) = pod {
+        spec["boundObjectRef"] =
+            serde_json::json!({"kind": "Pod", "apiVersion": "v1", "name": pod});
+    }
+    let request: TokenRequest = serde_json::from_value(serde_json::json!({"spec": spec}))?;
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(sa, &PostParams::default(), &request)
+        .await?
+        .status
+        .and_then(|s| s.token)
+        .context("TokenRequest returned no token")
+}
+
+/// An S3 client for MinIO with the given keys.
+pub fn s3_client(
+    endpoint: &str,
+    access_key: &str,
+    secret_key: &str,
+    session_token: Option<&str>,
+) -> aws_sdk_s3::Client {
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .endpoint_url(endpoint)
+            .force_path_style(true)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                access_key,
+                secret_key,
+                session_token.map(str::to_owned),
+                None,
+                "e2e",
+            ))
+            .build(),
+    )
+}
+
+/// The S3 error code of putting `key` into the bucket, or `None` when it succeeded.
+pub async fn put_object(s3: &aws_sdk_s3::Client, key: &str) -> Option<String> {
+    match s3
+        .put_object()
+        .bucket(BUCKET)
+        .key(key)
+        .body(aws_sdk_s3::primitives::ByteStream::from_static(
+            b"keybroker e2e",
+        ))
+        .send()
+        .await
+    {
+        Ok(_) => None,
+        Err(e) => Some(
+            e.into_service_error()
+                .meta()
+                .code()
+                .unwrap_or("Unknown")
+                .to_owned(),
+        ),
+    }
+}

@@ -1,0 +1,313 @@
+//! The broker role: exchanges a pod's bound service-account token for short-lived credentials
+//! scoped by its ApiKey. It authenticates (TokenReview), authorizes against the live ApiKey,
+//! Pod and KeyProvider (fail closed: anything it cannot verify is refused), mints at the
+//! provider, and writes one audit record per issuance or refusal, never a secret.
+
+pub mod authn;
+pub mod authz;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_sts::error::ProvideErrorMetadata;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::jiff::Timestamp;
+use keybroker_sidecar::wire::{Credentials, ExchangeRequest, ExchangeResponse, Refusal};
+use kube::{Api, ResourceExt};
+use tracing::info;
+
+use crate::crd::{ApiKey, KeyProvider};
+use crate::provider_check;
+use authn::{Authenticator, AuthnError};
+use authz::{Denial, Grant, PodIdentity};
+
+/// Every provider call must finish within this.
+const MINT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why an exchange failed, with the HTTP status it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error(transparent)]
+    Authn(#[from] AuthnError),
+    #[error(transparent)]
+    Denied(#[from] Denial),
+    #[error("the broker could not read {what}: {detail}")]
+    Lookup { what: String, detail: String },
+    #[error("the provider refused to mint ({code}): {message}")]
+    ProviderRefused { code: String, message: String },
+    #[error("the provider is unavailable: {0}")]
+    ProviderUnavailable(String),
+}
+
+impl ExchangeError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ExchangeError::Authn(e) => e.reason(),
+            ExchangeError::Denied(d) => d.reason(),
+            ExchangeError::Lookup { .. } => "LookupFailed",
+            ExchangeError::ProviderRefused { .. } => "ProviderRefused",
+            ExchangeError::ProviderUnavailable(_) => "ProviderUnavailable",
+        }
+    }
+
+    /// Whether retrying the same request later may succeed.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            ExchangeError::Authn(AuthnError::Unavailable(_))
+                | ExchangeError::Lookup { .. }
+                | ExchangeError::ProviderUnavailable(_)
+        )
+    }
+
+    /// The HTTP status of the refusal.
+    pub fn status(&self) -> u16 {
+        match self {
+            ExchangeError::Authn(AuthnError::Unavailable(_)) => 503,
+            ExchangeError::Authn(_) => 401,
+            ExchangeError::Denied(_) => 403,
+            ExchangeError::Lookup { .. } | ExchangeError::ProviderUnavailable(_) => 503,
+            ExchangeError::ProviderRefused { .. } => 502,
+        }
+    }
+
+    pub fn to_refusal(&self) -> Refusal {
+        Refusal {
+            reason: self.reason().into(),
+            message: self.to_string(),
+            retryable: self.retryable(),
+        }
+    }
+}
+
+/// The exchange logic, independent of the HTTP server around it.
+pub struct Broker {
+    client: kube::Client,
+    authn: Authenticator,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("authn", &self.authn)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    pub fn new(client: kube::Client) -> Self {
+        Self {
+            authn: Authenticator::new(client.clone(), keybroker_sidecar::wire::AUDIENCE),
+            client,
+        }
+    }
+
+    /// Exchanges `token` for credentials of `request.api_key`; audits the outcome.
+    pub async fn exchange(
+        &self,
+        token: &str,
+        request: &ExchangeRequest,
+        client_addr: &str,
+    ) -> Result<ExchangeResponse, ExchangeError> {
+        let identity = match self.authn.authenticate(token).await {
+            Ok(identity) => identity,
+            Err(e) => {
+                let e = ExchangeError::from(e);
+                audit_refusal(None, &request.api_key, client_addr, &e);
+                return Err(e);
+            }
+        };
+        let result = self.authorized_mint(&identity, &request.api_key).await;
+        match &result {
+            Ok((grant, response)) => {
+                audit_issuance(&identity, &request.api_key, client_addr, grant, response)
+            }
+            Err(e) => audit_refusal(Some(&identity), &request.api_key, client_addr, e),
+        }
+        result.map(|(_, response)| response)
+    }
+
+    async fn authorized_mint(
+        &self,
+        identity: &PodIdentity,
+        name: &str,
+    ) -> Result<(Grant, ExchangeResponse), ExchangeError> {
+        let ns = &identity.namespace;
+        let key = lookup(
+            Api::<ApiKey>::namespaced(self.client.clone(), ns),
+            name,
+            "ApiKey",
+        )
+        .await?;
+        let pod = lookup(
+            Api::<Pod>::namespaced(self.client.clone(), ns),
+            &identity.pod_name,
+            "Pod",
+        )
+        .await?;
+        let provider = match &key {
+            Some(k) => {
+                lookup(
+                    Api::<KeyProvider>::all(self.client.clone()),
+                    &k.spec.provider_ref.name,
+                    "KeyProvider",
+                )
+                .await?
+            }
+            None => None,
+        };
+        let labels: BTreeMap<String, String> =
+            lookup(Api::<Namespace>::all(self.client.clone()), ns, "Namespace")
+                .await?
+                .map(|n| n.labels().clone())
+                .unwrap_or_default();
+        let grant = authz::authorize(
+            identity,
+            name,
+            key.as_ref(),
+            pod.as_ref(),
+            provider.as_ref(),
+            &labels,
+        )?;
+        let provider = provider.ok_or_else(|| ExchangeError::Lookup {
+            what: "KeyProvider".into(),
+            detail: "vanished".into(),
+        })?;
+        let response = self.mint(identity, &provider, &grant).await?;
+        Ok((grant, response))
+    }
+
+    async fn mint(
+        &self,
+        identity: &PodIdentity,
+        provider: &KeyProvider,
+        grant: &Grant,
+    ) -> Result<ExchangeResponse, ExchangeError> {
+        let sts = provider_check::sts_client(&self.client, &provider.spec.aws)
+            .await
+            .map_err(|p| ExchangeError::ProviderUnavailable(p.to_string()))?;
+        let ttl_secs = i32::try_from(grant.ttl.as_secs()).unwrap_or(i32::MAX);
+        let call = sts
+            .assume_role()
+            .role_arn(&provider.spec.aws.role_arn)
+            .role_session_name(authz::role_session_name(identity))
+            .policy(&grant.session_policy)
+            .duration_seconds(ttl_secs)
+            .send();
+        let out = tokio::time::timeout(MINT_TIMEOUT, call)
+            .await
+            .map_err(|_| {
+                ExchangeError::ProviderUnavailable(format!("no answer within {MINT_TIMEOUT:?}"))
+            })?
+            .map_err(|e| match &e {
+                aws_sdk_sts::error::SdkError::ServiceError(s) => {
+                    let code = s.err().code().unwrap_or("Unknown").to_owned();
+                    let message = s.err().message().unwrap_or("").to_owned();
+                    if matches!(
+                        code.as_str(),
+                        "Throttling"
+                            | "ThrottlingException"
+                            | "ServiceUnavailable"
+                            | "InternalError"
+                    ) {
+                        ExchangeError::ProviderUnavailable(format!("{code}: {message}"))
+                    } else {
+                        ExchangeError::ProviderRefused { code, message }
+                    }
+                }
+                other => ExchangeError::ProviderUnavailable(innermost(other)),
+            })?;
+        let creds = out
+            .credentials()
+            .ok_or_else(|| ExchangeError::ProviderRefused {
+                code: "NoCredentials".into(),
+                message: "AssumeRole returned no credentials".into(),
+            })?;
+        let expiration = SystemTime::try_from(*creds.expiration())
+            .ok()
+            .and_then(|t| Timestamp::try_from(t).ok())
+            .ok_or_else(|| ExchangeError::ProviderRefused {
+                code: "BadExpiration".into(),
+                message: "AssumeRole returned an unusable expiration".into(),
+            })?;
+        let now = Timestamp::now();
+        let lifetime = expiration.duration_since(now);
+        let refresh_at = now
+            .checked_add(
+                lifetime
+                    .checked_mul(2)
+                    .and_then(|d| d.checked_div(3))
+                    .unwrap_or(lifetime),
+            )
+            .unwrap_or(now);
+        Ok(ExchangeResponse {
+            credentials: Credentials {
+                access_key_id: creds.access_key_id().to_owned(),
+                secret_access_key: creds.secret_access_key().to_owned(),
+                session_token: creds.session_token().to_owned(),
+                expiration: expiration.to_string(),
+            },
+            refresh_at: refresh_at.to_string(),
+        })
+    }
+}
+
+async fn lookup<K>(api: Api<K>, name: &str, what: &str) -> Result<Option<K>, ExchangeError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.get_opt(name).await.map_err(|e| ExchangeError::Lookup {
+        what: format!("{what} {name}"),
+        detail: e.to_string(),
+    })
+}
+
+fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}
+
+/// The audit record of an issuance: identifiers only, never the secret key or session token.
+fn audit_issuance(
+    id: &PodIdentity,
+    api_key: &str,
+    client: &str,
+    grant: &Grant,
+    response: &ExchangeResponse,
+) {
+    info!(
+        target: "keybroker::audit",
+        outcome = "issued",
+        api_key,
+        namespace = %id.namespace,
+        pod = %id.pod_name,
+        pod_uid = %id.pod_uid,
+        service_account = %id.service_account,
+        provider = %grant.provider,
+        scope_hash = %grant.scope_hash,
+        access_key_id = %response.credentials.access_key_id,
+        expiration = %response.credentials.expiration,
+        client,
+        "credentials issued"
+    );
+}
+
+/// The audit record of a refusal, with its reason.
+fn audit_refusal(id: Option<&PodIdentity>, api_key: &str, client: &str, error: &ExchangeError) {
+    info!(
+        target: "keybroker::audit",
+        outcome = "refused",
+        reason = error.reason(),
+        api_key,
+        namespace = id.map(|i| i.namespace.as_str()).unwrap_or(""),
+        pod = id.map(|i| i.pod_name.as_str()).unwrap_or(""),
+        pod_uid = id.map(|i| i.pod_uid.as_str()).unwrap_or(""),
+        service_account = id.map(|i| i.service_account.as_str()).unwrap_or(""),
+        client,
+        detail = %error,
+        "exchange refused"
+    );
+}

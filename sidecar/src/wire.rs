@@ -1,0 +1,89 @@
+//! The broker's exchange protocol: the sidecar presents its projected service-account token
+//! (audience `keybroker`) as a bearer token and names an ApiKey; the broker answers with
+//! short-lived credentials or a refusal that says why.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The audience of the projected token the sidecar presents.
+pub const AUDIENCE: &str = "keybroker";
+
+/// Body of `POST /v1/exchange`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExchangeRequest {
+    /// Name of an ApiKey in the pod's namespace.
+    pub api_key: String,
+}
+
+/// Short-lived credentials. `Debug` never shows the secret parts.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    /// RFC 3339.
+    pub expiration: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field("session_token", &"<redacted>")
+            .field("expiration", &self.expiration)
+            .finish()
+    }
+}
+
+/// Successful answer to an exchange.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExchangeResponse {
+    pub credentials: Credentials,
+    /// When the sidecar should fetch new credentials (RFC 3339): two thirds of the lifetime.
+    pub refresh_at: String,
+}
+
+/// A refused exchange: `reason` is stable and machine-readable, `message` says what to change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Refusal {
+    pub reason: String,
+    pub message: String,
+    /// Whether the same request may succeed later without any change (provider down, rate cap).
+    pub retryable: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_debug_hides_secrets() {
+        let c = Credentials {
+            access_key_id: "ASIAEXAMPLE".into(),
+            secret_access_key: "very-secret".into(),
+            session_token: "token-secret".into(),
+            expiration: "2026-01-01T00:00:00Z".into(),
+        };
+        let shown = format!("{c:?}");
+        assert!(shown.contains("ASIAEXAMPLE"));
+        assert!(
+            !shown.contains("very-secret") && !shown.contains("token-secret"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn wire_names_are_camel_case() {
+        let json = serde_json::to_value(ExchangeRequest {
+            api_key: "k".into(),
+        })
+        .unwrap();
+        assert_eq!(json, serde_json::json!({"apiKey": "k"}));
+    }
+}
