@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod fixtures;
+pub mod https;
 pub mod logs;
 pub mod minio;
 pub mod pki;

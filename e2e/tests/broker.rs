@@ -3,6 +3,7 @@
 //! scope and fail outside it, a distinct refusal for every way a request can be wrong, and
 //! audit records that carry identifiers but never a secret.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
@@ -11,10 +12,15 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use tokio::sync::OnceCell;
 
-use keybroker_e2e::{Cluster, eventually, fixtures, in_namespace, install_crds, logs, shared};
-use keybroker_operator::broker::Broker;
+use keybroker_e2e::{
+    Cluster, eventually, fixtures, https, in_namespace, install_crds, logs, pki, shared,
+};
+use keybroker_operator::broker::{Broker, server};
 use keybroker_operator::crd::ApiKey;
-use keybroker_sidecar::wire::{AUDIENCE, ExchangeRequest};
+use keybroker_operator::tls::ReloadingCert;
+use keybroker_sidecar::wire::{
+    AUDIENCE, ExchangeRequest, ExchangeResponse, Refusal, RevocationStatus,
+};
 
 async fn cluster() -> anyhow::Result<&'static Cluster> {
     static CRDS: OnceCell<()> = OnceCell::const_new();
@@ -44,6 +50,26 @@ async fn uploader_setup(cluster: &Cluster, client: &Client, ns: &str) -> anyhow:
     Ok(())
 }
 
+/// A malformed request: what it is, its bearer token and body, the expected status and reason.
+type BadRequest<'a> = (&'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
+
+/// The broker's HTTPS server on a free loopback port, with a certificate from a fresh CA.
+async fn serve_broker(client: &Client) -> anyhow::Result<https::Client> {
+    let dir = keybroker_e2e::run_dir()?;
+    let ca = pki::Ca::create(&dir, "broker-test-ca")?;
+    let serving = ca.issue_server(&dir, "broker", &["127.0.0.1"])?;
+    let tls = ReloadingCert::new(&serving.cert, &serving.key)?.server_config();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let broker = Broker::start(client.clone()).await;
+    tokio::spawn(server::serve(listener, Arc::new(tls), broker));
+    https::Client::new(addr, &ca.cert)
+}
+
+fn body(name: &str) -> Vec<u8> {
+    serde_json::to_vec(&request(name)).unwrap_or_default()
+}
+
 fn request(name: &str) -> ExchangeRequest {
     ExchangeRequest {
         api_key: name.into(),
@@ -57,7 +83,7 @@ async fn issued_credentials_work_inside_the_scope_only() -> anyhow::Result<()> {
         let cluster = shared().await?;
         uploader_setup(cluster, &client, &ns).await?;
         let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
-        let broker = Broker::new(client.clone());
+        let broker = Broker::start(client.clone()).await;
         let issued = broker
             .exchange(&token, &request("uploader"), "127.0.0.1:1")
             .await?;
@@ -131,7 +157,7 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
         let cluster = shared().await?;
         uploader_setup(cluster, &client, &ns).await?;
         let provider = format!("{ns}-s3");
-        let broker = Broker::new(client.clone());
+        let broker = Broker::start(client.clone()).await;
         let refusal = |result: Result<_, keybroker_operator::broker::ExchangeError>| match result {
             Ok(_) => "issued".to_owned(),
             Err(e) => e.reason().to_owned(),
@@ -251,6 +277,226 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
                 "no audit record for {reason}"
             );
         }
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn over_https_bad_requests_get_clear_refusals() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    in_namespace(cluster, "brk-https", |client, ns| async move {
+        let cluster = shared().await?;
+        uploader_setup(cluster, &client, &ns).await?;
+        let https = serve_broker(&client).await?;
+        let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
+
+        let ok = https
+            .send("POST", "/v1/exchange", Some(&token), body("uploader"))
+            .await?;
+        ensure!(ok.status == 200, "{ok:?}");
+        let issued: ExchangeResponse = ok.json()?;
+        ensure!(issued.credentials.access_key_id.len() >= 16);
+
+        let cases: Vec<BadRequest> = vec![
+            ("no token", None, body("uploader"), 401, "TokenMissing"),
+            (
+                "garbage token",
+                Some("not.a.token"),
+                body("uploader"),
+                401,
+                "TokenRejected",
+            ),
+            (
+                "not JSON",
+                Some(&token),
+                b"apiKey=uploader".to_vec(),
+                400,
+                "BadRequest",
+            ),
+            (
+                "oversized body",
+                Some(&token),
+                vec![b' '; 64 * 1024],
+                413,
+                "BodyTooLarge",
+            ),
+            (
+                "unknown ApiKey",
+                Some(&token),
+                body("nope"),
+                403,
+                "ApiKeyNotFound",
+            ),
+        ];
+        for (what, bearer, payload, status, reason) in cases {
+            let reply = https.send("POST", "/v1/exchange", bearer, payload).await?;
+            let refusal: Refusal = reply.json()?;
+            ensure!(
+                reply.status.as_u16() == status && refusal.reason == reason,
+                "{what}: {} {refusal:?}",
+                reply.status
+            );
+            ensure!(!refusal.message.is_empty(), "{what}: empty message");
+        }
+        let reply = https.send("GET", "/nothing", None, Vec::new()).await?;
+        ensure!(reply.status == 404);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_issuance_cap_answers_429_with_retry_after() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    in_namespace(cluster, "brk-cap", |client, ns| async move {
+        let cluster = shared().await?;
+        uploader_setup(cluster, &client, &ns).await?;
+        Api::<keybroker_operator::crd::KeyProvider>::all(client.clone())
+            .patch(
+                &format!("{ns}-s3"),
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({
+                    "spec": {"guardrails": {"maxIssuancesPerMinute": 2}}
+                })),
+            )
+            .await?;
+        let https = serve_broker(&client).await?;
+        let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
+        for _ in 0..2 {
+            let ok = https
+                .send("POST", "/v1/exchange", Some(&token), body("uploader"))
+                .await?;
+            ensure!(ok.status == 200, "{ok:?}");
+        }
+        let capped = https
+            .send("POST", "/v1/exchange", Some(&token), body("uploader"))
+            .await?;
+        let refusal: Refusal = capped.json()?;
+        ensure!(
+            capped.status == 429 && refusal.reason == "RateLimited" && refusal.retryable,
+            "{capped:?}"
+        );
+        let retry: u64 = capped
+            .retry_after
+            .as_deref()
+            .context("no Retry-After")?
+            .parse()?;
+        ensure!((1..=60).contains(&retry), "Retry-After {retry}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn revocation_reaches_a_waiting_client_within_a_second() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    in_namespace(cluster, "brk-revoke", |client, ns| async move {
+        let cluster = shared().await?;
+        uploader_setup(cluster, &client, &ns).await?;
+        let https = serve_broker(&client).await?;
+        let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
+
+        // Not revoked: the poll waits its full time and says so.
+        let quiet = https
+            .send(
+                "GET",
+                "/v1/revocations?apiKey=uploader&waitSeconds=1",
+                Some(&token),
+                Vec::new(),
+            )
+            .await?;
+        ensure!(!quiet.json::<RevocationStatus>()?.revoked, "{quiet:?}");
+
+        let poll = {
+            let (https, token) = (https.clone(), token.clone());
+            tokio::spawn(async move {
+                let reply = https
+                    .send(
+                        "GET",
+                        "/v1/revocations?apiKey=uploader&waitSeconds=30",
+                        Some(&token),
+                        Vec::new(),
+                    )
+                    .await;
+                (reply, Instant::now())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let revoked_at = Instant::now();
+        Api::<ApiKey>::namespaced(client.clone(), &ns)
+            .patch(
+                "uploader",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"revoked": true}})),
+            )
+            .await?;
+        let (reply, answered_at) = poll.await?;
+        let status: RevocationStatus = reply?.json()?;
+        let latency = answered_at.duration_since(revoked_at);
+        ensure!(status.revoked, "poll answered without a revocation");
+        ensure!(
+            latency < Duration::from_secs(1),
+            "revocation reached the client after {latency:?}"
+        );
+        eprintln!("revocation pushed in {latency:?}");
+
+        // And the next exchange is refused at once.
+        let refused = https
+            .send("POST", "/v1/exchange", Some(&token), body("uploader"))
+            .await?;
+        ensure!(
+            refused.status == 403 && refused.json::<Refusal>()?.reason == "ApiKeyRevoked",
+            "{refused:?}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_unreachable_provider_is_retryable_and_recovers() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    in_namespace(cluster, "brk-down", |client, ns| async move {
+        let cluster = shared().await?;
+        uploader_setup(cluster, &client, &ns).await?;
+        let minio = cluster.minio.as_ref().context("no MinIO")?;
+        // A stopped STS: a loopback port nobody listens on.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.port()
+        };
+        let provider = format!("{ns}-s3");
+        let point_at = |endpoint: String| {
+            let client = client.clone();
+            let provider = provider.clone();
+            async move {
+                Api::<keybroker_operator::crd::KeyProvider>::all(client)
+                    .patch(
+                        &provider,
+                        &PatchParams::default(),
+                        &Patch::Merge(serde_json::json!({"spec": {"aws": {"endpoint": endpoint}}})),
+                    )
+                    .await
+            }
+        };
+        point_at(format!("http://127.0.0.1:{closed}")).await?;
+        let https = serve_broker(&client).await?;
+        let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
+        let down = https
+            .send("POST", "/v1/exchange", Some(&token), body("uploader"))
+            .await?;
+        let refusal: Refusal = down.json()?;
+        ensure!(
+            down.status == 503 && refusal.reason == "ProviderUnavailable" && refusal.retryable,
+            "{down:?}"
+        );
+
+        point_at(minio.endpoint.clone()).await?;
+        let up = https
+            .send("POST", "/v1/exchange", Some(&token), body("uploader"))
+            .await?;
+        ensure!(up.status == 200, "{up:?}");
         Ok(())
     })
     .await

@@ -12,6 +12,7 @@ pub mod policy;
 pub mod provider_check;
 pub mod server;
 pub mod status;
+pub mod tls;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;

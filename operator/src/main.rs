@@ -6,10 +6,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use futures::FutureExt;
+use keybroker_operator::broker::{self, Broker};
 use keybroker_operator::controller::{self, Scope};
 use keybroker_operator::leader::LeaseConfig;
 use keybroker_operator::metrics::Metrics;
 use keybroker_operator::server;
+use keybroker_operator::tls::ReloadingCert;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -18,17 +21,34 @@ use keybroker_operator::server;
     long_about = "keybroker operator: reconciles KeyProviders and ApiKeys (controller), injects the \
 credential sidecar into opted-in pods (webhook) and exchanges pod-bound service-account tokens for \
 short-lived scoped credentials (broker). Each role can run in its own Deployment.\n\n\
-This build implements the controller role; the webhook and broker roles are refused with an error."
+This build implements the controller and broker roles; the webhook role is refused with an error."
 )]
 struct Args {
     /// Roles to run in this process (comma-separated).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "controller",
+        default_value = "controller,broker",
         env = "KEYBROKER_ROLES"
     )]
     roles: Vec<Role>,
+    /// Address of the broker's HTTPS exchange endpoint.
+    #[arg(long, default_value = "0.0.0.0:8443", env = "KEYBROKER_BROKER_ADDR")]
+    broker_addr: SocketAddr,
+    /// PEM certificate (chain) the broker serves; re-read when it changes.
+    #[arg(
+        long,
+        env = "KEYBROKER_TLS_CERT_FILE",
+        default_value = "/etc/keybroker/tls/tls.crt"
+    )]
+    tls_cert_file: std::path::PathBuf,
+    /// PEM private key of --tls-cert-file.
+    #[arg(
+        long,
+        env = "KEYBROKER_TLS_KEY_FILE",
+        default_value = "/etc/keybroker/tls/tls.key"
+    )]
+    tls_key_file: std::path::PathBuf,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080", env = "KEYBROKER_METRICS_ADDR")]
     metrics_addr: SocketAddr,
@@ -61,7 +81,7 @@ enum Role {
     Controller,
     /// Serve the mutating admission webhook that injects the sidecar (not in this build).
     Webhook,
-    /// Serve the token-exchange endpoint for sidecars (not in this build).
+    /// Serve the token-exchange endpoint for sidecars.
     Broker,
 }
 
@@ -83,12 +103,10 @@ async fn main() -> anyhow::Result<()> {
             .init(),
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
     }
-    for role in &args.roles {
-        anyhow::ensure!(
-            *role == Role::Controller,
-            "the {role:?} role is not implemented in this build; run with --roles controller"
-        );
-    }
+    anyhow::ensure!(
+        !args.roles.contains(&Role::Webhook),
+        "the webhook role is not implemented in this build; run with --roles controller,broker"
+    );
 
     let client = kube::Client::try_default()
         .await
@@ -110,10 +128,29 @@ async fn main() -> anyhow::Result<()> {
         namespace: args.watch_namespace,
         provider_labels: args.provider_selector,
     };
-    tokio::select! {
-        () = server::serve(listener, Arc::clone(&metrics)) => Ok(()),
-        result = controller::run_elected(client, scope, lease, metrics) => Ok(result?),
+
+    let mut roles: Vec<futures::future::BoxFuture<'static, anyhow::Result<()>>> = Vec::new();
+    roles.push(Box::pin(
+        server::serve(listener, Arc::clone(&metrics)).map(Ok),
+    ));
+    if args.roles.contains(&Role::Controller) {
+        let (client, metrics) = (client.clone(), Arc::clone(&metrics));
+        roles.push(Box::pin(async move {
+            Ok(controller::run_elected(client, scope, lease, metrics).await?)
+        }));
     }
+    if args.roles.contains(&Role::Broker) {
+        let tls = ReloadingCert::new(&args.tls_cert_file, &args.tls_key_file)?.server_config();
+        let listener = server::bind(args.broker_addr).await?;
+        let broker = Broker::start(client).await;
+        roles.push(Box::pin(async move {
+            broker::server::serve(listener, Arc::new(tls), broker).await;
+            Ok(())
+        }));
+    }
+    // The first role to stop (SIGTERM ends the controller) stops the process.
+    let (result, _, _) = futures::future::select_all(roles).await;
+    result
 }
 
 fn hostname() -> String {

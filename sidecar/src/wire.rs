@@ -58,6 +58,19 @@ pub struct Refusal {
     pub retryable: bool,
 }
 
+/// Answer of `GET /v1/revocations?apiKey=<name>&waitSeconds=<n>`, a long poll: the broker
+/// answers as soon as the ApiKey is revoked or deleted (`revoked: true`: delete the credentials
+/// now), or after the wait with `revoked: false` (poll again).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevocationStatus {
+    pub api_key: String,
+    pub revoked: bool,
+}
+
+/// Longest wait a revocation poll may ask for, in seconds.
+pub const MAX_REVOCATION_WAIT_SECONDS: u64 = 60;
+
 #[cfg(test)]
 mod tests {
     use super::*;

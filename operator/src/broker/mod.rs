@@ -5,21 +5,32 @@
 
 pub mod authn;
 pub mod authz;
+pub mod ratelimit;
+pub mod server;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use aws_sdk_sts::error::ProvideErrorMetadata;
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::jiff::Timestamp;
 use keybroker_sidecar::wire::{Credentials, ExchangeRequest, ExchangeResponse, Refusal};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
+use tokio::sync::Notify;
 use tracing::info;
 
 use crate::crd::{ApiKey, KeyProvider};
 use crate::provider_check;
 use authn::{Authenticator, AuthnError};
 use authz::{Denial, Grant, PodIdentity};
+use ratelimit::IssuanceCap;
+
+/// Issuances per minute per ApiKey when the provider does not say.
+pub const DEFAULT_ISSUANCES_PER_MINUTE: u32 = 60;
 
 /// Every provider call must finish within this.
 const MINT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,6 +48,8 @@ pub enum ExchangeError {
     ProviderRefused { code: String, message: String },
     #[error("the provider is unavailable: {0}")]
     ProviderUnavailable(String),
+    #[error("ApiKey {name} reached its provider's maxIssuancesPerMinute; retry in {} s", retry_after.as_secs().max(1))]
+    RateLimited { name: String, retry_after: Duration },
 }
 
 impl ExchangeError {
@@ -47,6 +60,7 @@ impl ExchangeError {
             ExchangeError::Lookup { .. } => "LookupFailed",
             ExchangeError::ProviderRefused { .. } => "ProviderRefused",
             ExchangeError::ProviderUnavailable(_) => "ProviderUnavailable",
+            ExchangeError::RateLimited { .. } => "RateLimited",
         }
     }
 
@@ -57,6 +71,7 @@ impl ExchangeError {
             ExchangeError::Authn(AuthnError::Unavailable(_))
                 | ExchangeError::Lookup { .. }
                 | ExchangeError::ProviderUnavailable(_)
+                | ExchangeError::RateLimited { .. }
         )
     }
 
@@ -68,6 +83,7 @@ impl ExchangeError {
             ExchangeError::Denied(_) => 403,
             ExchangeError::Lookup { .. } | ExchangeError::ProviderUnavailable(_) => 503,
             ExchangeError::ProviderRefused { .. } => 502,
+            ExchangeError::RateLimited { .. } => 429,
         }
     }
 
@@ -84,6 +100,10 @@ impl ExchangeError {
 pub struct Broker {
     client: kube::Client,
     authn: Authenticator,
+    cap: IssuanceCap,
+    /// Every ApiKey, for revocation long-polls; `changed` wakes the pollers on any change.
+    keys: Store<ApiKey>,
+    changed: Arc<Notify>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -95,10 +115,56 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
-    pub fn new(client: kube::Client) -> Self {
-        Self {
+    /// Starts watching ApiKeys (for revocation pushes) and returns once the cache is filled.
+    pub async fn start(client: kube::Client) -> Arc<Self> {
+        let (keys, writer) = reflector::store();
+        let changed = Arc::new(Notify::new());
+        let notify = Arc::clone(&changed);
+        let stream = watcher(
+            Api::<ApiKey>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(writer)
+        .for_each(move |_| {
+            notify.notify_waiters();
+            std::future::ready(())
+        });
+        tokio::spawn(stream);
+        let broker = Arc::new(Self {
             authn: Authenticator::new(client.clone(), keybroker_sidecar::wire::AUDIENCE),
             client,
+            cap: IssuanceCap::default(),
+            keys,
+            changed,
+        });
+        let _ = broker.keys.wait_until_ready().await;
+        broker
+    }
+
+    /// Waits up to `wait` for ApiKey `name` (in the token's namespace) to be revoked or
+    /// deleted; true when it is. Answers within milliseconds of the change.
+    pub async fn wait_revoked(
+        &self,
+        token: &str,
+        name: &str,
+        wait: Duration,
+    ) -> Result<bool, ExchangeError> {
+        let identity = self.authn.authenticate(token).await?;
+        let key = ObjectRef::<ApiKey>::new(name).within(&identity.namespace);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.keys.get(&key) {
+                None => return Ok(true),
+                Some(k) if k.spec.revoked => return Ok(true),
+                Some(_) => {}
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(false);
+            }
         }
     }
 
@@ -173,6 +239,17 @@ impl Broker {
             what: "KeyProvider".into(),
             detail: "vanished".into(),
         })?;
+        let per_minute = provider
+            .spec
+            .guardrails
+            .max_issuances_per_minute
+            .unwrap_or(DEFAULT_ISSUANCES_PER_MINUTE);
+        self.cap
+            .try_acquire(&format!("{ns}/{name}"), per_minute, Instant::now())
+            .map_err(|retry_after| ExchangeError::RateLimited {
+                name: name.to_owned(),
+                retry_after,
+            })?;
         let response = self.mint(identity, &provider, &grant).await?;
         Ok((grant, response))
     }

@@ -1,0 +1,101 @@
+//! A minimal HTTPS client for tests, trusting one CA: one connection per request, so every
+//! request also exercises the server's TLS handshake.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+
+/// A response: status, `Retry-After` (if any) and body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub retry_after: Option<String>,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> anyhow::Result<T> {
+        serde_json::from_slice(&self.body).with_context(|| {
+            format!(
+                "{} body: {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    connector: tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("addr", &self.addr).finish()
+    }
+}
+
+impl Client {
+    /// A client for the server at `addr` whose certificate chains to the CA in `ca_pem`.
+    pub fn new(addr: std::net::SocketAddr, ca_pem: &Path) -> anyhow::Result<Self> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca_pem)? {
+            roots.add(cert?)?;
+        }
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            addr,
+        })
+    }
+
+    /// Sends `method path` with an optional bearer token and body.
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Vec<u8>,
+    ) -> anyhow::Result<Reply> {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await?;
+        let tls = self
+            .connector
+            .connect(ServerName::IpAddress(self.addr.ip().into()), tcp)
+            .await
+            .context("TLS handshake")?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.to_string());
+        if let Some(token) = bearer {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let response = sender
+            .send_request(req.body(Full::new(Bytes::from(body)))?)
+            .await?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok(Reply {
+            status,
+            retry_after,
+            body,
+        })
+    }
+}
