@@ -230,6 +230,14 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
                 &Patch::Merge(serde_json::json!({"spec": {"revoked": true}})),
             )
             .await?;
+        // The broker decides from its watch cache; once the change arrived (what revocation
+        // pollers are told), exchanges are refused.
+        ensure!(
+            broker
+                .wait_revoked(&token, "uploader", Duration::from_secs(2))
+                .await?,
+            "revocation not seen"
+        );
         ensure!(
             refusal(broker.exchange(&token, &request("uploader"), "t").await) == "ApiKeyRevoked"
         );
@@ -243,7 +251,15 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
 
         // The pod is deleted: refused at once, although the apiserver still accepts the token
         // for up to 10 s (its TokenReview cache).
-        ensure!(refusal(broker.exchange(&token, &request("uploader"), "t").await) == "issued");
+        eventually(
+            "the un-revoked key to issue again",
+            Duration::from_secs(5),
+            || async {
+                (refusal(broker.exchange(&token, &request("uploader"), "t").await) == "issued")
+                    .then_some(())
+            },
+        )
+        .await?;
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
         pods.delete("app", &DeleteParams::default()).await?;
         eventually("pod app gone", Duration::from_secs(30), || async {
@@ -251,10 +267,17 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
         })
         .await?;
         let started = Instant::now();
-        let after_delete = refusal(broker.exchange(&token, &request("uploader"), "t").await);
-        ensure!(
-            after_delete == "PodGone",
-            "token of a deleted pod: {after_delete} after {:?}",
+        eventually(
+            "the deleted pod's token to be refused",
+            Duration::from_secs(2),
+            || async {
+                (refusal(broker.exchange(&token, &request("uploader"), "t").await) == "PodGone")
+                    .then_some(())
+            },
+        )
+        .await?;
+        eprintln!(
+            "deleted pod's token refused {:?} after the pod was gone",
             started.elapsed()
         );
 
@@ -493,10 +516,19 @@ async fn an_unreachable_provider_is_retryable_and_recovers() -> anyhow::Result<(
         );
 
         point_at(minio.endpoint.clone()).await?;
-        let up = https
-            .send("POST", "/v1/exchange", Some(&token), body("uploader"))
-            .await?;
-        ensure!(up.status == 200, "{up:?}");
+        // A sidecar retries a retryable refusal; once the provider is back, it succeeds.
+        eventually(
+            "an exchange to succeed again",
+            Duration::from_secs(10),
+            || async {
+                let reply = https
+                    .send("POST", "/v1/exchange", Some(&token), body("uploader"))
+                    .await
+                    .ok()?;
+                (reply.status == 200).then_some(())
+            },
+        )
+        .await?;
         Ok(())
     })
     .await

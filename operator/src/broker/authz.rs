@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
 
@@ -80,7 +80,7 @@ pub fn authorize(
     identity: &PodIdentity,
     name: &str,
     key: Option<&ApiKey>,
-    pod: Option<&Pod>,
+    pod: Option<&ObjectMeta>,
     provider: Option<&KeyProvider>,
     namespace_labels: &BTreeMap<String, String>,
 ) -> Result<Grant, Denial> {
@@ -106,15 +106,21 @@ pub fn authorize(
         });
     }
     let pod = pod
-        .filter(|p| p.uid().as_deref() == Some(identity.pod_uid.as_str()))
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| p.uid.as_deref() == Some(identity.pod_uid.as_str()))
+        .filter(|p| p.deletion_timestamp.is_none())
         .ok_or_else(|| Denial::PodGone {
             pod: identity.pod_name.clone(),
         })?;
-    let opted_in = pod.labels().get(INJECT_LABEL).map(String::as_str) == Some("true");
+    let opted_in = pod
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(INJECT_LABEL))
+        .map(String::as_str)
+        == Some("true");
     let lists_key = pod
-        .annotations()
-        .get(APIKEYS_ANNOTATION)
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(APIKEYS_ANNOTATION))
         .is_some_and(|list| list.split(',').any(|k| k.trim() == name));
     if !opted_in || !lists_key {
         return Err(Denial::PodNotOptedIn {
@@ -176,6 +182,7 @@ pub fn role_session_name(identity: &PodIdentity) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::Pod;
 
     const KEY: &str = r#"
 apiVersion: keybroker.dev/v1alpha1
@@ -227,7 +234,7 @@ spec: {containers: [{name: app, image: x}]}
             id,
             "uploader",
             key.as_ref(),
-            pod.as_ref(),
+            pod.as_ref().map(|p| &p.metadata),
             Some(&provider),
             &BTreeMap::new(),
         )

@@ -8,8 +8,8 @@ pub mod authz;
 pub mod ratelimit;
 pub mod server;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use aws_sdk_sts::error::ProvideErrorMetadata;
@@ -17,9 +17,10 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::jiff::Timestamp;
 use keybroker_sidecar::wire::{Credentials, ExchangeRequest, ExchangeResponse, Refusal};
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use tokio::sync::Notify;
 use tracing::info;
 
@@ -31,6 +32,9 @@ use ratelimit::IssuanceCap;
 
 /// Issuances per minute per ApiKey when the provider does not say.
 pub const DEFAULT_ISSUANCES_PER_MINUTE: u32 = 60;
+
+/// How long an STS client (with the broker's credentials read from its Secret) is reused.
+const STS_CLIENT_TTL: Duration = Duration::from_secs(60);
 
 /// Every provider call must finish within this.
 const MINT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -101,8 +105,14 @@ pub struct Broker {
     client: kube::Client,
     authn: Authenticator,
     cap: IssuanceCap,
-    /// Every ApiKey, for revocation long-polls; `changed` wakes the pollers on any change.
     keys: Store<ApiKey>,
+    providers: Store<KeyProvider>,
+    namespaces: Store<Namespace>,
+    pods: Store<PartialObjectMeta<Pod>>,
+    /// STS clients per provider (name and resourceVersion), built with the broker's own
+    /// credentials; rebuilt after [`STS_CLIENT_TTL`] so rotated credential Secrets are picked up.
+    sts: Mutex<HashMap<(String, String), (aws_sdk_sts::Client, Instant)>>,
+    /// Woken on every cache change (revocation long-polls wait on it).
     changed: Arc<Notify>,
 }
 
@@ -115,30 +125,48 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
-    /// Starts watching ApiKeys (for revocation pushes) and returns once the cache is filled.
+    /// Starts the watch caches (ApiKeys, KeyProviders, Namespaces, and the metadata of opted-in
+    /// Pods) and returns once they are filled, so every exchange is decided without an API
+    /// read. Changes reach the caches within milliseconds; revocation pollers are woken then.
     pub async fn start(client: kube::Client) -> Arc<Self> {
-        let (keys, writer) = reflector::store();
         let changed = Arc::new(Notify::new());
-        let notify = Arc::clone(&changed);
-        let stream = watcher(
+        let keys = cache(
             Api::<ApiKey>::all(client.clone()),
             watcher::Config::default(),
-        )
-        .default_backoff()
-        .reflect(writer)
-        .for_each(move |_| {
-            notify.notify_waiters();
-            std::future::ready(())
-        });
-        tokio::spawn(stream);
+            &changed,
+        );
+        let providers = cache(
+            Api::<KeyProvider>::all(client.clone()),
+            watcher::Config::default(),
+            &changed,
+        );
+        let namespaces = cache(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+            &changed,
+        );
+        let pods = cache(
+            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+            watcher::Config::default().labels(&format!("{}=true", authz::INJECT_LABEL)),
+            &changed,
+        );
         let broker = Arc::new(Self {
             authn: Authenticator::new(client.clone(), keybroker_sidecar::wire::AUDIENCE),
             client,
             cap: IssuanceCap::default(),
             keys,
+            providers,
+            namespaces,
+            pods,
+            sts: Mutex::default(),
             changed,
         });
-        let _ = broker.keys.wait_until_ready().await;
+        let _ = tokio::join!(
+            broker.keys.wait_until_ready(),
+            broker.providers.wait_until_ready(),
+            broker.namespaces.wait_until_ready(),
+            broker.pods.wait_until_ready(),
+        );
         broker
     }
 
@@ -199,40 +227,38 @@ impl Broker {
         name: &str,
     ) -> Result<(Grant, ExchangeResponse), ExchangeError> {
         let ns = &identity.namespace;
-        let key = lookup(
-            Api::<ApiKey>::namespaced(self.client.clone(), ns),
-            name,
-            "ApiKey",
-        )
-        .await?;
-        let pod = lookup(
-            Api::<Pod>::namespaced(self.client.clone(), ns),
-            &identity.pod_name,
-            "Pod",
-        )
-        .await?;
-        let provider = match &key {
-            Some(k) => {
-                lookup(
-                    Api::<KeyProvider>::all(self.client.clone()),
-                    &k.spec.provider_ref.name,
-                    "KeyProvider",
-                )
-                .await?
-            }
-            None => None,
+        let key = self.keys.get(&ObjectRef::new(name).within(ns));
+        // Only opted-in pods are cached; a miss (a pod without the label, or one created a
+        // moment ago) is read live, so the answer is right either way.
+        let pod = match self
+            .pods
+            .get(&ObjectRef::new(&identity.pod_name).within(ns))
+        {
+            Some(pod) => Some(pod),
+            None => Api::<PartialObjectMeta<Pod>>::namespaced(self.client.clone(), ns)
+                .get_opt(&identity.pod_name)
+                .await
+                .map_err(|e| ExchangeError::Lookup {
+                    what: format!("Pod {}", identity.pod_name),
+                    detail: e.to_string(),
+                })?
+                .map(Arc::new),
         };
-        let labels: BTreeMap<String, String> =
-            lookup(Api::<Namespace>::all(self.client.clone()), ns, "Namespace")
-                .await?
-                .map(|n| n.labels().clone())
-                .unwrap_or_default();
+        let provider = key.as_ref().and_then(|k| {
+            self.providers
+                .get(&ObjectRef::new(&k.spec.provider_ref.name))
+        });
+        let labels: BTreeMap<String, String> = self
+            .namespaces
+            .get(&ObjectRef::new(ns))
+            .map(|n| n.labels().clone())
+            .unwrap_or_default();
         let grant = authz::authorize(
             identity,
             name,
-            key.as_ref(),
-            pod.as_ref(),
-            provider.as_ref(),
+            key.as_deref(),
+            pod.as_ref().map(|p| &p.metadata),
+            provider.as_deref(),
             &labels,
         )?;
         let provider = provider.ok_or_else(|| ExchangeError::Lookup {
@@ -254,15 +280,38 @@ impl Broker {
         Ok((grant, response))
     }
 
+    async fn sts_client(
+        &self,
+        provider: &KeyProvider,
+    ) -> Result<aws_sdk_sts::Client, ExchangeError> {
+        let key = (
+            provider.name_any(),
+            provider.resource_version().unwrap_or_default(),
+        );
+        if let Ok(cache) = self.sts.lock()
+            && let Some((client, built)) = cache.get(&key)
+            && built.elapsed() < STS_CLIENT_TTL
+        {
+            return Ok(client.clone());
+        }
+        let client = provider_check::sts_client(&self.client, &provider.spec.aws)
+            .await
+            .map_err(|p| ExchangeError::ProviderUnavailable(p.to_string()))?;
+        if let Ok(mut cache) = self.sts.lock() {
+            cache
+                .retain(|(name, _), (_, built)| *name != key.0 && built.elapsed() < STS_CLIENT_TTL);
+            cache.insert(key, (client.clone(), Instant::now()));
+        }
+        Ok(client)
+    }
+
     async fn mint(
         &self,
         identity: &PodIdentity,
         provider: &KeyProvider,
         grant: &Grant,
     ) -> Result<ExchangeResponse, ExchangeError> {
-        let sts = provider_check::sts_client(&self.client, &provider.spec.aws)
-            .await
-            .map_err(|p| ExchangeError::ProviderUnavailable(p.to_string()))?;
+        let sts = self.sts_client(provider).await?;
         let ttl_secs = i32::try_from(grant.ttl.as_secs()).unwrap_or(i32::MAX);
         let call = sts
             .assume_role()
@@ -329,14 +378,30 @@ impl Broker {
     }
 }
 
-async fn lookup<K>(api: Api<K>, name: &str, what: &str) -> Result<Option<K>, ExchangeError>
+/// A watch cache of `api` that wakes `changed` on every event.
+fn cache<K>(api: Api<K>, config: watcher::Config, changed: &Arc<Notify>) -> Store<K>
 where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
-    api.get_opt(name).await.map_err(|e| ExchangeError::Lookup {
-        what: format!("{what} {name}"),
-        detail: e.to_string(),
-    })
+    let (store, writer) = reflector::store();
+    let notify = Arc::clone(changed);
+    tokio::spawn(
+        watcher(api, config)
+            .default_backoff()
+            .modify(|obj| obj.meta_mut().managed_fields = None)
+            .reflect(writer)
+            .for_each(move |_| {
+                notify.notify_waiters();
+                std::future::ready(())
+            }),
+    );
+    store
 }
 
 fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
