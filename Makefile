@@ -25,9 +25,10 @@ unit: ## Unit tests (no servers)
 e2e: tools ## End-to-end tests: each test binary starts its own control plane and MinIO
 	$(CARGO) test --workspace --locked --test '*'
 
-bench: tools ## Benchmarks against a real control plane (controller: 1,000 ApiKeys vs. a plain-client floor), as tables
-	$(CARGO) build -q --release --locked -p keybroker-operator --bin keybroker-operator
-	$(CARGO) run -q --locked -p keybroker-e2e --bin keybroker-bench -- controller $(BENCH_ARGS)
+bench: tools ## Benchmarks against a real control plane (controller vs. plain-client floor; broker vs. direct STS), as tables
+	$(CARGO) build -q --release --locked -p keybroker-operator -p keybroker-e2e --bins
+	./target/release/keybroker-bench controller
+	./target/release/keybroker-bench broker
 
 crds: ## Regenerate crds/ from the Rust types (a unit test fails when they are stale)
 	$(CARGO) run -q --locked -p keybroker-operator --bin crdgen -- --out crds

@@ -59,7 +59,7 @@ impl Client {
         })
     }
 
-    /// Sends `method path` with an optional bearer token and body.
+    /// Sends `method path` with an optional bearer token and body on a new connection.
     pub async fn send(
         &self,
         method: &str,
@@ -67,22 +67,52 @@ impl Client {
         bearer: Option<&str>,
         body: Vec<u8>,
     ) -> anyhow::Result<Reply> {
+        self.connect().await?.send(method, path, bearer, body).await
+    }
+
+    /// A kept-alive connection for several requests in a row.
+    pub async fn connect(&self) -> anyhow::Result<Connection> {
         let tcp = tokio::net::TcpStream::connect(self.addr).await?;
+        tcp.set_nodelay(true)?;
         let tls = self
             .connector
             .connect(ServerName::IpAddress(self.addr.ip().into()), tcp)
             .await
             .context("TLS handshake")?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(conn);
+        Ok(Connection {
+            sender,
+            host: self.addr.to_string(),
+        })
+    }
+}
+
+/// One HTTP/1.1 connection over TLS.
+#[derive(Debug)]
+pub struct Connection {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+impl Connection {
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Vec<u8>,
+    ) -> anyhow::Result<Reply> {
+        self.sender.ready().await?;
         let mut req = Request::builder()
             .method(method)
             .uri(path)
-            .header("host", self.addr.to_string());
+            .header("host", &self.host);
         if let Some(token) = bearer {
             req = req.header("authorization", format!("Bearer {token}"));
         }
-        let response = sender
+        let response = self
+            .sender
             .send_request(req.body(Full::new(Bytes::from(body)))?)
             .await?;
         let status = response.status();
