@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use k8s_openapi::api::core::v1::{Event, Namespace, Secret};
+use k8s_openapi::api::core::v1::{Event, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams};
 use tokio::sync::OnceCell;
 use tokio::task::JoinHandle;
 
@@ -368,16 +368,7 @@ async fn tightening_a_provider_flips_a_ready_key() -> anyhow::Result<()> {
         )
         .await?;
         ready_condition(&client, &ns, "uploader", "True").await?;
-        Api::<Namespace>::all(client.clone())
-            .patch(
-                &ns,
-                &PatchParams::apply("e2e"),
-                &Patch::Apply(serde_json::json!({
-                    "apiVersion": "v1", "kind": "Namespace",
-                    "metadata": {"name": ns, "labels": {"keybroker.dev/tenant": "false"}}
-                })),
-            )
-            .await?;
+        fixtures::label_namespace(&client, &ns, "false").await?;
         let (_, cond) = ready_condition(&client, &ns, "uploader", "False").await?;
         ensure!(cond.reason == "NamespaceNotAllowed", "{cond:?}");
         Ok(())

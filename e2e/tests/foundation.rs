@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 
-use keybroker_e2e::{eventually, in_namespace, shared};
+use keybroker_e2e::{eventually, fixtures, in_namespace, shared};
 
 const AUDIENCE: &str = "keybroker";
 
@@ -163,7 +163,7 @@ async fn f_minio_session_policy_limits_assumed_role_credentials() -> anyhow::Res
             "Statement": [{"Effect": "Allow", "Action": ["s3:*"], "Resource": ["arn:aws:s3:::*"]}]
         }),
     )?;
-    let root_s3 = s3_client(
+    let root_s3 = fixtures::s3_client(
         &minio.endpoint,
         &minio.root.access_key_id,
         &minio.root.secret_access_key,
@@ -207,7 +207,7 @@ async fn f_minio_session_policy_limits_assumed_role_credentials() -> anyhow::Res
         creds.access_key_id() != broker.access_key_id,
         "got the user's own keys back"
     );
-    let scoped = s3_client(
+    let scoped = fixtures::s3_client(
         &minio.endpoint,
         creds.access_key_id(),
         creds.secret_access_key(),
@@ -342,27 +342,4 @@ fn pem_to_der(pem: &str) -> anyhow::Result<Vec<u8>> {
     use base64::Engine;
     let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
     Ok(base64::engine::general_purpose::STANDARD.decode(body)?)
-}
-
-fn s3_client(
-    endpoint: &str,
-    access_key: &str,
-    secret_key: &str,
-    session_token: Option<&str>,
-) -> aws_sdk_s3::Client {
-    aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::Config::builder()
-            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-            .region(aws_sdk_s3::config::Region::new("us-east-1"))
-            .endpoint_url(endpoint)
-            .force_path_style(true)
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                access_key,
-                secret_key,
-                session_token.map(str::to_owned),
-                None,
-                "e2e",
-            ))
-            .build(),
-    )
 }
