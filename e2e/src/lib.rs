@@ -78,6 +78,16 @@ pub async fn shared() -> anyhow::Result<&'static Cluster> {
     started.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// [`shared`] with keybroker's CRDs installed, capturing in-process logs (see [`logs`]).
+pub async fn shared_with_crds() -> anyhow::Result<&'static Cluster> {
+    static CRDS: OnceCell<()> = OnceCell::const_new();
+    logs::capture();
+    let cluster = shared().await?;
+    CRDS.get_or_try_init(|| async { install_crds(&cluster.client().await?).await })
+        .await?;
+    Ok(cluster)
+}
+
 /// Runs `body` in a new namespace `<prefix>-<random>`. When `body` fails or panics, prints the
 /// namespace's pods and events and the component log tails, then deletes the namespace either way.
 pub async fn in_namespace<F, Fut>(cluster: &Cluster, prefix: &str, body: F) -> anyhow::Result<()>

@@ -10,10 +10,9 @@ use anyhow::{Context, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use tokio::sync::OnceCell;
 
 use keybroker_e2e::{
-    Cluster, eventually, fixtures, https, in_namespace, install_crds, logs, pki, shared,
+    Cluster, eventually, fixtures, https, in_namespace, logs, pki, shared, shared_with_crds,
 };
 use keybroker_operator::broker::{Broker, server};
 use keybroker_operator::crd::ApiKey;
@@ -21,15 +20,6 @@ use keybroker_operator::tls::ReloadingCert;
 use keybroker_sidecar::wire::{
     AUDIENCE, ExchangeRequest, ExchangeResponse, Refusal, RevocationStatus,
 };
-
-async fn cluster() -> anyhow::Result<&'static Cluster> {
-    static CRDS: OnceCell<()> = OnceCell::const_new();
-    logs::capture();
-    let cluster = shared().await?;
-    CRDS.get_or_try_init(|| async { install_crds(&cluster.client().await?).await })
-        .await?;
-    Ok(cluster)
-}
 
 /// A tenant namespace with ApiKey `uploader` (PutObject under `corp-data/<ns>/reports/*`),
 /// service account `uploader`, and an opted-in pod `app` running as it.
@@ -78,7 +68,7 @@ fn request(name: &str) -> ExchangeRequest {
 
 #[tokio::test]
 async fn issued_credentials_work_inside_the_scope_only() -> anyhow::Result<()> {
-    let cluster = cluster().await?;
+    let cluster = shared_with_crds().await?;
     in_namespace(cluster, "brk-happy", |client, ns| async move {
         let cluster = shared().await?;
         uploader_setup(cluster, &client, &ns).await?;
@@ -152,7 +142,7 @@ async fn issued_credentials_work_inside_the_scope_only() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
-    let cluster = cluster().await?;
+    let cluster = shared_with_crds().await?;
     in_namespace(cluster, "brk-refuse", |client, ns| async move {
         let cluster = shared().await?;
         uploader_setup(cluster, &client, &ns).await?;
@@ -307,7 +297,7 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn over_https_bad_requests_get_clear_refusals() -> anyhow::Result<()> {
-    let cluster = cluster().await?;
+    let cluster = shared_with_crds().await?;
     in_namespace(cluster, "brk-https", |client, ns| async move {
         let cluster = shared().await?;
         uploader_setup(cluster, &client, &ns).await?;
@@ -371,7 +361,7 @@ async fn over_https_bad_requests_get_clear_refusals() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn the_issuance_cap_answers_429_with_retry_after() -> anyhow::Result<()> {
-    let cluster = cluster().await?;
+    let cluster = shared_with_crds().await?;
     in_namespace(cluster, "brk-cap", |client, ns| async move {
         let cluster = shared().await?;
         uploader_setup(cluster, &client, &ns).await?;
@@ -413,7 +403,7 @@ async fn the_issuance_cap_answers_429_with_retry_after() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn revocation_reaches_a_waiting_client_within_a_second() -> anyhow::Result<()> {
-    let cluster = cluster().await?;
+    let cluster = shared_with_crds().await?;
     in_namespace(cluster, "brk-revoke", |client, ns| async move {
         let cluster = shared().await?;
         uploader_setup(cluster, &client, &ns).await?;
@@ -479,7 +469,7 @@ async fn revocation_reaches_a_waiting_client_within_a_second() -> anyhow::Result
 
 #[tokio::test]
 async fn an_unreachable_provider_is_retryable_and_recovers() -> anyhow::Result<()> {
-    let cluster = cluster().await?;
+    let cluster = shared_with_crds().await?;
     in_namespace(cluster, "brk-down", |client, ns| async move {
         let cluster = shared().await?;
         uploader_setup(cluster, &client, &ns).await?;

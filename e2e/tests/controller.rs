@@ -13,10 +13,9 @@ use k8s_openapi::api::core::v1::{Event, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams};
-use tokio::sync::OnceCell;
 use tokio::task::JoinHandle;
 
-use keybroker_e2e::{Cluster, eventually, fixtures, in_namespace, install_crds, logs, shared};
+use keybroker_e2e::{Cluster, eventually, fixtures, in_namespace, logs, shared, shared_with_crds};
 use keybroker_operator::controller::{self, Scope};
 use keybroker_operator::crd::{ApiKey, KeyProvider};
 use keybroker_operator::leader::LeaseConfig;
@@ -24,16 +23,6 @@ use keybroker_operator::metrics::Metrics;
 
 /// A change that makes a valid ApiKey document invalid.
 type Mutation = Box<dyn Fn(&mut serde_json::Value) + Send + Sync>;
-
-/// The shared control plane with the CRDs installed, and everything the controllers log.
-async fn cluster() -> anyhow::Result<&'static Cluster> {
-    static CRDS: OnceCell<()> = OnceCell::const_new();
-    logs::capture();
-    let cluster = shared().await?;
-    CRDS.get_or_try_init(|| async { install_crds(&cluster.client().await?).await })
-        .await?;
-    Ok(cluster)
-}
 
 /// A controller task that is aborted (like a killed process: the Lease is not released) on drop.
 struct RunningController {
@@ -98,7 +87,7 @@ async fn ready_condition(
 
 #[tokio::test]
 async fn valid_apikey_becomes_ready_with_the_compiled_policy() -> anyhow::Result<()> {
-    let cluster = cluster().await?;
+    let cluster = shared_with_crds().await?;
     in_namespace(cluster, "ctl-ready", |client, ns| async move {
         let cluster = shared().await?;
         let provider = fixtures::tenant(cluster, &client, &ns).await?;
@@ -193,7 +182,7 @@ async fn valid_apikey_becomes_ready_with_the_compiled_policy() -> anyhow::Result
 
 #[tokio::test]
 async fn out_of_guardrail_apikeys_are_refused_naming_the_item() -> anyhow::Result<()> {
-    let cluster = cluster().await?;
+    let cluster = shared_with_crds().await?;
     in_namespace(cluster, "ctl-refuse", |client, ns| async move {
         let cluster = shared().await?;
         let provider = fixtures::tenant(cluster, &client, &ns).await?;
@@ -317,7 +306,7 @@ async fn out_of_guardrail_apikeys_are_refused_naming_the_item() -> anyhow::Resul
 
 #[tokio::test]
 async fn tightening_a_provider_flips_a_ready_key() -> anyhow::Result<()> {
-    let cluster = cluster().await?;
+    let cluster = shared_with_crds().await?;
     in_namespace(cluster, "ctl-tighten", |client, ns| async move {
         let cluster = shared().await?;
         let provider = fixtures::tenant(cluster, &client, &ns).await?;
@@ -378,7 +367,7 @@ async fn tightening_a_provider_flips_a_ready_key() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn the_apiserver_rejects_malformed_apikeys_with_the_schema_message() -> anyhow::Result<()> {
-    let cluster = cluster().await?;
+    let cluster = shared_with_crds().await?;
     in_namespace(cluster, "ctl-schema", |client, ns| async move {
         // Dynamic objects, so that shapes our own types cannot hold reach the apiserver too.
         let resource = ApiResource::erase::<ApiKey>(&());
@@ -456,7 +445,7 @@ async fn the_apiserver_rejects_malformed_apikeys_with_the_schema_message() -> an
 
 #[tokio::test]
 async fn an_idle_controller_writes_nothing() -> anyhow::Result<()> {
-    let cluster = cluster().await?;
+    let cluster = shared_with_crds().await?;
     in_namespace(cluster, "ctl-idle", |client, ns| async move {
         let cluster = shared().await?;
         let provider = fixtures::tenant(cluster, &client, &ns).await?;
@@ -518,7 +507,7 @@ async fn an_idle_controller_writes_nothing() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn only_the_leader_writes_and_a_killed_leader_hands_over() -> anyhow::Result<()> {
-    let cluster = cluster().await?;
+    let cluster = shared_with_crds().await?;
     in_namespace(cluster, "ctl-leader", |client, ns| async move {
         let cluster = shared().await?;
         let provider = fixtures::tenant(cluster, &client, &ns).await?;
@@ -589,7 +578,7 @@ async fn only_the_leader_writes_and_a_killed_leader_hands_over() -> anyhow::Resu
 
 #[tokio::test]
 async fn broker_keys_never_reach_status_events_or_logs() -> anyhow::Result<()> {
-    let cluster = cluster().await?;
+    let cluster = shared_with_crds().await?;
     in_namespace(cluster, "ctl-leak", |client, ns| async move {
         let cluster = shared().await?;
         let provider = fixtures::tenant(cluster, &client, &ns).await?;

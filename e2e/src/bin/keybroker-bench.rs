@@ -80,16 +80,7 @@ async fn controller(
         "{} missing: run `cargo build --release -p keybroker-operator`",
         operator.display()
     );
-    eprintln!("starting the control plane and MinIO...");
-    let dir = run_dir()?;
-    let cluster = Cluster::start(Options {
-        dir: dir.clone(),
-        lifetime: Lifetime::TiedToProcess,
-        with_minio: true,
-    })
-    .await?;
-    let client = cluster.client().await?;
-    install_crds(&client).await?;
+    let (dir, cluster, client) = start_cluster().await?;
     let minio = cluster.minio.as_ref().context("no MinIO")?;
     let broker = minio.create_user(
         "broker-bench",
@@ -226,6 +217,21 @@ async fn controller(
     drop(cluster);
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
+}
+
+/// A fresh control plane and MinIO with keybroker's CRDs, in its own run directory.
+async fn start_cluster() -> anyhow::Result<(PathBuf, Cluster, Client)> {
+    eprintln!("starting the control plane and MinIO...");
+    let dir = run_dir()?;
+    let cluster = Cluster::start(Options {
+        dir: dir.clone(),
+        lifetime: Lifetime::TiedToProcess,
+        with_minio: true,
+    })
+    .await?;
+    let client = cluster.client().await?;
+    install_crds(&client).await?;
+    Ok((dir, cluster, client))
 }
 
 struct Row {
@@ -437,16 +443,7 @@ async fn broker(requests: usize, operator: &PathBuf) -> anyhow::Result<()> {
         "{} missing: run `cargo build --release -p keybroker-operator`",
         operator.display()
     );
-    eprintln!("starting the control plane and MinIO...");
-    let dir = run_dir()?;
-    let cluster = Cluster::start(Options {
-        dir: dir.clone(),
-        lifetime: Lifetime::TiedToProcess,
-        with_minio: true,
-    })
-    .await?;
-    let client = cluster.client().await?;
-    install_crds(&client).await?;
+    let (dir, cluster, client) = start_cluster().await?;
     let ns = "bench";
     create_namespace(&client, ns).await?;
     let provider = fixtures::tenant(&cluster, &client, ns).await?;
