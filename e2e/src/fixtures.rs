@@ -19,13 +19,7 @@ const FIELD_MANAGER: &str = "keybroker-e2e";
 pub async fn tenant(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<String> {
     label_namespace(client, ns, "true").await?;
     let minio = cluster.minio.as_ref().context("no MinIO")?;
-    let keys = minio.create_user(
-        &format!("broker-{ns}"),
-        &serde_json::json!({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": ["s3:*"], "Resource": ["arn:aws:s3:::*"]}]
-        }),
-    )?;
+    let keys = minio.create_s3_user(&format!("broker-{ns}"))?;
     secret(
         client,
         ns,

@@ -80,6 +80,18 @@ impl Minio {
         ]
     }
 
+    /// Creates user `name` with full S3 rights, as the broker's identity is set up: the
+    /// session policy the broker attaches is then the only narrowing.
+    pub fn create_s3_user(&self, name: &str) -> Result<Keys, Error> {
+        self.create_user(
+            name,
+            &serde_json::json!({
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": ["s3:*"], "Resource": ["arn:aws:s3:::*"]}]
+            }),
+        )
+    }
+
     /// Creates user `name` with a fresh key pair and attaches the IAM `policy` to it.
     pub fn create_user(&self, name: &str, policy: &serde_json::Value) -> Result<Keys, Error> {
         let keys = Keys {

@@ -156,13 +156,7 @@ async fn f_minio_session_policy_limits_assumed_role_credentials() -> anyhow::Res
     let bucket = "foundation";
 
     // The broker-like user may do anything in S3; the session policy is the only narrowing.
-    let broker = minio.create_user(
-        "broker-foundation",
-        &serde_json::json!({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": ["s3:*"], "Resource": ["arn:aws:s3:::*"]}]
-        }),
-    )?;
+    let broker = minio.create_s3_user("broker-foundation")?;
     let root_s3 = fixtures::s3_client(
         &minio.endpoint,
         &minio.root.access_key_id,

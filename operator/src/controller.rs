@@ -118,6 +118,7 @@ pub async fn run(client: Client, scope: Scope, metrics: Arc<Metrics>, instance: 
 
     let apikey_controller = {
         let ctx = Arc::clone(&ctx);
+        let provider_watch = provider_watch.clone();
         async move {
             // Judging a key before the stores are filled would flip it to ProviderNotFound.
             let (Ok(()), Ok(())) = (
@@ -139,11 +140,15 @@ pub async fn run(client: Client, scope: Scope, metrics: Arc<Metrics>, instance: 
             let controller = Controller::for_stream(key_stream, keys.clone());
             let keys_for_providers = keys.clone();
             controller
-                .watches(provider_api.clone(), provider_watch, move |provider| {
-                    keys_referencing(&keys_for_providers, |k| {
-                        k.spec.provider_ref.name == provider.name_any()
-                    })
-                })
+                .watches(
+                    provider_api.clone(),
+                    provider_watch.clone(),
+                    move |provider| {
+                        keys_referencing(&keys_for_providers, |k| {
+                            k.spec.provider_ref.name == provider.name_any()
+                        })
+                    },
+                )
                 .watches(
                     Api::<Namespace>::all(ctx.client.clone()),
                     namespace_watch,
@@ -161,11 +166,7 @@ pub async fn run(client: Client, scope: Scope, metrics: Arc<Metrics>, instance: 
     let provider_controller = {
         let ctx = Arc::clone(&ctx);
         let api: Api<DeserializeGuard<KeyProvider>> = Api::all(client);
-        let config = match &scope.provider_labels {
-            Some(labels) => watcher::Config::default().labels(labels),
-            None => watcher::Config::default(),
-        };
-        Controller::new(api, config)
+        Controller::new(api, provider_watch)
             .shutdown_on_signal()
             .run(reconcile_provider, provider_error_policy, ctx)
             .for_each(|_| async {})

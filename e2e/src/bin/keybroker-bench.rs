@@ -82,21 +82,16 @@ async fn controller(
     );
     let (dir, cluster, client) = start_cluster().await?;
     let minio = cluster.minio.as_ref().context("no MinIO")?;
-    let broker = minio.create_user(
-        "broker-bench",
-        &serde_json::json!({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": ["s3:*"], "Resource": ["arn:aws:s3:::*"]}]
-        }),
-    )?;
+    let broker = minio.create_s3_user("broker-bench")?;
     create_namespace(&client, "keybroker-system").await?;
-    let secret: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "broker-keys"},
-        "stringData": {"AWS_ACCESS_KEY_ID": broker.access_key_id, "AWS_SECRET_ACCESS_KEY": broker.secret_access_key}
-    }))?;
-    Api::<Secret>::namespaced(client.clone(), "keybroker-system")
-        .create(&PostParams::default(), &secret)
-        .await?;
+    keybroker_e2e::fixtures::secret(
+        &client,
+        "keybroker-system",
+        "broker-keys",
+        &broker.access_key_id,
+        &broker.secret_access_key,
+    )
+    .await?;
     Api::<keybroker_operator::crd::KeyProvider>::all(client.clone())
         .patch("bench", &PatchParams::apply("bench"), &Patch::Apply(serde_json::json!({
             "apiVersion": "keybroker.dev/v1alpha1", "kind": "KeyProvider",

@@ -77,11 +77,12 @@ impl Authenticator {
         }
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = Instant::now();
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.retain(|_, (_, until)| *until > now);
-            if let Some((identity, _)) = cache.get(&key) {
-                return Ok(identity.clone());
-            }
+        // The hit path is one lookup; expired entries are pruned only when a review is stored.
+        if let Ok(cache) = self.cache.lock()
+            && let Some((identity, until)) = cache.get(&key)
+            && *until > now
+        {
+            return Ok(identity.clone());
         }
         let identity = self.review(token).await?;
         let lifetime = token_lifetime(token)
@@ -90,6 +91,7 @@ impl Authenticator {
         if !lifetime.is_zero()
             && let Ok(mut cache) = self.cache.lock()
         {
+            cache.retain(|_, (_, until)| *until > now);
             cache.insert(key, (identity.clone(), now + lifetime));
         }
         Ok(identity)
