@@ -5,6 +5,7 @@ pub mod broker;
 pub mod controller;
 pub mod crd;
 pub mod events;
+pub mod https;
 pub mod leader;
 pub mod metrics;
 pub mod pattern;
@@ -13,6 +14,7 @@ pub mod provider_check;
 pub mod server;
 pub mod status;
 pub mod tls;
+pub mod webhook;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;

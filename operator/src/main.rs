@@ -12,7 +12,11 @@ use keybroker_operator::controller::{self, Scope};
 use keybroker_operator::leader::LeaseConfig;
 use keybroker_operator::metrics::Metrics;
 use keybroker_operator::server;
-use keybroker_operator::tls::ReloadingCert;
+use keybroker_operator::tls::{MemoryCert, ReloadingCert};
+use keybroker_operator::webhook::certs::{self, CertConfig, Timing};
+use keybroker_operator::webhook::inject::Settings;
+use keybroker_operator::webhook::{self, Webhook};
+use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,14 +25,16 @@ use keybroker_operator::tls::ReloadingCert;
     long_about = "keybroker operator: reconciles KeyProviders and ApiKeys (controller), injects the \
 credential sidecar into opted-in pods (webhook) and exchanges pod-bound service-account tokens for \
 short-lived scoped credentials (broker). Each role can run in its own Deployment.\n\n\
-This build implements the controller and broker roles; the webhook role is refused with an error."
+The webhook serves its own CA-signed certificate (kept in a Secret, rotated before expiry, its \
+CA bundle patched into the MutatingWebhookConfiguration) unless --webhook-cert-file is given \
+(cert-manager)."
 )]
 struct Args {
     /// Roles to run in this process (comma-separated).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "controller,broker",
+        default_value = "controller,webhook,broker",
         env = "KEYBROKER_ROLES"
     )]
     roles: Vec<Role>,
@@ -41,14 +47,14 @@ struct Args {
         env = "KEYBROKER_TLS_CERT_FILE",
         default_value = "/etc/keybroker/tls/tls.crt"
     )]
-    tls_cert_file: std::path::PathBuf,
+    tls_cert_file: PathBuf,
     /// PEM private key of --tls-cert-file.
     #[arg(
         long,
         env = "KEYBROKER_TLS_KEY_FILE",
         default_value = "/etc/keybroker/tls/tls.key"
     )]
-    tls_key_file: std::path::PathBuf,
+    tls_key_file: PathBuf,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080", env = "KEYBROKER_METRICS_ADDR")]
     metrics_addr: SocketAddr,
@@ -61,25 +67,94 @@ struct Args {
     /// Name of the Lease that elects the active controller replica.
     #[arg(long, default_value = "keybroker-controller")]
     lease_name: String,
-    /// Namespace of the Lease (normally the operator's own).
+    /// The operator's own namespace: the Lease and the webhook's certificate Secret live here.
     #[arg(long, env = "POD_NAMESPACE", default_value = "keybroker-system")]
-    lease_namespace: String,
+    namespace: String,
     /// Seconds a replica that stopped renewing keeps the Lease.
     #[arg(long, default_value_t = 15)]
     lease_duration_seconds: u64,
     /// This replica's identity in the Lease (default: the pod name, else the host name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    #[command(flatten)]
+    webhook: WebhookArgs,
     /// Log format.
     #[arg(long, value_enum, default_value = "json", env = "KEYBROKER_LOG_FORMAT")]
     log_format: LogFormat,
+}
+
+/// The webhook role: where it serves, its certificate, and what it injects.
+#[derive(Debug, clap::Args)]
+struct WebhookArgs {
+    /// Address of the webhook's HTTPS endpoint.
+    #[arg(long, default_value = "0.0.0.0:9443", env = "KEYBROKER_WEBHOOK_ADDR")]
+    webhook_addr: SocketAddr,
+    /// Serve this PEM certificate (re-read when it changes, e.g. from cert-manager) instead of
+    /// managing a CA; then cert-manager's CA injector must set the caBundle.
+    #[arg(long, env = "KEYBROKER_WEBHOOK_CERT_FILE", requires = "webhook_key_file")]
+    webhook_cert_file: Option<PathBuf>,
+    /// PEM private key of --webhook-cert-file.
+    #[arg(long, env = "KEYBROKER_WEBHOOK_KEY_FILE", requires = "webhook_cert_file")]
+    webhook_key_file: Option<PathBuf>,
+    /// Secret (in --namespace) holding the self-managed CA and serving certificate.
+    #[arg(long, default_value = "keybroker-webhook-tls")]
+    webhook_secret: String,
+    /// MutatingWebhookConfiguration whose caBundle the operator keeps current.
+    #[arg(long, default_value = "keybroker")]
+    webhook_config_name: String,
+    /// Names the serving certificate is valid for (default: keybroker-webhook.<namespace>.svc).
+    #[arg(long, value_delimiter = ',')]
+    webhook_hosts: Vec<String>,
+    /// Lifetime of the self-managed CA; it rotates with a third left.
+    #[arg(long, default_value = "43800h", value_parser = duration)]
+    webhook_ca_validity: Duration,
+    /// Lifetime of the serving certificate; it is renewed with a third left.
+    #[arg(long, default_value = "2160h", value_parser = duration)]
+    webhook_cert_validity: Duration,
+    /// Wait between CA rotation steps, for every replica and the apiserver to catch up.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    webhook_rotation_step: Duration,
+    /// Sidecar image injected into pods.
+    #[arg(long, env = "KEYBROKER_SIDECAR_IMAGE", default_value = "ghcr.io/keybroker/keybroker-sidecar:0.1.0")]
+    sidecar_image: String,
+    #[arg(long, default_value = "IfNotPresent")]
+    sidecar_image_pull_policy: String,
+    /// The broker's URL as pods reach it (default: https://keybroker-broker.<namespace>.svc:8443).
+    #[arg(long, env = "KEYBROKER_BROKER_URL")]
+    broker_url: Option<String>,
+    /// PEM CA bundle the sidecar verifies the broker with (given to every injected sidecar).
+    #[arg(long, env = "KEYBROKER_BROKER_CA_FILE", default_value = "/etc/keybroker/tls/ca.crt")]
+    broker_ca_file: PathBuf,
+    /// Lifetime of the projected token mounted into the sidecar (the kubelet rotates it at 80 %).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(i64).range(600..=86400))]
+    sidecar_token_expiration_seconds: i64,
+    #[arg(long, default_value = "5m")]
+    sidecar_cpu_request: String,
+    #[arg(long, default_value = "16Mi")]
+    sidecar_memory_request: String,
+    #[arg(long, default_value = "32Mi")]
+    sidecar_memory_limit: String,
+    /// sizeLimit of the memory-backed credentials volume.
+    #[arg(long, default_value = "1Mi")]
+    credentials_volume_size: String,
+    /// Loopback port of the sidecar's AWS container-credentials endpoint.
+    #[arg(long, default_value_t = 9911)]
+    sidecar_credentials_port: u16,
+    /// Port of the sidecar's health endpoints (startup and liveness probes).
+    #[arg(long, default_value_t = 9912)]
+    sidecar_health_port: u16,
+}
+
+fn duration(value: &str) -> Result<Duration, String> {
+    keybroker_operator::policy::parse_ttl("duration", value)
+        .map_err(|_| format!("{value:?} is not a duration like 90s, 15m or 2160h"))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Role {
     /// Reconcile KeyProviders and ApiKeys (leader-elected).
     Controller,
-    /// Serve the mutating admission webhook that injects the sidecar (not in this build).
+    /// Serve the mutating admission webhook that injects the sidecar.
     Webhook,
     /// Serve the token-exchange endpoint for sidecars.
     Broker,
@@ -103,10 +178,6 @@ async fn main() -> anyhow::Result<()> {
             .init(),
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
     }
-    anyhow::ensure!(
-        !args.roles.contains(&Role::Webhook),
-        "the webhook role is not implemented in this build; run with --roles controller,broker"
-    );
 
     let client = kube::Client::try_default()
         .await
@@ -119,7 +190,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let lease = LeaseConfig {
         name: args.lease_name,
-        namespace: args.lease_namespace,
+        namespace: args.namespace.clone(),
         identity,
         duration: Duration::from_secs(args.lease_duration_seconds),
         grace: Duration::from_secs((args.lease_duration_seconds / 3).max(1)),
@@ -139,6 +210,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(controller::run_elected(client, scope, lease, metrics).await?)
         }));
     }
+    if args.roles.contains(&Role::Webhook) {
+        roles.push(webhook_role(client.clone(), &args.namespace, args.webhook, Arc::clone(&metrics)).await?);
+    }
     if args.roles.contains(&Role::Broker) {
         let tls = ReloadingCert::new(&args.tls_cert_file, &args.tls_key_file)?.server_config();
         let listener = server::bind(args.broker_addr).await?;
@@ -151,6 +225,69 @@ async fn main() -> anyhow::Result<()> {
     // The first role to stop (SIGTERM ends the controller) stops the process.
     let (result, _, _) = futures::future::select_all(roles).await;
     result
+}
+
+/// Starts the webhook: its certificate (self-managed or from files), its caches, its server.
+async fn webhook_role(
+    client: kube::Client,
+    namespace: &str,
+    args: WebhookArgs,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<futures::future::BoxFuture<'static, anyhow::Result<()>>> {
+    let broker_ca = std::fs::read_to_string(&args.broker_ca_file).with_context(|| {
+        format!(
+            "reading --broker-ca-file {} (the CA injected sidecars verify the broker with)",
+            args.broker_ca_file.display()
+        )
+    })?;
+    let settings = Settings {
+        image: args.sidecar_image,
+        image_pull_policy: args.sidecar_image_pull_policy,
+        broker_url: args
+            .broker_url
+            .unwrap_or_else(|| format!("https://keybroker-broker.{namespace}.svc:8443")),
+        broker_ca,
+        token_expiration_seconds: args.sidecar_token_expiration_seconds,
+        volume_size_limit: args.credentials_volume_size,
+        cpu_request: args.sidecar_cpu_request,
+        memory_request: args.sidecar_memory_request,
+        memory_limit: args.sidecar_memory_limit,
+        credentials_port: args.sidecar_credentials_port,
+        health_port: args.sidecar_health_port,
+    };
+    let listener = server::bind(args.webhook_addr).await?;
+    let (tls, upkeep): (_, futures::future::BoxFuture<'static, ()>) =
+        match (args.webhook_cert_file, args.webhook_key_file) {
+            (Some(cert), Some(key)) => (
+                ReloadingCert::new(&cert, &key)?.server_config(),
+                Box::pin(futures::future::pending()),
+            ),
+            _ => {
+                let serving = Arc::new(MemoryCert::default());
+                let hosts = match args.webhook_hosts.is_empty() {
+                    true => vec![format!("keybroker-webhook.{namespace}.svc")],
+                    false => args.webhook_hosts,
+                };
+                let config = CertConfig {
+                    namespace: namespace.to_owned(),
+                    secret_name: args.webhook_secret,
+                    webhook_config: args.webhook_config_name,
+                    hosts,
+                    timing: Timing {
+                        ca_validity: args.webhook_ca_validity,
+                        cert_validity: args.webhook_cert_validity,
+                        propagation: args.webhook_rotation_step,
+                    },
+                };
+                let tls = serving.server_config();
+                (tls, Box::pin(certs::run(client.clone(), config, serving)))
+            }
+        };
+    let webhook = Webhook::start(client, settings, metrics).await;
+    Ok(Box::pin(async move {
+        tokio::join!(upkeep, webhook::server::serve(listener, Arc::new(tls), webhook));
+        Ok(())
+    }))
 }
 
 fn hostname() -> String {

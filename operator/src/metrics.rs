@@ -22,6 +22,11 @@ pub struct ErrorLabels {
     pub category: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub decision: &'static str,
+}
+
 /// Every metric keybroker-operator exports, registered in one registry.
 #[derive(Debug)]
 pub struct Metrics {
@@ -32,6 +37,9 @@ pub struct Metrics {
     pub status_writes: Family<KindLabels, Counter>,
     /// 1 while this replica holds the controller Lease.
     pub leader: Gauge,
+    /// Admission reviews answered, by decision (injected, unchanged, denied, invalid).
+    pub admissions: Family<DecisionLabels, Counter>,
+    pub admission_duration: Histogram,
 }
 
 impl Default for Metrics {
@@ -44,6 +52,19 @@ impl Default for Metrics {
         });
         let status_writes = Family::<KindLabels, Counter>::default();
         let leader = Gauge::default();
+        let admissions = Family::<DecisionLabels, Counter>::default();
+        // 50 µs to ~0.8 s: an admission normally takes well under a millisecond.
+        let admission_duration = Histogram::new(exponential_buckets(0.00005, 2.0, 15));
+        registry.register(
+            "webhook_admissions",
+            "Admission reviews answered by the webhook, by decision",
+            admissions.clone(),
+        );
+        registry.register(
+            "webhook_admission_duration_seconds",
+            "Time to answer one admission review",
+            admission_duration.clone(),
+        );
         registry.register(
             "reconciles",
             "Reconciliations run, by kind",
@@ -76,6 +97,8 @@ impl Default for Metrics {
             reconcile_duration,
             status_writes,
             leader,
+            admissions,
+            admission_duration,
         }
     }
 }
@@ -108,6 +131,11 @@ impl Metrics {
 
     pub fn reconciles_of(&self, kind: &'static str) -> u64 {
         self.reconciles.get_or_create(&KindLabels { kind }).get()
+    }
+
+    pub fn admission(&self, decision: &'static str, took: std::time::Duration) {
+        self.admissions.get_or_create(&DecisionLabels { decision }).inc();
+        self.admission_duration.observe(took.as_secs_f64());
     }
 
     /// The text exposition format served on `/metrics`.

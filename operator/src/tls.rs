@@ -102,29 +102,108 @@ fn modified(path: &Path) -> Option<SystemTime> {
 }
 
 fn load(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, Error> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<_, _>>())
-        .map_err(|e| Error::Cert {
-            path: cert.to_owned(),
-            detail: e.to_string(),
-        })?;
-    if chain.is_empty() {
-        return Err(Error::Cert {
-            path: cert.to_owned(),
-            detail: "no CERTIFICATE block".into(),
-        });
-    }
-    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| Error::Key {
+    let cert_pem = std::fs::read(cert).map_err(|e| Error::Cert {
+        path: cert.to_owned(),
+        detail: e.to_string(),
+    })?;
+    let key_pem = std::fs::read(key).map_err(|e| Error::Key {
         path: key.to_owned(),
         detail: e.to_string(),
     })?;
+    certified_key(&cert_pem, &key_pem).map_err(|e| match e {
+        PemError::Cert(detail) => Error::Cert {
+            path: cert.to_owned(),
+            detail,
+        },
+        PemError::Key(detail) => Error::Key {
+            path: key.to_owned(),
+            detail,
+        },
+        PemError::Unusable(detail) => Error::Unusable {
+            path: key.to_owned(),
+            detail,
+        },
+    })
+}
+
+/// Why a PEM certificate and key cannot be served.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PemError {
+    #[error("the certificate is unreadable: {0}")]
+    Cert(String),
+    #[error("the private key is unreadable: {0}")]
+    Key(String),
+    #[error("the private key does not match the certificate or is unsupported: {0}")]
+    Unusable(String),
+}
+
+/// A servable certificate from a PEM chain and a PEM private key.
+pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<CertifiedKey>, PemError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| PemError::Cert(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(PemError::Cert("no CERTIFICATE block".into()));
+    }
+    let private = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| PemError::Key(e.to_string()))?;
     let provider = rustls::crypto::CryptoProvider::get_default()
         .cloned()
         .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
-    let certified =
-        CertifiedKey::from_der(chain, private, &provider).map_err(|e| Error::Unusable {
-            path: key.to_owned(),
-            detail: e.to_string(),
-        })?;
-    Ok(Arc::new(certified))
+    CertifiedKey::from_der(chain, private, &provider)
+        .map(Arc::new)
+        .map_err(|e| PemError::Unusable(e.to_string()))
+}
+
+/// A serving certificate held in memory and swapped whole (the webhook's self-managed
+/// certificate, read from its Secret). Handshakes fail until the first one is set.
+#[derive(Default)]
+pub struct MemoryCert {
+    current: std::sync::RwLock<Option<(Vec<u8>, Arc<CertifiedKey>)>>,
+}
+
+impl fmt::Debug for MemoryCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryCert")
+            .field("ready", &self.is_ready())
+            .finish()
+    }
+}
+
+impl MemoryCert {
+    /// Serves `cert_pem`/`key_pem` from the next handshake on; true when it changed.
+    pub fn set(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<bool, PemError> {
+        if let Ok(current) = self.current.read()
+            && current.as_ref().is_some_and(|(pem, _)| pem == cert_pem)
+        {
+            return Ok(false);
+        }
+        let key = certified_key(cert_pem, key_pem)?;
+        if let Ok(mut current) = self.current.write() {
+            *current = Some((cert_pem.to_vec(), key));
+        }
+        Ok(true)
+    }
+
+    /// True once a certificate is set.
+    pub fn is_ready(&self) -> bool {
+        self.current.read().is_ok_and(|c| c.is_some())
+    }
+
+    /// A rustls server configuration (HTTP/1.1) serving the current certificate.
+    pub fn server_config(self: &Arc<Self>) -> rustls::ServerConfig {
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::clone(self) as Arc<dyn ResolvesServerCert>);
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config
+    }
+}
+
+impl ResolvesServerCert for MemoryCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current
+            .read()
+            .ok()
+            .and_then(|c| c.as_ref().map(|(_, key)| Arc::clone(key)))
+    }
 }

@@ -129,8 +129,9 @@ async fn controller(
         "keybroker-operator",
         &operator,
         &[
+            "--roles=controller".into(),
             "--metrics-addr=127.0.0.1:0".into(),
-            "--lease-namespace=keybroker-system".into(),
+            "--namespace=keybroker-system".into(),
             "--log-format=json".into(),
         ],
         &[

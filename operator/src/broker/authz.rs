@@ -75,6 +75,12 @@ impl Denial {
     }
 }
 
+/// The ApiKey names in a pod's `keybroker.dev/apikeys` annotation (comma-separated, blanks
+/// ignored). The webhook and the broker read the annotation the same way.
+pub fn listed_api_keys(annotation: &str) -> impl Iterator<Item = &str> {
+    annotation.split(',').map(str::trim).filter(|k| !k.is_empty())
+}
+
 /// Decides an exchange of `identity` for ApiKey `name`, given the live objects.
 pub fn authorize(
     identity: &PodIdentity,
@@ -121,7 +127,7 @@ pub fn authorize(
         .annotations
         .as_ref()
         .and_then(|a| a.get(APIKEYS_ANNOTATION))
-        .is_some_and(|list| list.split(',').any(|k| k.trim() == name));
+        .is_some_and(|list| listed_api_keys(list).any(|k| k == name));
     if !opted_in || !lists_key {
         return Err(Denial::PodNotOptedIn {
             pod: identity.pod_name.clone(),

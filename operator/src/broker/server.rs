@@ -8,74 +8,39 @@
 //! Every stage is bounded: TLS handshake and request headers 10 s, body 4 KiB read within 10 s,
 //! headers 16 KiB, the whole exchange 20 s. Refusals are JSON bodies, never bare errors.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
+use hyper::header::{AUTHORIZATION, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use keybroker_sidecar::wire::{
     ExchangeRequest, MAX_REVOCATION_WAIT_SECONDS, Refusal, RevocationStatus,
 };
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
-use tracing::{debug, warn};
 
 use super::{Broker, ExchangeError};
+use crate::https::{self, BodyError};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const MAX_BODY_BYTES: usize = 4 * 1024;
-const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// Serves until the future is dropped.
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, broker: Arc<Broker>) {
-    let acceptor = TlsAcceptor::from(tls);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let (acceptor, broker) = (acceptor.clone(), Arc::clone(&broker));
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => return debug!(%peer, "TLS handshake timed out"),
-            };
-            let service = service_fn(move |req| handle(req, Arc::clone(&broker), peer));
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES)
-                .serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
+    https::serve(listener, tls, move |req, peer| {
+        let broker = Arc::clone(&broker);
+        async move { handle(req, &broker, peer).await }
+    })
+    .await
 }
 
-async fn handle(
-    req: Request<Incoming>,
-    broker: Arc<Broker>,
-    peer: SocketAddr,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let response = match (req.method(), req.uri().path()) {
-        (&Method::POST, "/v1/exchange") => exchange(req, &broker, peer).await,
-        (&Method::GET, "/v1/revocations") => revocations(req, &broker).await,
+async fn handle(req: Request<Incoming>, broker: &Broker, peer: SocketAddr) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/v1/exchange") => exchange(req, broker, peer).await,
+        (&Method::GET, "/v1/revocations") => revocations(req, broker).await,
         (&Method::GET, "/healthz") => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
         _ => refusal(
             StatusCode::NOT_FOUND,
@@ -83,8 +48,7 @@ async fn handle(
             "use POST /v1/exchange or GET /v1/revocations",
             false,
         ),
-    };
-    Ok(response)
+    }
 }
 
 async fn exchange(
@@ -95,29 +59,12 @@ async fn exchange(
     let Some(token) = bearer(&req) else {
         return missing_token();
     };
-    let body = match tokio::time::timeout(
-        BODY_TIMEOUT,
-        Limited::new(req.into_body(), MAX_BODY_BYTES).collect(),
-    )
-    .await
-    {
-        Ok(Ok(body)) => body.to_bytes(),
-        Ok(Err(_)) => {
-            return refusal(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "BodyTooLarge",
-                &format!("the request body must be at most {MAX_BODY_BYTES} bytes"),
-                false,
-            );
+    let body = match https::read_body(req.into_body(), MAX_BODY_BYTES, BODY_TIMEOUT).await {
+        Ok(body) => body,
+        Err(e @ BodyError::TooLarge(_)) => {
+            return refusal(StatusCode::PAYLOAD_TOO_LARGE, "BodyTooLarge", &e.to_string(), false);
         }
-        Err(_) => {
-            return refusal(
-                StatusCode::REQUEST_TIMEOUT,
-                "BodyTimeout",
-                "the request body did not arrive in time",
-                true,
-            );
-        }
+        Err(e) => return refusal(StatusCode::REQUEST_TIMEOUT, "BodyTimeout", &e.to_string(), true),
     };
     let request: ExchangeRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
@@ -136,7 +83,7 @@ async fn exchange(
     )
     .await
     {
-        Ok(Ok(issued)) => json(StatusCode::OK, &issued),
+        Ok(Ok(issued)) => https::json(StatusCode::OK, &issued),
         Ok(Err(e)) => refused(&e),
         Err(_) => refusal(
             StatusCode::GATEWAY_TIMEOUT,
@@ -175,7 +122,7 @@ async fn revocations(req: Request<Incoming>, broker: &Broker) -> Response<Full<B
         .wait_revoked(&token, &api_key, Duration::from_secs(wait))
         .await
     {
-        Ok(revoked) => json(StatusCode::OK, &RevocationStatus { api_key, revoked }),
+        Ok(revoked) => https::json(StatusCode::OK, &RevocationStatus { api_key, revoked }),
         Err(e) => refused(&e),
     }
 }
@@ -201,7 +148,7 @@ fn missing_token() -> Response<Full<Bytes>> {
 
 fn refused(error: &ExchangeError) -> Response<Full<Bytes>> {
     let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::FORBIDDEN);
-    let mut response = json(status, &error.to_refusal());
+    let mut response = https::json(status, &error.to_refusal());
     if let ExchangeError::RateLimited { retry_after, .. } = error
         && let Ok(value) = retry_after.as_secs().max(1).to_string().parse()
     {
@@ -216,7 +163,7 @@ fn refusal(
     message: &str,
     retryable: bool,
 ) -> Response<Full<Bytes>> {
-    json(
+    https::json(
         status,
         &Refusal {
             reason: reason.into(),
@@ -224,14 +171,4 @@ fn refusal(
             retryable,
         },
     )
-}
-
-fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
-    let bytes = serde_json::to_vec(body).unwrap_or_default();
-    let mut response = Response::new(Full::new(Bytes::from(bytes)));
-    *response.status_mut() = status;
-    if let Ok(value) = "application/json".parse() {
-        response.headers_mut().insert(CONTENT_TYPE, value);
-    }
-    response
 }
