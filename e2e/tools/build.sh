@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the real components the e2e tests run (kube-apiserver, kube-controller-manager, etcd,
-# MinIO with its IAM helper, helm) from the Go module proxy, through the wrapper modules beside
+# Builds the real components the e2e tests run (kube-apiserver, kube-controller-manager, kubectl,
+# etcd, MinIO with its IAM helper, helm) from the Go module proxy, through the wrapper modules beside
 # this script. Binaries are cached outside the repository, keyed by tool version and a hash of
 # the wrapper's go.mod/go.sum, and rebuilt only when missing.
 #
@@ -12,7 +12,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache=${KEYBROKER_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/keybroker/tools}
-all_tools=(etcd kube minio helm)
+all_tools=(etcd kube kubectl minio helm)
 
 export GOTOOLCHAIN=local GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=readonly
 export NO_PROXY=127.0.0.1,localhost
@@ -22,6 +22,7 @@ main_module() {
   case $1 in
     etcd) echo go.etcd.io/etcd/server/v3 ;;
     kube) echo k8s.io/kubernetes ;;
+    kubectl) echo k8s.io/kubectl ;;
     minio) echo github.com/minio/minio ;;
     helm) echo helm.sh/helm/v3 ;;
     *) echo "unknown tool '$1' (known: ${all_tools[*]})" >&2; return 1 ;;
@@ -34,6 +35,7 @@ binaries() {
     etcd) echo "etcd=go.etcd.io/etcd/server/v3" ;;
     kube) echo "kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver"
           echo "kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager" ;;
+    kubectl) echo "kubectl=keybroker.dev/e2e/tools/kubectl" ;;
     minio) echo "minio=github.com/minio/minio"
            echo "minio-iam=keybroker.dev/e2e/tools/minio/iam" ;;
     helm) echo "helm=helm.sh/helm/v3/cmd/helm" ;;
