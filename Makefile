@@ -29,6 +29,7 @@ bench: tools ## Benchmarks against a real control plane (controller vs. plain-cl
 	$(CARGO) build -q --release --locked -p keybroker-operator -p keybroker-e2e --bins
 	./target/release/keybroker-bench controller
 	./target/release/keybroker-bench broker
+	./target/release/keybroker-bench webhook
 
 crds: ## Regenerate crds/ from the Rust types (a unit test fails when they are stale)
 	$(CARGO) run -q --locked -p keybroker-operator --bin crdgen -- --out crds

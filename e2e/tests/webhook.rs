@@ -33,7 +33,12 @@ impl Drop for Replica {
     }
 }
 
-async fn start_replica(client: &Client, ns: &str, config_name: &str, timing: Timing) -> anyhow::Result<Replica> {
+async fn start_replica(
+    client: &Client,
+    ns: &str,
+    config_name: &str,
+    timing: Timing,
+) -> anyhow::Result<Replica> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("https://{}/mutate", listener.local_addr()?);
     let serving = Arc::new(MemoryCert::default());
@@ -57,7 +62,11 @@ async fn start_replica(client: &Client, ns: &str, config_name: &str, timing: Tim
         tokio::spawn(certs::run(client.clone(), config, serving)),
         tokio::spawn(server::serve(listener, tls, webhook)),
     ];
-    Ok(Replica { url, metrics, tasks })
+    Ok(Replica {
+        url,
+        metrics,
+        tasks,
+    })
 }
 
 /// Registers a MutatingWebhookConfiguration with one webhook per replica URL, limited to
@@ -92,16 +101,27 @@ async fn register(client: &Client, name: &str, ns: &str, urls: &[&str]) -> anyho
 }
 
 /// Waits until the apiserver injects through every webhook (caBundle published and picked up).
-async fn wait_until_serving(client: &Client, ns: &str, sa: &str, apikey: &str) -> anyhow::Result<()> {
+async fn wait_until_serving(
+    client: &Client,
+    ns: &str,
+    sa: &str,
+    apikey: &str,
+) -> anyhow::Result<()> {
     let mut n = 0;
-    eventually("the webhook to inject a probe pod", Duration::from_secs(30), || {
-        n += 1;
-        let name = format!("probe-{n}");
-        async move {
-            let pod = fixtures::pod(client, ns, &name, sa, Some(apikey)).await.ok()?;
-            inject::already_injected(&pod).then_some(())
-        }
-    })
+    eventually(
+        "the webhook to inject a probe pod",
+        Duration::from_secs(30),
+        || {
+            n += 1;
+            let name = format!("probe-{n}");
+            async move {
+                let pod = fixtures::pod(client, ns, &name, sa, Some(apikey))
+                    .await
+                    .ok()?;
+                sidecar_of(&pod).is_some().then_some(())
+            }
+        },
+    )
     .await
 }
 
@@ -166,7 +186,8 @@ async fn labelled_pods_and_deployment_pods_are_stored_with_the_sidecar() -> anyh
             );
 
             let plain = fixtures::pod(&client, &ns, "plain", "uploader", None).await?;
-            ensure!(sidecar_of(&plain).is_none() && !inject::already_injected(&plain), "{plain:?}");
+            let annotated = plain.metadata.annotations.iter().flatten().any(|(k, _)| k == inject::INJECTED_ANNOTATION);
+            ensure!(sidecar_of(&plain).is_none() && !annotated, "{plain:?}");
 
             // kube-controller-manager creates these pods; the webhook sees them like any other.
             let deployment: Deployment = serde_json::from_value(serde_json::json!({
@@ -298,9 +319,19 @@ async fn a_ca_rotation_while_pods_are_created_loses_no_admission() -> anyhow::Re
             let (mut created, mut failures) = (0, Vec::new());
             let mut cas = vec![first_ca.clone()];
             while started.elapsed() < Duration::from_secs(26) {
-                match fixtures::pod(&client, &ns, &format!("p{created:04}"), "uploader", Some("uploader")).await {
+                match fixtures::pod(
+                    &client,
+                    &ns,
+                    &format!("p{created:04}"),
+                    "uploader",
+                    Some("uploader"),
+                )
+                .await
+                {
                     Ok(pod) if sidecar_of(&pod).is_some() => {}
-                    Ok(pod) => failures.push(format!("{:?} stored without sidecar", pod.metadata.name)),
+                    Ok(pod) => {
+                        failures.push(format!("{:?} stored without sidecar", pod.metadata.name))
+                    }
                     Err(e) => failures.push(e.to_string()),
                 }
                 created += 1;
@@ -310,9 +341,16 @@ async fn a_ca_rotation_while_pods_are_created_loses_no_admission() -> anyhow::Re
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            eprintln!("{created} pods created across {} CAs, {} failures", cas.len(), failures.len());
+            eprintln!(
+                "{created} pods created across {} CAs, {} failures",
+                cas.len(),
+                failures.len()
+            );
             ensure!(cas.len() >= 2, "no CA rotation happened in the window");
-            ensure!(failures.is_empty(), "admissions lost during rotation: {failures:#?}");
+            ensure!(
+                failures.is_empty(),
+                "admissions lost during rotation: {failures:#?}"
+            );
             Ok(())
         }
         .await;

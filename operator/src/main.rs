@@ -91,10 +91,18 @@ struct WebhookArgs {
     webhook_addr: SocketAddr,
     /// Serve this PEM certificate (re-read when it changes, e.g. from cert-manager) instead of
     /// managing a CA; then cert-manager's CA injector must set the caBundle.
-    #[arg(long, env = "KEYBROKER_WEBHOOK_CERT_FILE", requires = "webhook_key_file")]
+    #[arg(
+        long,
+        env = "KEYBROKER_WEBHOOK_CERT_FILE",
+        requires = "webhook_key_file"
+    )]
     webhook_cert_file: Option<PathBuf>,
     /// PEM private key of --webhook-cert-file.
-    #[arg(long, env = "KEYBROKER_WEBHOOK_KEY_FILE", requires = "webhook_cert_file")]
+    #[arg(
+        long,
+        env = "KEYBROKER_WEBHOOK_KEY_FILE",
+        requires = "webhook_cert_file"
+    )]
     webhook_key_file: Option<PathBuf>,
     /// Secret (in --namespace) holding the self-managed CA and serving certificate.
     #[arg(long, default_value = "keybroker-webhook-tls")]
@@ -115,7 +123,11 @@ struct WebhookArgs {
     #[arg(long, default_value = "60s", value_parser = duration)]
     webhook_rotation_step: Duration,
     /// Sidecar image injected into pods.
-    #[arg(long, env = "KEYBROKER_SIDECAR_IMAGE", default_value = "ghcr.io/keybroker/keybroker-sidecar:0.1.0")]
+    #[arg(
+        long,
+        env = "KEYBROKER_SIDECAR_IMAGE",
+        default_value = "ghcr.io/keybroker/keybroker-sidecar:0.1.0"
+    )]
     sidecar_image: String,
     #[arg(long, default_value = "IfNotPresent")]
     sidecar_image_pull_policy: String,
@@ -123,7 +135,11 @@ struct WebhookArgs {
     #[arg(long, env = "KEYBROKER_BROKER_URL")]
     broker_url: Option<String>,
     /// PEM CA bundle the sidecar verifies the broker with (given to every injected sidecar).
-    #[arg(long, env = "KEYBROKER_BROKER_CA_FILE", default_value = "/etc/keybroker/tls/ca.crt")]
+    #[arg(
+        long,
+        env = "KEYBROKER_BROKER_CA_FILE",
+        default_value = "/etc/keybroker/tls/ca.crt"
+    )]
     broker_ca_file: PathBuf,
     /// Lifetime of the projected token mounted into the sidecar (the kubelet rotates it at 80 %).
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(i64).range(600..=86400))]
@@ -211,7 +227,15 @@ async fn main() -> anyhow::Result<()> {
         }));
     }
     if args.roles.contains(&Role::Webhook) {
-        roles.push(webhook_role(client.clone(), &args.namespace, args.webhook, Arc::clone(&metrics)).await?);
+        roles.push(
+            webhook_role(
+                client.clone(),
+                &args.namespace,
+                args.webhook,
+                Arc::clone(&metrics),
+            )
+            .await?,
+        );
     }
     if args.roles.contains(&Role::Broker) {
         let tls = ReloadingCert::new(&args.tls_cert_file, &args.tls_key_file)?.server_config();
@@ -285,7 +309,10 @@ async fn webhook_role(
         };
     let webhook = Webhook::start(client, settings, metrics).await;
     Ok(Box::pin(async move {
-        tokio::join!(upkeep, webhook::server::serve(listener, Arc::new(tls), webhook));
+        tokio::join!(
+            upkeep,
+            webhook::server::serve(listener, Arc::new(tls), webhook)
+        );
         Ok(())
     }))
 }

@@ -134,7 +134,9 @@ impl Metrics {
     }
 
     pub fn admission(&self, decision: &'static str, took: std::time::Duration) {
-        self.admissions.get_or_create(&DecisionLabels { decision }).inc();
+        self.admissions
+            .get_or_create(&DecisionLabels { decision })
+            .inc();
         self.admission_duration.observe(took.as_secs_f64());
     }
 

@@ -78,7 +78,10 @@ impl Denial {
 /// The ApiKey names in a pod's `keybroker.dev/apikeys` annotation (comma-separated, blanks
 /// ignored). The webhook and the broker read the annotation the same way.
 pub fn listed_api_keys(annotation: &str) -> impl Iterator<Item = &str> {
-    annotation.split(',').map(str::trim).filter(|k| !k.is_empty())
+    annotation
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
 }
 
 /// Decides an exchange of `identity` for ApiKey `name`, given the live objects.

@@ -37,7 +37,11 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, broker
     .await
 }
 
-async fn handle(req: Request<Incoming>, broker: &Broker, peer: SocketAddr) -> Response<Full<Bytes>> {
+async fn handle(
+    req: Request<Incoming>,
+    broker: &Broker,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/exchange") => exchange(req, broker, peer).await,
         (&Method::GET, "/v1/revocations") => revocations(req, broker).await,
@@ -62,9 +66,21 @@ async fn exchange(
     let body = match https::read_body(req.into_body(), MAX_BODY_BYTES, BODY_TIMEOUT).await {
         Ok(body) => body,
         Err(e @ BodyError::TooLarge(_)) => {
-            return refusal(StatusCode::PAYLOAD_TOO_LARGE, "BodyTooLarge", &e.to_string(), false);
+            return refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "BodyTooLarge",
+                &e.to_string(),
+                false,
+            );
         }
-        Err(e) => return refusal(StatusCode::REQUEST_TIMEOUT, "BodyTimeout", &e.to_string(), true),
+        Err(e) => {
+            return refusal(
+                StatusCode::REQUEST_TIMEOUT,
+                "BodyTimeout",
+                &e.to_string(),
+                true,
+            );
+        }
     };
     let request: ExchangeRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,

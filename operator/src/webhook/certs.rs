@@ -26,8 +26,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use tracing::{info, warn};
 
@@ -257,7 +257,8 @@ fn new_serving(ca: &Pair, now: i64, hosts: &[String], timing: &Timing) -> Result
     let ca_key = KeyPair::from_pem(&ca.key)?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key)?;
     let mut params = CertificateParams::new(hosts.to_vec())?;
-    params.distinguished_name = distinguished_name(hosts.first().map_or("keybroker-webhook", String::as_str));
+    params.distinguished_name =
+        distinguished_name(hosts.first().map_or("keybroker-webhook", String::as_str));
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.not_before = offset(now - 60);
@@ -336,7 +337,7 @@ fn not_after(pem: &str) -> Option<i64> {
 fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| secs(d))
+        .map_or(0, secs)
 }
 
 /// Keeps the Secret, this replica's serving certificate and the webhook configuration's CA
@@ -352,20 +353,28 @@ pub async fn run(client: Client, config: CertConfig, serving: Arc<MemoryCert>) {
         };
         // Re-read at least this often, so a step another replica wrote is picked up well
         // within the propagation time.
-        let poll = (config.timing.propagation / 4).clamp(Duration::from_millis(500), Duration::from_secs(30));
+        let poll = (config.timing.propagation / 4)
+            .clamp(Duration::from_millis(500), Duration::from_secs(30));
         tokio::time::sleep(wait.min(poll)).await;
     }
 }
 
 /// One pass: read, maybe advance one step, serve, publish the bundle. Returns how long to wait.
-async fn tick(client: &Client, config: &CertConfig, serving: &MemoryCert) -> Result<Duration, Error> {
+async fn tick(
+    client: &Client,
+    config: &CertConfig,
+    serving: &MemoryCert,
+) -> Result<Duration, Error> {
     let secrets = Api::<Secret>::namespaced(client.clone(), &config.namespace);
     let secret_error = |source| Error::Secret {
         namespace: config.namespace.clone(),
         name: config.secret_name.clone(),
         source,
     };
-    let secret = secrets.get_opt(&config.secret_name).await.map_err(secret_error)?;
+    let secret = secrets
+        .get_opt(&config.secret_name)
+        .await
+        .map_err(secret_error)?;
     let mut material = secret.as_ref().and_then(decode);
     let now = unix_now();
     if let Some(step) = next_step(now, material.as_ref(), &config.timing) {
@@ -408,8 +417,14 @@ async fn tick(client: &Client, config: &CertConfig, serving: &MemoryCert) -> Res
     let Some(material) = material else {
         return Ok(Duration::from_secs(1));
     };
-    if serving.set(material.serving.cert.as_bytes(), material.serving.key.as_bytes())? {
-        info!(not_after = material.serving.not_after, "serving a new webhook certificate");
+    if serving.set(
+        material.serving.cert.as_bytes(),
+        material.serving.key.as_bytes(),
+    )? {
+        info!(
+            not_after = material.serving.not_after,
+            "serving a new webhook certificate"
+        );
     }
     publish_bundle(client, &config.webhook_config, &material.trust).await?;
     Ok(next_check(unix_now(), &material, &config.timing))
@@ -423,13 +438,22 @@ async fn publish_bundle(client: &Client, name: &str, trust: &str) -> Result<(), 
         source,
     };
     let Some(current) = api.get_opt(name).await.map_err(error)? else {
-        warn!(name, "MutatingWebhookConfiguration not found; the Helm chart creates it");
+        warn!(
+            name,
+            "MutatingWebhookConfiguration not found; the Helm chart creates it"
+        );
         return Ok(());
     };
     let encoded = base64::engine::general_purpose::STANDARD.encode(trust);
     let mut ops = Vec::new();
     for (index, webhook) in current.webhooks.iter().flatten().enumerate() {
-        if webhook.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()) != Some(trust.as_bytes()) {
+        if webhook
+            .client_config
+            .ca_bundle
+            .as_ref()
+            .map(|b| b.0.as_slice())
+            != Some(trust.as_bytes())
+        {
             // `test` pins the index to the webhook we looked at, in case the list changed.
             ops.push(serde_json::json!({"op": "test", "path": format!("/webhooks/{index}/name"), "value": webhook.name}));
             ops.push(serde_json::json!({"op": "add", "path": format!("/webhooks/{index}/clientConfig/caBundle"), "value": encoded}));
@@ -461,7 +485,10 @@ mod tests {
     const BASE: i64 = 1_800_000_000;
 
     fn hosts() -> Vec<String> {
-        vec!["keybroker-webhook.keybroker-system.svc".into(), "127.0.0.1".into()]
+        vec![
+            "keybroker-webhook.keybroker-system.svc".into(),
+            "127.0.0.1".into(),
+        ]
     }
 
     /// Runs the state machine from nothing over `until` seconds, one step at a time, and
@@ -506,10 +533,13 @@ mod tests {
         let verifier = rustls::client::WebPkiServerVerifier::builder(Arc::new(roots))
             .build()
             .unwrap();
-        let serving = rustls::pki_types::CertificateDer::from_pem_slice(serving.as_bytes()).unwrap();
+        let serving =
+            rustls::pki_types::CertificateDer::from_pem_slice(serving.as_bytes()).unwrap();
         let name = rustls::pki_types::ServerName::try_from(hosts()[0].clone()).unwrap();
         let at = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(at as u64));
-        verifier.verify_server_cert(&serving, &[], &name, &[], at).is_ok()
+        verifier
+            .verify_server_cert(&serving, &[], &name, &[], at)
+            .is_ok()
     }
 
     #[test]
@@ -517,12 +547,21 @@ mod tests {
         // During `propagation` after a step, a replica may serve either certificate and the
         // apiserver may use either bundle: all four combinations must verify.
         let steps = simulate(12000);
-        assert!(steps.iter().filter(|(_, s, _)| *s == Step::PromoteNextCa).count() >= 3);
+        assert!(
+            steps
+                .iter()
+                .filter(|(_, s, _)| *s == Step::PromoteNextCa)
+                .count()
+                >= 3
+        );
         for pair in steps.windows(2) {
             let ((_, _, before), (now, step, after)) = (&pair[0], &pair[1]);
             for serving in [&before.serving.cert, &after.serving.cert] {
                 for trust in [&before.trust, &after.trust] {
-                    assert!(verifies(serving, trust, *now), "{step:?} at {now} breaks trust");
+                    assert!(
+                        verifies(serving, trust, *now),
+                        "{step:?} at {now} breaks trust"
+                    );
                 }
             }
         }
@@ -559,7 +598,11 @@ mod tests {
         };
         assert_eq!(decode(&secret), Some(m.clone()));
         let mut damaged = secret.clone();
-        damaged.data.as_mut().unwrap().insert("tls.crt".into(), ByteString(b"garbage".to_vec()));
+        damaged
+            .data
+            .as_mut()
+            .unwrap()
+            .insert("tls.crt".into(), ByteString(b"garbage".to_vec()));
         assert_eq!(decode(&damaged), None);
         assert_eq!(next_step(1_200, None, &T), Some(Step::Create));
     }
@@ -568,6 +611,8 @@ mod tests {
     fn an_expired_ca_is_replaced_at_once() {
         let m = apply(Step::Create, 0, None, &hosts(), &T).unwrap();
         assert_eq!(next_step(3000, Some(&m), &T), Some(Step::Create));
-        assert!(format!("{m:?}").contains("not_after") && !format!("{m:?}").contains("PRIVATE KEY"));
+        assert!(
+            format!("{m:?}").contains("not_after") && !format!("{m:?}").contains("PRIVATE KEY")
+        );
     }
 }

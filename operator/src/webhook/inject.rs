@@ -12,11 +12,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Pod, PodSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, VolumeMount,
+    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Probe, ResourceRequirements,
+    SeccompProfile, SecurityContext, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::broker::authz::{APIKEYS_ANNOTATION, INJECT_LABEL, listed_api_keys};
@@ -75,6 +76,79 @@ impl Default for Settings {
     }
 }
 
+/// The parts of a Pod the decision reads. Admission reviews are parsed into this rather than
+/// into a full `Pod`: everything else is skipped unparsed, which keeps a 50-container review
+/// cheap, and the patch only ever adds, so nothing unread can be lost.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PodView {
+    pub metadata: MetaView,
+    pub spec: Option<SpecView>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MetaView {
+    pub name: Option<String>,
+    pub generate_name: Option<String>,
+    pub namespace: Option<String>,
+    pub labels: Option<BTreeMap<String, String>>,
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SpecView {
+    pub host_network: Option<bool>,
+    pub os: Option<Named>,
+    pub node_selector: Option<BTreeMap<String, String>>,
+    pub service_account_name: Option<String>,
+    /// The deprecated alias of `serviceAccountName`.
+    pub service_account: Option<String>,
+    pub security_context: Option<SecurityView>,
+    pub volumes: Option<Vec<Named>>,
+    pub init_containers: Option<Vec<ContainerView>>,
+    pub containers: Vec<ContainerView>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ContainerView {
+    pub name: String,
+    pub env: Option<Vec<Named>>,
+    pub volume_mounts: Option<Vec<MountView>>,
+    pub ports: Option<Vec<PortView>>,
+    pub security_context: Option<SecurityView>,
+}
+
+/// Any list entry (or object) of which only the name matters.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Named {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MountView {
+    pub name: String,
+    pub mount_path: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PortView {
+    pub container_port: i32,
+}
+
+/// The fields of a pod or container securityContext that decide file access.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SecurityView {
+    pub run_as_user: Option<i64>,
+    pub fs_group: Option<i64>,
+}
+
 /// What the webhook knows of one ApiKey a pod names.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -89,8 +163,11 @@ pub struct KeyFacts {
 /// The outcome of admitting one pod.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
-    /// Admit with this RFC 6902 patch (a JSON array of operations) and these warnings.
-    Inject { patch: Value, warnings: Vec<String> },
+    /// Admit with this RFC 6902 patch (JSON text of an array of operations) and these warnings.
+    Inject {
+        patch: Vec<u8>,
+        warnings: Vec<String>,
+    },
     /// Admit unchanged: the pod is not opted in, or was injected already.
     Unchanged,
     Deny(Denial),
@@ -155,7 +232,7 @@ impl Denial {
 }
 
 /// True when the pod carries the opt-in label.
-pub fn opted_in(pod: &Pod) -> bool {
+pub fn opted_in(pod: &PodView) -> bool {
     pod.metadata
         .labels
         .as_ref()
@@ -164,7 +241,7 @@ pub fn opted_in(pod: &Pod) -> bool {
 }
 
 /// True when keybroker already injected this pod (its annotation, or its sidecar by name).
-pub fn already_injected(pod: &Pod) -> bool {
+pub fn already_injected(pod: &PodView) -> bool {
     let annotated = pod
         .metadata
         .annotations
@@ -181,7 +258,7 @@ pub fn already_injected(pod: &Pod) -> bool {
 
 /// The ApiKeys the pod asks for, in order, without duplicates; a denial when the annotation is
 /// missing, names another namespace or is not a name.
-pub fn requested_api_keys(pod: &Pod, namespace: &str) -> Result<Vec<String>, Denial> {
+pub fn requested_api_keys(pod: &PodView, namespace: &str) -> Result<Vec<String>, Denial> {
     let annotation = pod
         .metadata
         .annotations
@@ -215,7 +292,7 @@ pub fn requested_api_keys(pod: &Pod, namespace: &str) -> Result<Vec<String>, Den
 /// Decides the admission of `pod` in `namespace`. `keys` holds what is known of each ApiKey
 /// the pod names; a name missing from it does not exist.
 pub fn decide(
-    pod: &Pod,
+    pod: &PodView,
     namespace: &str,
     keys: &BTreeMap<String, KeyFacts>,
     settings: &Settings,
@@ -230,12 +307,12 @@ pub fn decide(
 }
 
 fn plan(
-    pod: &Pod,
+    pod: &PodView,
     namespace: &str,
     keys: &BTreeMap<String, KeyFacts>,
     settings: &Settings,
-) -> Result<(Value, Vec<String>), Denial> {
-    let empty = PodSpec::default();
+) -> Result<(Vec<u8>, Vec<String>), Denial> {
+    let empty = SpecView::default();
     let spec = pod.spec.as_ref().unwrap_or(&empty);
     if spec.host_network == Some(true) {
         return Err(Denial::HostNetwork);
@@ -283,55 +360,79 @@ fn plan(
     let access = file_access(pod, spec, &skipped);
     warnings.extend(access.warning.clone());
 
-    let mut ops: Vec<Value> = Vec::new();
-    let annotations = BTreeMap::from([(INJECTED_ANNOTATION.to_owned(), settings.image.clone())]);
+    let mut patch = PatchWriter::default();
     match &pod.metadata.annotations {
-        None => ops.push(add("/metadata/annotations", json!(annotations))),
-        Some(_) => ops.push(add(
+        None => patch.add(
+            "/metadata/annotations",
+            &BTreeMap::from([(INJECTED_ANNOTATION, &settings.image)]),
+        ),
+        Some(_) => patch.add(
             &format!("/metadata/annotations/{}", escape(INJECTED_ANNOTATION)),
-            json!(settings.image),
-        )),
+            &settings.image,
+        ),
     }
     let volumes = volumes(settings);
     match &spec.volumes {
-        None => ops.push(add("/spec/volumes", json!(volumes))),
-        Some(_) => ops.extend(volumes.iter().map(|v| add("/spec/volumes/-", v.clone()))),
+        None => patch.add("/spec/volumes", &volumes),
+        Some(_) => volumes.iter().for_each(|v| patch.add("/spec/volumes/-", v)),
     }
-    let sidecar = to_json(&sidecar(&names, &access, settings));
+    let sidecar = sidecar(&names, &access, settings);
     match &spec.init_containers {
         // First, so regular init containers (and everything after them) start with credentials.
-        None => ops.push(add("/spec/initContainers", json!([sidecar]))),
-        Some(_) => ops.push(add("/spec/initContainers/0", sidecar)),
+        None => patch.add("/spec/initContainers", &[&sidecar]),
+        Some(_) => patch.add("/spec/initContainers/0", &sidecar),
     }
-    let region = keys.get(&names[0]).and_then(|k| k.region.clone());
+    // Built once, written into every container's ops (a 50-container pod stays cheap).
+    let mount = to_json(&VolumeMount {
+        name: CREDENTIALS_VOLUME.into(),
+        mount_path: CREDENTIALS_DIR.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    });
+    let region = keys.get(&names[0]).and_then(|k| k.region.as_deref());
+    let env: Vec<(&str, Value)> = app_env(&names[0], region, settings)
+        .into_iter()
+        .map(|(name, value)| (name, json!({"name": name, "value": value})))
+        .collect();
+    let mut path = String::new();
     for (index, container) in spec.containers.iter().enumerate() {
         if skipped.contains(container.name.as_str()) {
             continue;
         }
-        let base = format!("/spec/containers/{index}");
-        let mount = to_json(&VolumeMount {
-            name: CREDENTIALS_VOLUME.into(),
-            mount_path: CREDENTIALS_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
+        let at = |path: &mut String, rest: &str| {
+            path.clear();
+            path.push_str("/spec/containers/");
+            path.push_str(&index.to_string());
+            path.push_str(rest);
+        };
         match &container.volume_mounts {
-            None => ops.push(add(&format!("{base}/volumeMounts"), json!([mount]))),
-            Some(_) => ops.push(add(&format!("{base}/volumeMounts/-"), mount)),
+            None => {
+                at(&mut path, "/volumeMounts");
+                patch.add(&path, &[&mount]);
+            }
+            Some(_) => {
+                at(&mut path, "/volumeMounts/-");
+                patch.add(&path, &mount);
+            }
         }
         // A region the user chose (under either name) is kept whole, never half-overridden.
-        let user_region = sets_env(container, "AWS_REGION") || sets_env(container, "AWS_DEFAULT_REGION");
-        let region = region.as_deref().filter(|_| !user_region);
-        let env: Vec<Value> = app_env(&names[0], region, settings)
-            .into_iter()
+        let user_region =
+            sets_env(container, "AWS_REGION") || sets_env(container, "AWS_DEFAULT_REGION");
+        let missing: Vec<&Value> = env
+            .iter()
             .filter(|(name, _)| !sets_env(container, name))
-            .map(|(name, value)| json!({"name": name, "value": value}))
+            .filter(|(name, _)| !(user_region && name.ends_with("REGION")))
+            .map(|(_, value)| value)
             .collect();
-        match (&container.env, env.is_empty()) {
+        match (&container.env, missing.is_empty()) {
             (_, true) => {}
-            (None, false) => ops.push(add(&format!("{base}/env"), json!(env))),
+            (None, false) => {
+                at(&mut path, "/env");
+                patch.add(&path, &missing);
+            }
             (Some(_), false) => {
-                ops.extend(env.into_iter().map(|e| add(&format!("{base}/env/-"), e)));
+                at(&mut path, "/env/-");
+                missing.iter().for_each(|value| patch.add(&path, value));
             }
         }
         if sets_env(container, "AWS_ACCESS_KEY_ID") {
@@ -341,12 +442,52 @@ fn plan(
             ));
         }
     }
-    if spec.containers.iter().all(|c| skipped.contains(c.name.as_str())) {
+    if spec
+        .containers
+        .iter()
+        .all(|c| skipped.contains(c.name.as_str()))
+    {
         warnings.push(format!(
             "{SKIP_CONTAINERS_ANNOTATION} skips every container: only the sidecar sees the credentials"
         ));
     }
-    Ok((Value::Array(ops), warnings))
+    Ok((patch.finish(), warnings))
+}
+
+/// Writes RFC 6902 `add` operations straight into JSON text, without building a tree first.
+#[derive(Default)]
+struct PatchWriter {
+    out: Vec<u8>,
+}
+
+#[derive(serde::Serialize)]
+struct AddOp<'a, T: serde::Serialize + ?Sized> {
+    op: &'static str,
+    path: &'a str,
+    value: &'a T,
+}
+
+impl PatchWriter {
+    fn add<T: serde::Serialize + ?Sized>(&mut self, path: &str, value: &T) {
+        self.out.push(if self.out.is_empty() { b'[' } else { b',' });
+        // Writing these types (string keys only) into memory cannot fail.
+        let _ = serde_json::to_writer(
+            &mut self.out,
+            &AddOp {
+                op: "add",
+                path,
+                value,
+            },
+        );
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if self.out.is_empty() {
+            self.out.push(b'[');
+        }
+        self.out.push(b']');
+        self.out
+    }
 }
 
 /// The env that points AWS SDKs at the sidecar's container-credentials endpoint for the first
@@ -372,7 +513,7 @@ fn app_env(first: &str, region: Option<&str>, settings: &Settings) -> Vec<(&'sta
     env
 }
 
-fn sets_env(container: &Container, name: &str) -> bool {
+fn sets_env(container: &ContainerView, name: &str) -> bool {
     container.env.iter().flatten().any(|e| e.name == name)
 }
 
@@ -390,7 +531,7 @@ struct FileAccess {
 /// runs as that user and writes 0400. Otherwise the app's identity is unknown, so the files are
 /// 0444: still private to this pod (no other pod or node user can reach an emptyDir), with a
 /// warning saying how to tighten it.
-fn file_access(pod: &Pod, spec: &PodSpec, skipped: &BTreeSet<&str>) -> FileAccess {
+fn file_access(pod: &PodView, spec: &SpecView, skipped: &BTreeSet<&str>) -> FileAccess {
     let pod_context = spec.security_context.as_ref();
     if pod_context.and_then(|c| c.fs_group).is_some() {
         return FileAccess {
@@ -436,7 +577,7 @@ fn file_access(pod: &Pod, spec: &PodSpec, skipped: &BTreeSet<&str>) -> FileAcces
     }
 }
 
-fn skipped_containers(pod: &Pod) -> BTreeSet<&str> {
+fn skipped_containers(pod: &PodView) -> BTreeSet<&str> {
     pod.metadata
         .annotations
         .as_ref()
@@ -450,7 +591,7 @@ fn skipped_containers(pod: &Pod) -> BTreeSet<&str> {
         .unwrap_or_default()
 }
 
-fn is_windows(spec: &PodSpec) -> bool {
+fn is_windows(spec: &SpecView) -> bool {
     let os = spec.os.as_ref().is_some_and(|os| os.name == "windows");
     let selected = spec
         .node_selector
@@ -461,7 +602,7 @@ fn is_windows(spec: &PodSpec) -> bool {
 }
 
 /// Refuses pods where what keybroker adds would collide with what the pod has.
-fn check_conflicts(spec: &PodSpec, settings: &Settings) -> Result<(), Denial> {
+fn check_conflicts(spec: &SpecView, settings: &Settings) -> Result<(), Denial> {
     for volume in spec.volumes.iter().flatten() {
         if volume.name == CREDENTIALS_VOLUME || volume.name == TOKEN_VOLUME {
             return Err(Denial::Conflict(format!(
@@ -486,7 +627,9 @@ fn check_conflicts(spec: &PodSpec, settings: &Settings) -> Result<(), Denial> {
         }
         for port in container.ports.iter().flatten() {
             let port = port.container_port;
-            if port == i32::from(settings.credentials_port) || port == i32::from(settings.health_port) {
+            if port == i32::from(settings.credentials_port)
+                || port == i32::from(settings.health_port)
+            {
                 return Err(Denial::Conflict(format!(
                     "container {} uses port {port}, which the keybroker sidecar needs in the pod's network namespace; use another port",
                     container.name
@@ -610,10 +753,6 @@ fn sidecar(names: &[String], access: &FileAccess, settings: &Settings) -> Contai
     }
 }
 
-fn add(path: &str, value: Value) -> Value {
-    json!({"op": "add", "path": path, "value": value})
-}
-
 /// Escapes one JSON-pointer token (RFC 6901).
 fn escape(token: &str) -> String {
     token.replace('~', "~0").replace('/', "~1")
@@ -664,10 +803,12 @@ mod tests {
     fn outcome(decision: &Decision, original: &Value) -> Value {
         match decision {
             Decision::Unchanged => json!({"unchanged": true}),
-            Decision::Deny(denial) => json!({"denied": denial.reason(), "message": denial.to_string()}),
+            Decision::Deny(denial) => {
+                json!({"denied": denial.reason(), "message": denial.to_string()})
+            }
             Decision::Inject { patch, warnings } => {
                 let mut pod = original.clone();
-                let patch: json_patch::Patch = serde_json::from_value(patch.clone()).unwrap();
+                let patch: json_patch::Patch = serde_json::from_slice(patch).unwrap();
                 json_patch::patch(&mut pod, &patch).unwrap();
                 json!({"warnings": warnings, "pod": pod})
             }
@@ -689,11 +830,11 @@ mod tests {
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
             let case: Case = yaml_serde::from_str(&std::fs::read_to_string(&path).unwrap())
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
-            let pod: Pod = serde_json::from_value(case.pod.clone()).unwrap();
+            let pod: PodView = serde_json::from_value(case.pod.clone()).unwrap();
             let decision = decide(&pod, NAMESPACE, &case.keys, &Settings::default());
             let got = outcome(&decision, &case.pod);
             if let Decision::Inject { .. } = &decision {
-                assert_injected_properly(&name, &pod, &got["pod"]);
+                assert_injected_properly(&name, &pod, &case.pod, &got["pod"]);
             }
             let expected_path = fixtures().join("expected").join(&name);
             if bless {
@@ -724,44 +865,78 @@ mod tests {
     }
 
     /// What must hold for any injected pod, whatever the fixture.
-    fn assert_injected_properly(case: &str, original: &Pod, patched: &Value) {
+    fn assert_injected_properly(
+        case: &str,
+        original: &PodView,
+        original_json: &Value,
+        patched: &Value,
+    ) {
         let spec = &patched["spec"];
-        let result: Pod = serde_json::from_value(patched.clone())
+        // The patched pod is a valid Pod (k8s-openapi's full schema) ...
+        serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(patched.clone())
             .unwrap_or_else(|e| panic!("{case}: the patched pod is not a Pod: {e}"));
-        let original_json = serde_json::to_value(original).unwrap();
+        let result: PodView = serde_json::from_value(patched.clone()).unwrap();
         let before = &original_json["spec"];
 
         // The sidecar is the first init container, a native sidecar, hardened.
         let sidecar = &spec["initContainers"][0];
         assert_eq!(sidecar["name"], SIDECAR_NAME, "{case}");
         assert_eq!(sidecar["restartPolicy"], "Always", "{case}");
-        assert_eq!(sidecar["startupProbe"]["httpGet"]["path"], "/startupz", "{case}");
+        assert_eq!(
+            sidecar["startupProbe"]["httpGet"]["path"], "/startupz",
+            "{case}"
+        );
         let security = &sidecar["securityContext"];
         assert_eq!(security["runAsNonRoot"], true, "{case}");
         assert_eq!(security["readOnlyRootFilesystem"], true, "{case}");
         assert_eq!(security["allowPrivilegeEscalation"], false, "{case}");
         assert_eq!(security["capabilities"]["drop"], json!(["ALL"]), "{case}");
-        assert_eq!(security["seccompProfile"]["type"], "RuntimeDefault", "{case}");
-        assert!(sidecar["resources"]["requests"]["memory"].is_string(), "{case}");
+        assert_eq!(
+            security["seccompProfile"]["type"], "RuntimeDefault",
+            "{case}"
+        );
+        assert!(
+            sidecar["resources"]["requests"]["memory"].is_string(),
+            "{case}"
+        );
 
         // Everything that was there is still there, unchanged and in order.
-        let init_after: Vec<&Value> = spec["initContainers"].as_array().unwrap()[1..].iter().collect();
-        let init_before: Vec<&Value> = before["initContainers"].as_array().map(|a| a.iter().collect()).unwrap_or_default();
+        let init_after: Vec<&Value> = spec["initContainers"].as_array().unwrap()[1..]
+            .iter()
+            .collect();
+        let init_before: Vec<&Value> = before["initContainers"]
+            .as_array()
+            .map(|a| a.iter().collect())
+            .unwrap_or_default();
         assert_eq!(init_after, init_before, "{case}: init containers changed");
         let volumes = spec["volumes"].as_array().unwrap();
         let volumes_before = before["volumes"].as_array().cloned().unwrap_or_default();
-        assert_eq!(volumes[..volumes_before.len()], volumes_before[..], "{case}: volumes changed");
+        assert_eq!(
+            volumes[..volumes_before.len()],
+            volumes_before[..],
+            "{case}: volumes changed"
+        );
         let emptydir = by_name(&spec["volumes"], CREDENTIALS_VOLUME).unwrap();
         assert_eq!(emptydir["emptyDir"]["medium"], "Memory", "{case}");
         assert!(emptydir["emptyDir"]["sizeLimit"].is_string(), "{case}");
         let token = &by_name(&spec["volumes"], TOKEN_VOLUME).unwrap()["projected"]["sources"][0]["serviceAccountToken"];
         assert_eq!(token["audience"], "keybroker", "{case}");
-        assert!(token["expirationSeconds"].as_i64().unwrap() <= 3600 * 24, "{case}");
+        assert!(
+            token["expirationSeconds"].as_i64().unwrap() <= 3600 * 24,
+            "{case}"
+        );
 
         let skipped = skipped_containers(original);
         let containers = spec["containers"].as_array().unwrap();
-        assert_eq!(containers.len(), before["containers"].as_array().unwrap().len(), "{case}");
-        for (after, before) in containers.iter().zip(before["containers"].as_array().unwrap()) {
+        assert_eq!(
+            containers.len(),
+            before["containers"].as_array().unwrap().len(),
+            "{case}"
+        );
+        for (after, before) in containers
+            .iter()
+            .zip(before["containers"].as_array().unwrap())
+        {
             let name = after["name"].as_str().unwrap();
             // Only volumeMounts and env grow, and only by appending.
             let strip = |c: &Value| {
@@ -770,34 +945,71 @@ mod tests {
                 c.as_object_mut().unwrap().remove("env");
                 c
             };
-            assert_eq!(strip(after), strip(before), "{case}: container {name} changed");
+            assert_eq!(
+                strip(after),
+                strip(before),
+                "{case}: container {name} changed"
+            );
             for list in ["volumeMounts", "env"] {
                 let before = before[list].as_array().cloned().unwrap_or_default();
                 let after = after[list].as_array().cloned().unwrap_or_default();
-                assert_eq!(after[..before.len()], before[..], "{case}: {name}.{list} changed");
+                assert_eq!(
+                    after[..before.len()],
+                    before[..],
+                    "{case}: {name}.{list} changed"
+                );
             }
-            let env_names: Vec<&str> = after["env"].as_array().into_iter().flatten().filter_map(|e| e["name"].as_str()).collect();
+            let env_names: Vec<&str> = after["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["name"].as_str())
+                .collect();
             let unique: BTreeSet<&str> = env_names.iter().copied().collect();
-            assert_eq!(unique.len(), env_names.len(), "{case}: {name} has an env name twice");
+            assert_eq!(
+                unique.len(),
+                env_names.len(),
+                "{case}: {name} has an env name twice"
+            );
             let mount = by_name(&after["volumeMounts"], CREDENTIALS_VOLUME);
             if skipped.contains(name) {
                 assert!(mount.is_none(), "{case}: skipped {name} got the mount");
-                assert!(!unique.contains("AWS_CONTAINER_CREDENTIALS_FULL_URI") || before["env"].to_string().contains("AWS_CONTAINER_CREDENTIALS_FULL_URI"), "{case}");
+                assert!(
+                    !unique.contains("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+                        || before["env"]
+                            .to_string()
+                            .contains("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+                    "{case}"
+                );
             } else {
-                let mount = mount.unwrap_or_else(|| panic!("{case}: {name} lacks the credentials mount"));
+                let mount =
+                    mount.unwrap_or_else(|| panic!("{case}: {name} lacks the credentials mount"));
                 assert_eq!(mount["mountPath"], CREDENTIALS_DIR, "{case}");
                 assert_eq!(mount["readOnly"], true, "{case}");
-                assert!(unique.contains("AWS_CONTAINER_CREDENTIALS_FULL_URI"), "{case}: {name}");
+                assert!(
+                    unique.contains("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+                    "{case}: {name}"
+                );
             }
-            assert!(by_name(&after["volumeMounts"], TOKEN_VOLUME).is_none(), "{case}: the token reached {name}");
+            assert!(
+                by_name(&after["volumeMounts"], TOKEN_VOLUME).is_none(),
+                "{case}: the token reached {name}"
+            );
         }
         // The token is the sidecar's alone.
         for init in &spec["initContainers"].as_array().unwrap()[1..] {
-            assert!(by_name(&init["volumeMounts"], TOKEN_VOLUME).is_none(), "{case}");
+            assert!(
+                by_name(&init["volumeMounts"], TOKEN_VOLUME).is_none(),
+                "{case}"
+            );
         }
         // A second admission of the result changes nothing (reinvocation, copied specs).
         let keys = BTreeMap::new();
-        assert_eq!(decide(&result, NAMESPACE, &keys, &Settings::default()), Decision::Unchanged, "{case}");
+        assert_eq!(
+            decide(&result, NAMESPACE, &keys, &Settings::default()),
+            Decision::Unchanged,
+            "{case}"
+        );
     }
 
     #[test]

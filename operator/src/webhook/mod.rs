@@ -11,20 +11,19 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
-use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::{info, warn};
 
 use crate::crd::{ApiKey, KeyProvider};
 use crate::metrics::Metrics;
 use crate::status::ready_condition;
-use inject::{Decision, KeyFacts, Settings};
+use inject::{Decision, KeyFacts, PodView, Settings};
 
 /// A live read of an ApiKey missing from the cache must answer within this; the apiserver
 /// gives the whole webhook call 10 s at most.
@@ -47,7 +46,11 @@ impl std::fmt::Debug for Webhook {
 
 impl Webhook {
     /// Starts the ApiKey and KeyProvider caches and returns once they are filled.
-    pub async fn start(client: kube::Client, settings: Settings, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub async fn start(
+        client: kube::Client,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let keys = cache(Api::<ApiKey>::all(client.clone()));
         let providers = cache(Api::<KeyProvider>::all(client.clone()));
         let _ = tokio::join!(keys.wait_until_ready(), providers.wait_until_ready());
@@ -63,36 +66,55 @@ impl Webhook {
     /// Answers one AdmissionReview body with an AdmissionReview body.
     pub async fn review(&self, body: &[u8]) -> Vec<u8> {
         let started = Instant::now();
-        let (response, decision) = match serde_json::from_slice::<AdmissionReview<Pod>>(body)
-            .map_err(|e| e.to_string())
-            .and_then(|review| {
-                let request: Result<AdmissionRequest<Pod>, _> = review.try_into();
-                request.map_err(|e| e.to_string())
-            })
-        {
-            Ok(request) => self.admit(&request).await,
-            Err(e) => (malformed(body, &e), "invalid"),
+        let (answer, decision) = match serde_json::from_slice::<ReviewIn>(body) {
+            Ok(ReviewIn {
+                request: Some(request),
+            }) => self.admit(request).await,
+            Ok(ReviewIn { request: None }) => (
+                Answer::deny(
+                    String::new(),
+                    "keybroker: the AdmissionReview has no request".into(),
+                ),
+                "invalid",
+            ),
+            Err(e) => (malformed(body, &e.to_string()), "invalid"),
         };
         self.metrics.admission(decision, started.elapsed());
-        serde_json::to_vec(&response.into_review()).unwrap_or_default()
+        answer.into_review()
     }
 
-    async fn admit(&self, request: &AdmissionRequest<Pod>) -> (AdmissionResponse, &'static str) {
-        let response = AdmissionResponse::from(request);
-        let (Some(pod), Operation::Create) = (&request.object, &request.operation) else {
-            return (response, "unchanged");
+    async fn admit(&self, request: RequestIn) -> (Answer, &'static str) {
+        let allow = Answer::allow(request.uid.clone());
+        let (Some(pod), "CREATE") = (&request.object, request.operation.as_str()) else {
+            return (allow, "unchanged");
         };
+        if request.kind.kind != "Pod" {
+            return (allow, "unchanged");
+        }
         if !inject::opted_in(pod) || inject::already_injected(pod) {
-            return (response, "unchanged");
+            return (allow, "unchanged");
         }
         let namespace = request
             .namespace
             .clone()
             .or_else(|| pod.metadata.namespace.clone())
             .unwrap_or_default();
+        let deny = |message: String, reason: &'static str| {
+            let name = pod
+                .metadata
+                .name
+                .as_deref()
+                .or(pod.metadata.generate_name.as_deref())
+                .unwrap_or_default();
+            info!(namespace, pod = name, reason, message, "admission denied");
+            (
+                Answer::deny(request.uid.clone(), format!("keybroker: {message}")),
+                "denied",
+            )
+        };
         let names = match inject::requested_api_keys(pod, &namespace) {
             Ok(names) => names,
-            Err(denial) => return self.denied(response, pod, &namespace, &denial.to_string(), denial.reason()),
+            Err(denial) => return deny(denial.to_string(), denial.reason()),
         };
         let mut keys = BTreeMap::new();
         for name in names {
@@ -101,45 +123,22 @@ impl Webhook {
                     keys.insert(name, facts);
                 }
                 Ok(None) => {}
-                Err(message) => return self.denied(response, pod, &namespace, &message, "LookupFailed"),
+                Err(message) => return deny(message, "LookupFailed"),
             }
         }
         match inject::decide(pod, &namespace, &keys, &self.settings) {
-            Decision::Unchanged => (response, "unchanged"),
-            Decision::Deny(denial) => self.denied(response, pod, &namespace, &denial.to_string(), denial.reason()),
+            Decision::Unchanged => (allow, "unchanged"),
+            Decision::Deny(denial) => deny(denial.to_string(), denial.reason()),
             Decision::Inject { patch, warnings } => {
-                let patch = serde_json::from_value::<json_patch::Patch>(patch)
-                    .map_err(|e| e.to_string())
-                    .and_then(|p| response.clone().with_patch(p).map_err(|e| e.to_string()));
-                match patch {
-                    Ok(mut response) => {
-                        if !warnings.is_empty() {
-                            response.warnings = Some(warnings);
-                        }
-                        (response, "injected")
-                    }
-                    Err(e) => self.denied(response, pod, &namespace, &format!("keybroker could not build the patch: {e}"), "Internal"),
-                }
+                let answer = Answer {
+                    patch: Some(base64::engine::general_purpose::STANDARD.encode(patch)),
+                    patch_type: Some("JSONPatch"),
+                    warnings,
+                    ..allow
+                };
+                (answer, "injected")
             }
         }
-    }
-
-    fn denied(
-        &self,
-        response: AdmissionResponse,
-        pod: &Pod,
-        namespace: &str,
-        message: &str,
-        reason: &'static str,
-    ) -> (AdmissionResponse, &'static str) {
-        let pod_name = pod
-            .metadata
-            .name
-            .as_deref()
-            .or(pod.metadata.generate_name.as_deref())
-            .unwrap_or_default();
-        info!(namespace, pod = pod_name, reason, message, "admission denied");
-        (response.deny(format!("keybroker: {message}")), "denied")
     }
 
     /// What is known of ApiKey `name`: from the cache, else a live read (the cache may lag a
@@ -180,11 +179,11 @@ impl Webhook {
 
 /// The answer to a body that is not an AdmissionReview of a Pod: a denial, with the request's
 /// uid when it can be found so the apiserver shows the message.
-fn malformed(body: &[u8], error: &str) -> AdmissionResponse {
-    let mut response =
-        AdmissionResponse::invalid(format!("keybroker: not an AdmissionReview of a Pod: {error}"));
-    response.uid = request_uid(body).unwrap_or_default();
-    response
+fn malformed(body: &[u8], error: &str) -> Answer {
+    Answer::deny(
+        request_uid(body).unwrap_or_default(),
+        format!("keybroker: not an AdmissionReview of a Pod: {error}"),
+    )
 }
 
 /// The `request.uid` of a (possibly malformed or truncated) AdmissionReview body.
@@ -195,19 +194,107 @@ pub fn request_uid(body: &[u8]) -> Option<String> {
     // Truncated: the apiserver writes the uid first in `request`, so look for it near the start.
     let text = String::from_utf8_lossy(&body[..body.len().min(4096)]);
     let after = &text[text.find("\"uid\"")? + 5..];
-    let value = after.trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
+    let value = after
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
     let uid = &value[..value.find('"')?];
-    (uid.len() <= 128 && uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')).then(|| uid.to_owned())
+    (uid.len() <= 128 && uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        .then(|| uid.to_owned())
 }
 
 /// A denial review for a body too large to read (the apiserver never sends one: its own
 /// request limit is 3 MiB).
 pub fn too_large(limit: usize) -> Vec<u8> {
-    let review: AdmissionReview<DynamicObject> = AdmissionResponse::invalid(format!(
-        "keybroker: the AdmissionReview is larger than {limit} bytes"
-    ))
-    .into_review();
-    serde_json::to_vec(&review).unwrap_or_default()
+    Answer::deny(
+        String::new(),
+        format!("keybroker: the AdmissionReview is larger than {limit} bytes"),
+    )
+    .into_review()
+}
+
+/// A denial review for a body that could not be read (timeout, broken connection).
+pub fn unreadable(error: &str) -> Vec<u8> {
+    Answer::deny(String::new(), format!("keybroker: {error}")).into_review()
+}
+
+/// The request half of an AdmissionReview (admission.k8s.io/v1), with the pod read as a
+/// [`PodView`].
+#[derive(Debug, Deserialize)]
+struct ReviewIn {
+    request: Option<RequestIn>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestIn {
+    uid: String,
+    kind: KindIn,
+    #[serde(default)]
+    namespace: Option<String>,
+    operation: String,
+    #[serde(default)]
+    object: Option<PodView>,
+}
+
+#[derive(Debug, Deserialize)]
+struct KindIn {
+    kind: String,
+}
+
+/// The response half of an AdmissionReview.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Answer {
+    uid: String,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<StatusOut>,
+    /// Base64 of the RFC 6902 patch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct StatusOut {
+    code: u16,
+    message: String,
+}
+
+impl Answer {
+    fn allow(uid: String) -> Self {
+        Self {
+            uid,
+            allowed: true,
+            status: None,
+            patch: None,
+            patch_type: None,
+            warnings: Vec::new(),
+        }
+    }
+
+    fn deny(uid: String, message: String) -> Self {
+        Self {
+            allowed: false,
+            status: Some(StatusOut { code: 403, message }),
+            ..Self::allow(uid)
+        }
+    }
+
+    /// The whole AdmissionReview answering with this response.
+    fn into_review(self) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "response": self,
+        }))
+        .unwrap_or_default()
+    }
 }
 
 fn cache<K>(api: Api<K>) -> Store<K>
@@ -241,18 +328,32 @@ mod tests {
         assert_eq!(request_uid(body).as_deref(), Some("0c9a8d74-9cb7-44dd"));
         let truncated = &body[..body.len() - 12];
         assert!(serde_json::from_slice::<Value>(truncated).is_err());
-        assert_eq!(request_uid(truncated).as_deref(), Some("0c9a8d74-9cb7-44dd"));
+        assert_eq!(
+            request_uid(truncated).as_deref(),
+            Some("0c9a8d74-9cb7-44dd")
+        );
         assert_eq!(request_uid(b"\xff\xfe garbage"), None);
-        assert_eq!(request_uid(br#"{"request":{"uid":"a\"b"}}"#[..20].as_ref()), None);
+        assert_eq!(
+            request_uid(br#"{"request":{"uid":"a\"b"}}"#[..20].as_ref()),
+            None
+        );
         assert_eq!(request_uid(br#"{"uid": "x y z"#), None);
     }
 
     #[test]
     fn malformed_bodies_get_a_denial_with_their_uid() {
         let body = br#"{"kind":"AdmissionReview","apiVersion":"admission.k8s.io/v1","request":{"uid":"abc","object":{"spec":7}}}"#;
-        let response = malformed(body, "bad object");
-        assert!(!response.allowed);
-        assert_eq!(response.uid, "abc");
-        assert!(response.result.message.contains("bad object"));
+        let answer = malformed(body, "bad object");
+        assert!(!answer.allowed);
+        assert_eq!(answer.uid, "abc");
+        let review: Value = serde_json::from_slice(&answer.into_review()).unwrap();
+        assert_eq!(review["kind"], "AdmissionReview");
+        assert_eq!(review["response"]["uid"], "abc");
+        assert!(
+            review["response"]["status"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("bad object")
+        );
     }
 }

@@ -8,8 +8,6 @@ use std::time::Duration;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionResponse, AdmissionReview};
 use tokio::net::TcpListener;
 
 use super::Webhook;
@@ -31,18 +29,17 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, webhoo
 async fn handle(req: Request<Incoming>, webhook: &Webhook) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/mutate") => {
-            let answer = match https::read_body(req.into_body(), MAX_BODY_BYTES, BODY_TIMEOUT).await {
+            let answer = match https::read_body(req.into_body(), MAX_BODY_BYTES, BODY_TIMEOUT).await
+            {
                 Ok(body) => webhook.review(&body).await,
                 Err(BodyError::TooLarge(limit)) => super::too_large(limit),
-                Err(e) => {
-                    let review: AdmissionReview<DynamicObject> =
-                        AdmissionResponse::invalid(format!("keybroker: {e}")).into_review();
-                    serde_json::to_vec(&review).unwrap_or_default()
-                }
+                Err(e) => super::unreadable(&e.to_string()),
             };
             let mut response = Response::new(Full::new(Bytes::from(answer)));
             if let Ok(value) = "application/json".parse() {
-                response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONTENT_TYPE, value);
             }
             response
         }
