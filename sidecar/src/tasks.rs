@@ -177,7 +177,12 @@ pub async fn revocation_poller(ctx: Arc<Ctx>, keys: Arc<[Key]>, index: usize) {
                     debug!(apikey = key.name, error = %e, "revocation poll failed again");
                 }
                 failures = failures.saturating_add(1);
-                sleep(delay).await;
+                // New credentials mean the broker is back: poll again at once rather than
+                // leave them unwatched for the rest of the backoff.
+                tokio::select! {
+                    () = sleep(delay) => {}
+                    _ = holding.changed() => failures = 0,
+                }
             }
         }
     }
