@@ -92,7 +92,12 @@ async fn attempt(ctx: &Ctx, key: &Key, failures: &mut u32) -> Duration {
                 return failed(failures, WITHDRAWN);
             }
             let delay = failed(failures, TRANSIENT).max(e.retry_after().unwrap_or_default());
-            warn!(apikey = key.name, reason = e.reason(), error = %e, retry_in_seconds = delay.as_secs_f64(), "refresh failed; keeping the current credentials until they expire");
+            let message = if key.expiry().is_some() {
+                "refresh failed; keeping the current credentials until they expire"
+            } else {
+                "fetching credentials failed; retrying"
+            };
+            warn!(apikey = key.name, reason = e.reason(), error = %e, retry_in_seconds = delay.as_secs_f64(), "{message}");
             return delay;
         }
     };
