@@ -3,9 +3,12 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
 CLUSTER_DIR ?= .cluster
+# Where cargo puts binaries (honours CARGO_TARGET_DIR, e.g. a shared one across worktrees).
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+MUSL_TARGET := x86_64-unknown-linux-musl
 export NO_PROXY := 127.0.0.1,localhost
 
-.PHONY: help test tools lint unit e2e crds bench cluster-up cluster-down
+.PHONY: help test tools lint unit e2e crds bench sidecar-static cluster-up cluster-down
 
 help: ## Show the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -25,11 +28,21 @@ unit: ## Unit tests (no servers)
 e2e: tools ## End-to-end tests: each test binary starts its own control plane and MinIO
 	$(CARGO) test --workspace --locked --test '*'
 
-bench: tools ## Benchmarks against a real control plane (controller vs. plain-client floor; broker vs. direct STS), as tables
+bench: tools sidecar-static ## Benchmarks against a real control plane (controller vs. plain-client floor; broker vs. direct STS; webhook vs. a fixed-response floor; sidecar RSS/CPU/start-up/size), as tables
 	$(CARGO) build -q --release --locked -p keybroker-operator -p keybroker-e2e --bins
-	./target/release/keybroker-bench controller
-	./target/release/keybroker-bench broker
-	./target/release/keybroker-bench webhook
+	$(TARGET_DIR)/release/keybroker-bench controller
+	$(TARGET_DIR)/release/keybroker-bench broker
+	$(TARGET_DIR)/release/keybroker-bench webhook
+	$(TARGET_DIR)/release/keybroker-bench sidecar --sidecar $(TARGET_DIR)/$(MUSL_TARGET)/release/keybroker-sidecar $(if $(IDLE_SECONDS),--idle-seconds $(IDLE_SECONDS))
+
+# The sidecar as it ships: one static binary (musl libc, aws-lc compiled in), no runtime deps.
+# Needs the Rust target (added here through rustup) and a musl C compiler for aws-lc:
+# `apt-get install musl-tools` (Debian/Ubuntu) provides musl-gcc.
+sidecar-static: ## Static musl release build of keybroker-sidecar -> $(TARGET_DIR)/x86_64-unknown-linux-musl/release/
+	@command -v musl-gcc >/dev/null || { echo "musl-gcc not found: apt-get install musl-tools"; exit 1; }
+	@if command -v rustup >/dev/null; then rustup target add $(MUSL_TARGET) >/dev/null; fi
+	$(CARGO) build -q --release --locked -p keybroker-sidecar --target $(MUSL_TARGET)
+	@ls -l $(TARGET_DIR)/$(MUSL_TARGET)/release/keybroker-sidecar
 
 crds: ## Regenerate crds/ from the Rust types (a unit test fails when they are stale)
 	$(CARGO) run -q --locked -p keybroker-operator --bin crdgen -- --out crds

@@ -366,7 +366,8 @@ impl Drop for Cluster {
     }
 }
 
-async fn client_from(kubeconfig: &Path) -> Result<kube::Client, Error> {
+/// An admin client from a kubeconfig file.
+pub async fn client_from(kubeconfig: &Path) -> Result<kube::Client, Error> {
     let err = |source| Error::Kubeconfig {
         path: kubeconfig.to_owned(),
         source,

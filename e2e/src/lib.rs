@@ -11,6 +11,7 @@ pub mod logs;
 pub mod minio;
 pub mod pki;
 pub mod process;
+pub mod sidecar;
 pub mod tools;
 
 use std::future::Future;

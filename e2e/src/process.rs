@@ -170,6 +170,28 @@ impl Component {
         }
     }
 
+    /// Sends `sig` to the process (if it is still running).
+    pub fn signal(&mut self, sig: Signal) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            signal(self.child.id(), sig);
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself: its exit status, or `None` while
+    /// it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// SIGTERM, then SIGKILL after `grace`; waits for the process to be reaped.
     pub fn stop(&mut self, grace: Duration) {
         if matches!(self.child.try_wait(), Ok(Some(_))) {

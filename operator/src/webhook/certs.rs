@@ -335,9 +335,7 @@ fn not_after(pem: &str) -> Option<i64> {
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, secs)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, secs)
 }
 
 /// Keeps the Secret, this replica's serving certificate and the webhook configuration's CA

@@ -1,0 +1,238 @@
+//! Running `keybroker-sidecar` the way the kubelet would, for the e2e tests and the benchmark:
+//! the binary, a broker it can talk to (and that can really be stopped), and a real AWS SDK
+//! workload (boto3 from PyPI).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use keybroker_operator::broker::{Broker, server};
+use tokio::sync::{OnceCell, oneshot};
+
+/// The boto3 release the tests run (a pinned version keeps the cached venv reusable).
+pub const BOTO3_VERSION: &str = "1.44.5";
+
+/// The `keybroker-sidecar` binary to run.
+///
+/// `KEYBROKER_SIDECAR_BIN`, when set, names it (e.g. the static musl build). Otherwise this runs
+/// `cargo build -p keybroker-sidecar` for the profile and target directory of the running test
+/// binary, once per process. Why: `CARGO_BIN_EXE_*` exists only for a package's own tests, and
+/// a path like `target/debug/keybroker-sidecar` alone may be missing or stale (built before
+/// the last edit) — cargo's own fingerprinting makes this a no-op when it is up to date and a
+/// rebuild when it is not, whatever command started the tests.
+pub async fn binary() -> anyhow::Result<PathBuf> {
+    static BINARY: OnceCell<Result<PathBuf, String>> = OnceCell::const_new();
+    BINARY
+        .get_or_init(|| async {
+            tokio::task::spawn_blocking(build)
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| format!("{e:#}")))
+        })
+        .await
+        .clone()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn build() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("KEYBROKER_SIDECAR_BIN") {
+        let bin = PathBuf::from(bin);
+        ensure!(
+            bin.exists(),
+            "KEYBROKER_SIDECAR_BIN={} does not exist",
+            bin.display()
+        );
+        return Ok(bin);
+    }
+    // <target>/<profile dir>/deps/<test binary>
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the test binary is not in <target>/<profile>/deps")?;
+    let target_dir = profile_dir.parent().context("no target directory")?;
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev",
+        Some(other) => other,
+        None => bail!("cannot tell the profile from {}", exe.display()),
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let out = Command::new(cargo)
+        .args([
+            "build",
+            "--locked",
+            "--quiet",
+            "-p",
+            "keybroker-sidecar",
+            "--profile",
+        ])
+        .arg(profile)
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(target_dir)
+        .output()
+        .context("running cargo build -p keybroker-sidecar")?;
+    ensure!(
+        out.status.success(),
+        "cargo build -p keybroker-sidecar failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = profile_dir.join("keybroker-sidecar");
+    ensure!(bin.exists(), "{} was not built", bin.display());
+    Ok(bin)
+}
+
+/// The broker's HTTPS server on its own thread and runtime, so that [`BrokerThread::stop`]
+/// really stops it: the listener, the watch caches and every open connection (including the
+/// sidecar's revocation long-poll) go away, as when the broker's pod dies.
+#[derive(Debug)]
+pub struct BrokerThread {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BrokerThread {
+    /// Starts a broker (admin client from `kubeconfig`) serving `tls` on `addr` (port 0: any)
+    /// and returns once its caches are filled and it listens.
+    pub async fn start(
+        kubeconfig: &Path,
+        addr: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> anyhow::Result<Self> {
+        let (ready_tx, ready_rx) = oneshot::channel::<anyhow::Result<SocketAddr>>();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let kubeconfig = kubeconfig.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("e2e-broker".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let started = async {
+                        let client = crate::cluster::client_from(&kubeconfig).await?;
+                        let listener = tokio::net::TcpListener::bind(addr).await?;
+                        let addr = listener.local_addr()?;
+                        let broker = Broker::start(client).await;
+                        anyhow::Ok((listener, addr, broker))
+                    };
+                    match started.await {
+                        Ok((listener, addr, broker)) => {
+                            let _ = ready_tx.send(Ok(addr));
+                            tokio::select! {
+                                () = server::serve(listener, tls, broker) => {}
+                                _ = stop_rx => {}
+                            }
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+                runtime.shutdown_timeout(Duration::from_secs(2));
+            })?;
+        let addr = tokio::time::timeout(Duration::from_secs(60), ready_rx)
+            .await
+            .context("the broker did not start within 60 s")?
+            .context("the broker thread died")??;
+        Ok(Self {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the broker and waits until its runtime is gone.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for BrokerThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A Python interpreter with boto3 installed: a venv under `~/.cache/keybroker/`, created (from
+/// PyPI) on first use and reused afterwards. Built in a temporary directory and renamed into
+/// place, so concurrent test processes never use a half-installed one.
+pub fn python_with_boto3() -> anyhow::Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let cache = Path::new(&home).join(".cache/keybroker");
+    let venv = cache.join(format!("venv-boto3-{BOTO3_VERSION}"));
+    let python = venv.join("bin/python");
+    let works = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import boto3"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works(&python) {
+        return Ok(python);
+    }
+    std::fs::create_dir_all(&cache)?;
+    let staging = cache.join(format!(
+        "venv-boto3-{BOTO3_VERSION}.tmp-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&staging);
+    let run = |cmd: &mut Command, what: &str| -> anyhow::Result<()> {
+        let out = cmd.output().with_context(|| format!("running {what}"))?;
+        ensure!(
+            out.status.success(),
+            "{what} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    run(
+        Command::new("python3").args(["-m", "venv"]).arg(&staging),
+        "python3 -m venv",
+    )?;
+    run(
+        Command::new(staging.join("bin/pip")).args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            &format!("boto3=={BOTO3_VERSION}"),
+        ]),
+        "pip install boto3",
+    )?;
+    // A venv's scripts name its own path, so it is renamed as a whole and used by its python
+    // binary only (the interpreter finds its site-packages relative to itself).
+    match std::fs::rename(&staging, &venv) {
+        Ok(()) => {}
+        // Another process won the race: use its venv.
+        Err(_) if works(&python) => {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+        Err(e) => return Err(e).context("moving the venv into place"),
+    }
+    ensure!(
+        works(&python),
+        "{} cannot import boto3 after installing it",
+        python.display()
+    );
+    Ok(python)
+}

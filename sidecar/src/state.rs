@@ -1,0 +1,359 @@
+//! What the sidecar holds per ApiKey, shared by the key's refresh task and revocation poller,
+//! the credentials endpoint, the probes and `/metrics`.
+//!
+//! Every change to the files happens under the key's lock and without awaiting, so "write",
+//! "revoke", "expire" and "shut down" are totally ordered: an exchange that was in flight when
+//! the ApiKey was revoked cannot bring its credentials back (see [`Key::install`]).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Mutex, MutexGuard};
+
+use jiff::Timestamp;
+use tokio::sync::watch;
+
+use crate::atomic::{self, Writer};
+use crate::files::{self, Valid};
+
+/// Why credentials were removed before the sidecar stopped (a metrics label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Removal {
+    /// The broker pushed a revocation (ApiKey revoked or deleted).
+    Revoked,
+    /// An exchange was refused for good (403, not retryable).
+    Refused,
+    /// They expired while refreshes kept failing.
+    Expired,
+}
+
+impl Removal {
+    fn label(self) -> &'static str {
+        match self {
+            Removal::Revoked => "revoked",
+            Removal::Refused => "refused",
+            Removal::Expired => "expired",
+        }
+    }
+}
+
+/// What [`Key::install`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Installed {
+    Written,
+    /// A revocation or shutdown happened since the exchange started; nothing was written.
+    Superseded,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    held: Option<Valid>,
+    /// Bumped on every removal; an exchange that started under an older epoch is stale.
+    epoch: u64,
+    /// First credentials were written once (the startup probe).
+    started: bool,
+    stopping: bool,
+    refreshes: u64,
+    failures: BTreeMap<String, u64>,
+    removals: BTreeMap<Removal, u64>,
+}
+
+/// One ApiKey's credentials and counters.
+#[derive(Debug)]
+pub struct Key {
+    pub name: String,
+    inner: Mutex<Inner>,
+    holding: watch::Sender<bool>,
+}
+
+impl Key {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            inner: Mutex::default(),
+            holding: watch::Sender::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic elsewhere cannot leave Inner half-updated in a way that matters here.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// To pass to [`Key::install`]: read before starting an exchange.
+    pub fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
+    /// Publishes `creds` as this key's files, unless something removed the credentials since
+    /// `epoch` was read. On a write error the previous files stay as they were.
+    pub fn install(
+        &self,
+        epoch: u64,
+        creds: Valid,
+        writer: &Writer,
+    ) -> Result<Installed, atomic::Error> {
+        let mut inner = self.lock();
+        if inner.epoch != epoch || inner.stopping {
+            return Ok(Installed::Superseded);
+        }
+        writer.publish(&self.name, &files::render(&creds))?;
+        inner.held = Some(creds);
+        inner.started = true;
+        inner.refreshes += 1;
+        self.holding.send_replace(true);
+        Ok(Installed::Written)
+    }
+
+    /// Removes the files and forgets the credentials; true if any were held.
+    pub fn remove(&self, cause: Removal, writer: &Writer) -> Result<bool, atomic::Error> {
+        let mut inner = self.lock();
+        inner.epoch += 1;
+        let held = inner.held.take().is_some();
+        self.holding.send_replace(false);
+        if held {
+            *inner.removals.entry(cause).or_default() += 1;
+        }
+        writer.remove(&self.name).map(|()| held)
+    }
+
+    /// Removes the credentials if they expired by `now`; true if it did.
+    pub fn expire(&self, now: Timestamp, writer: &Writer) -> Result<bool, atomic::Error> {
+        if self.expiry().is_some_and(|e| e <= now) {
+            self.remove(Removal::Expired, writer)
+        } else {
+            Ok(false)
+        }
+    }
+
+    /// Removes the files for good: nothing is written after this.
+    pub fn stop(&self, writer: &Writer) -> Result<(), atomic::Error> {
+        let mut inner = self.lock();
+        inner.stopping = true;
+        inner.epoch += 1;
+        inner.held = None;
+        self.holding.send_replace(false);
+        writer.remove(&self.name)
+    }
+
+    pub fn expiry(&self) -> Option<Timestamp> {
+        self.lock().held.as_ref().map(|c| c.expiration)
+    }
+
+    /// The container-credentials answer, if credentials are held.
+    pub fn container_answer(&self) -> Option<Vec<u8>> {
+        self.lock().held.as_ref().map(files::container_credentials)
+    }
+
+    pub fn started(&self) -> bool {
+        self.lock().started
+    }
+
+    /// Counts a failed refresh under `reason` (a bounded label, see `broker::Error::reason`).
+    pub fn failed(&self, reason: String) {
+        *self.lock().failures.entry(reason).or_default() += 1;
+    }
+
+    /// Changes to "credentials are held", for the revocation poller.
+    pub fn holding(&self) -> watch::Receiver<bool> {
+        self.holding.subscribe()
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let inner = self.lock();
+        Snapshot {
+            name: self.name.clone(),
+            expiry: inner.held.as_ref().map(|c| c.expiration.as_second()),
+            refreshes: inner.refreshes,
+            failures: inner.failures.clone(),
+            removals: inner
+                .removals
+                .iter()
+                .map(|(cause, n)| (cause.label(), *n))
+                .collect(),
+        }
+    }
+}
+
+/// Counters of one key at one moment, for [`render_metrics`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub name: String,
+    pub expiry: Option<i64>,
+    pub refreshes: u64,
+    pub failures: BTreeMap<String, u64>,
+    pub removals: BTreeMap<&'static str, u64>,
+}
+
+/// `/metrics` for all keys.
+pub fn metrics(keys: &[Key]) -> String {
+    render_metrics(&keys.iter().map(Key::snapshot).collect::<Vec<_>>())
+}
+
+/// The Prometheus text format (0.0.4). Label values are ApiKey names (DNS names) and bounded
+/// reason words, so they need no escaping; no value here is ever a secret.
+pub fn render_metrics(keys: &[Snapshot]) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    };
+    family(
+        "keybroker_sidecar_credentials_expiry_timestamp_seconds",
+        "gauge",
+        "When the credentials in place expire (Unix time); absent while none are held.",
+        keys.iter()
+            .filter_map(|k| Some((format!("apikey=\"{}\"", k.name), k.expiry?.to_string())))
+            .collect(),
+    );
+    family(
+        "keybroker_sidecar_refreshes_total",
+        "counter",
+        "Credentials fetched from the broker and written.",
+        keys.iter()
+            .map(|k| (format!("apikey=\"{}\"", k.name), k.refreshes.to_string()))
+            .collect(),
+    );
+    family(
+        "keybroker_sidecar_refresh_failures_total",
+        "counter",
+        "Failed refreshes, by reason (the broker's refusal reason, or BrokerUnreachable, BrokerTimeout, TokenUnreadable, MalformedResponse, InvalidCredentials, WriteFailed).",
+        keys.iter()
+            .flat_map(|k| {
+                k.failures.iter().map(|(reason, n)| {
+                    (
+                        format!("apikey=\"{}\",reason=\"{reason}\"", k.name),
+                        n.to_string(),
+                    )
+                })
+            })
+            .collect(),
+    );
+    family(
+        "keybroker_sidecar_credentials_removed_total",
+        "counter",
+        "Credentials removed before shutdown, by cause (revoked, refused, expired).",
+        keys.iter()
+            .flat_map(|k| {
+                k.removals.iter().map(|(cause, n)| {
+                    (
+                        format!("apikey=\"{}\",cause=\"{cause}\"", k.name),
+                        n.to_string(),
+                    )
+                })
+            })
+            .collect(),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use keybroker_sidecar::wire::Credentials;
+
+    use super::*;
+
+    fn valid(id: &str, expiration: &str) -> Valid {
+        files::validate(&Credentials {
+            access_key_id: id.into(),
+            secret_access_key: "SECRETVALUE".into(),
+            session_token: "SESSIONVALUE".into(),
+            expiration: expiration.into(),
+        })
+        .unwrap()
+    }
+
+    fn root(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("kb-state-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn an_exchange_overtaken_by_a_revocation_writes_nothing() {
+        let dir = root("revoke");
+        let writer = Writer::new(&dir, 0o440);
+        let key = Key::new("k");
+        let epoch = key.epoch();
+        assert_eq!(
+            key.install(epoch, valid("AK1", "2030-01-01T00:00:00Z"), &writer)
+                .unwrap(),
+            Installed::Written
+        );
+        let in_flight = key.epoch();
+        assert!(key.remove(Removal::Revoked, &writer).unwrap());
+        assert_eq!(
+            key.install(in_flight, valid("AK2", "2030-01-01T00:00:00Z"), &writer)
+                .unwrap(),
+            Installed::Superseded
+        );
+        assert!(!dir.join("k").exists());
+        assert!(key.container_answer().is_none());
+        assert!(key.started(), "the startup probe stays passed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn expired_credentials_are_removed_and_stop_is_final() {
+        let dir = root("expire");
+        let writer = Writer::new(&dir, 0o440);
+        let key = Key::new("k");
+        key.install(key.epoch(), valid("AK1", "2030-01-01T00:00:00Z"), &writer)
+            .unwrap();
+        let before: Timestamp = "2029-12-31T23:59:59Z".parse().unwrap();
+        assert!(!key.expire(before, &writer).unwrap());
+        assert!(dir.join("k/credentials").exists());
+        let after: Timestamp = "2030-01-01T00:00:00Z".parse().unwrap();
+        assert!(key.expire(after, &writer).unwrap());
+        assert!(!dir.join("k").exists());
+
+        key.install(key.epoch(), valid("AK3", "2030-01-01T00:00:00Z"), &writer)
+            .unwrap();
+        let epoch = key.epoch();
+        key.stop(&writer).unwrap();
+        assert!(!dir.join("k").exists());
+        assert_eq!(
+            key.install(epoch, valid("AK4", "2030-01-01T00:00:00Z"), &writer)
+                .unwrap(),
+            Installed::Superseded
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn metrics_text() {
+        let dir = root("metrics");
+        let writer = Writer::new(&dir, 0o440);
+        let key = Key::new("uploader");
+        key.install(key.epoch(), valid("AKID", "2030-01-01T00:00:00Z"), &writer)
+            .unwrap();
+        key.failed("BrokerUnreachable".into());
+        key.failed("BrokerUnreachable".into());
+        key.remove(Removal::Revoked, &writer).unwrap();
+        key.install(key.epoch(), valid("AKID", "2030-01-01T00:00:00Z"), &writer)
+            .unwrap();
+        let text = metrics(&[key, Key::new("idle")]);
+        assert_eq!(
+            text,
+            "# HELP keybroker_sidecar_credentials_expiry_timestamp_seconds When the credentials in place expire (Unix time); absent while none are held.\n\
+             # TYPE keybroker_sidecar_credentials_expiry_timestamp_seconds gauge\n\
+             keybroker_sidecar_credentials_expiry_timestamp_seconds{apikey=\"uploader\"} 1893456000\n\
+             # HELP keybroker_sidecar_refreshes_total Credentials fetched from the broker and written.\n\
+             # TYPE keybroker_sidecar_refreshes_total counter\n\
+             keybroker_sidecar_refreshes_total{apikey=\"uploader\"} 2\n\
+             keybroker_sidecar_refreshes_total{apikey=\"idle\"} 0\n\
+             # HELP keybroker_sidecar_refresh_failures_total Failed refreshes, by reason (the broker's refusal reason, or BrokerUnreachable, BrokerTimeout, TokenUnreadable, MalformedResponse, InvalidCredentials, WriteFailed).\n\
+             # TYPE keybroker_sidecar_refresh_failures_total counter\n\
+             keybroker_sidecar_refresh_failures_total{apikey=\"uploader\",reason=\"BrokerUnreachable\"} 2\n\
+             # HELP keybroker_sidecar_credentials_removed_total Credentials removed before shutdown, by cause (revoked, refused, expired).\n\
+             # TYPE keybroker_sidecar_credentials_removed_total counter\n\
+             keybroker_sidecar_credentials_removed_total{apikey=\"uploader\",cause=\"revoked\"} 1\n"
+        );
+        assert!(!text.contains("SECRETVALUE") && !text.contains("SESSIONVALUE"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,194 @@
+//! The two tasks of each ApiKey:
+//!
+//! - [`refresher`]: exchange, write, sleep until the next refresh (or the next retry, removing
+//!   the credentials if they expire first);
+//! - [`revocation_poller`]: while credentials are held, long-polls the broker and removes them
+//!   the moment it answers "revoked".
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use tokio::time::{Instant, sleep, sleep_until};
+use tracing::{debug, error, info, warn};
+
+use crate::atomic::Writer;
+use crate::broker::Broker;
+use crate::files;
+use crate::random;
+use crate::schedule::{self, TRANSIENT, WITHDRAWN};
+use crate::state::{Installed, Key, Removal};
+
+/// Each revocation poll waits this long at the broker (its limit is 60 s): one idle request
+/// per minute per ApiKey.
+const POLL_WAIT: Duration = Duration::from_secs(55);
+
+/// What the tasks share.
+#[derive(Debug)]
+pub struct Ctx {
+    pub broker: Broker,
+    pub writer: Writer,
+    pub refresh_fraction: f64,
+}
+
+/// Time from now until `t` by the wall clock (zero if past), rounded up so that a wake-up is
+/// never early.
+fn until(t: Timestamp) -> Duration {
+    let nanos = t.as_nanosecond() - Timestamp::now().as_nanosecond();
+    Duration::from_nanos(u64::try_from(nanos.max(0)).unwrap_or(u64::MAX))
+}
+
+pub async fn refresher(ctx: Arc<Ctx>, keys: Arc<[Key]>, index: usize) {
+    let key = &keys[index];
+    let mut failures: u32 = 0;
+    let mut next = Instant::now();
+    loop {
+        // Wait for the next attempt; credentials that expire before it are removed on time.
+        while let Some(expiry) = key.expiry().map(|e| Instant::now() + until(e))
+            && expiry < next
+        {
+            sleep_until(expiry).await;
+            match key.expire(Timestamp::now(), &ctx.writer) {
+                Ok(true) => warn!(
+                    apikey = key.name,
+                    "credentials expired while refreshes failed: removed"
+                ),
+                Ok(false) => {}
+                Err(e) => {
+                    error!(apikey = key.name, error = %e, "removing expired credentials failed")
+                }
+            }
+        }
+        sleep_until(next).await;
+        let delay = attempt(&ctx, key, &mut failures).await;
+        next = Instant::now() + delay;
+    }
+}
+
+/// One exchange and its consequences; returns the delay until the next one.
+async fn attempt(ctx: &Ctx, key: &Key, failures: &mut u32) -> Duration {
+    let epoch = key.epoch();
+    let failed = |failures: &mut u32, policy| {
+        let delay = schedule::backoff(policy, *failures, random::unit());
+        *failures = failures.saturating_add(1);
+        delay
+    };
+    let response = match ctx.broker.exchange(&key.name).await {
+        Ok(response) => response,
+        Err(e) => {
+            key.failed(e.reason());
+            if e.withdraws_access() {
+                match key.remove(Removal::Refused, &ctx.writer) {
+                    Ok(true) => {
+                        warn!(apikey = key.name, error = %e, "the broker withdrew access: credentials removed")
+                    }
+                    Ok(false) => {
+                        warn!(apikey = key.name, error = %e, "the broker refused credentials")
+                    }
+                    Err(re) => {
+                        error!(apikey = key.name, error = %e, remove_error = %re, "the broker withdrew access; removing the credentials failed")
+                    }
+                }
+                return failed(failures, WITHDRAWN);
+            }
+            let delay = failed(failures, TRANSIENT).max(e.retry_after().unwrap_or_default());
+            let message = if key.expiry().is_some() {
+                "refresh failed; keeping the current credentials until they expire"
+            } else {
+                "fetching credentials failed; retrying"
+            };
+            warn!(apikey = key.name, reason = e.reason(), error = %e, retry_in_seconds = delay.as_secs_f64(), "{message}");
+            return delay;
+        }
+    };
+    let creds = match files::validate(&response.credentials) {
+        Ok(creds) => creds,
+        Err(e) => {
+            key.failed("InvalidCredentials".into());
+            let delay = failed(failures, TRANSIENT);
+            warn!(apikey = key.name, error = %e, retry_in_seconds = delay.as_secs_f64(), "refresh failed");
+            return delay;
+        }
+    };
+    let (access_key_id, expiration) = (creds.access_key_id.clone(), creds.expiration);
+    match key.install(epoch, creds, &ctx.writer) {
+        Ok(Installed::Written) => {
+            *failures = 0;
+            let broker_says = response
+                .refresh_at
+                .parse::<Timestamp>()
+                .ok()
+                .filter(|t| *t > Timestamp::now())
+                .map(until);
+            let delay = schedule::refresh_in(
+                until(expiration),
+                broker_says,
+                ctx.refresh_fraction,
+                random::unit(),
+            );
+            info!(
+                apikey = key.name,
+                access_key_id,
+                expiration = %expiration,
+                refresh_in_seconds = delay.as_secs_f64(),
+                "credentials written"
+            );
+            delay
+        }
+        Ok(Installed::Superseded) => {
+            info!(
+                apikey = key.name,
+                access_key_id, "discarded credentials from an exchange overtaken by a revocation"
+            );
+            failed(failures, WITHDRAWN)
+        }
+        Err(e) => {
+            key.failed("WriteFailed".into());
+            let delay = failed(failures, TRANSIENT);
+            error!(apikey = key.name, error = %e, retry_in_seconds = delay.as_secs_f64(), "writing credentials failed; the previous ones stay in place");
+            delay
+        }
+    }
+}
+
+pub async fn revocation_poller(ctx: Arc<Ctx>, keys: Arc<[Key]>, index: usize) {
+    let key = &keys[index];
+    let mut holding = key.holding();
+    let mut failures: u32 = 0;
+    loop {
+        // Nothing to revoke until credentials are in place.
+        if holding.wait_for(|held| *held).await.is_err() {
+            return;
+        }
+        match ctx.broker.revoked(&key.name, POLL_WAIT).await {
+            Ok(true) => {
+                failures = 0;
+                match key.remove(Removal::Revoked, &ctx.writer) {
+                    Ok(_) => warn!(
+                        apikey = key.name,
+                        "the ApiKey was revoked or deleted: credentials removed"
+                    ),
+                    Err(e) => {
+                        error!(apikey = key.name, error = %e, "the ApiKey was revoked; removing the credentials failed")
+                    }
+                }
+            }
+            Ok(false) => failures = 0,
+            Err(e) => {
+                let delay = schedule::backoff(TRANSIENT, failures, random::unit());
+                if failures == 0 {
+                    warn!(apikey = key.name, error = %e, "revocation poll failed; retrying");
+                } else {
+                    debug!(apikey = key.name, error = %e, "revocation poll failed again");
+                }
+                failures = failures.saturating_add(1);
+                // New credentials mean the broker is back: poll again at once rather than
+                // leave them unwatched for the rest of the backoff.
+                tokio::select! {
+                    () = sleep(delay) => {}
+                    _ = holding.changed() => failures = 0,
+                }
+            }
+        }
+    }
+}
