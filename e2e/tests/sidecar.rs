@@ -3,12 +3,14 @@
 //! and through the container endpoint, allowed inside the scope and denied outside; a real
 //! refresh; a token rotated under it; the broker stopped and restarted; revocation; SIGTERM.
 //!
-//! How it mirrors the kubelet: the pod is created in the apiserver (opted in by label and
-//! annotation; the webhook's mutation is not on this branch yet, so the sidecar gets the flags
-//! the webhook contract names, as environment variables), its token is a real pod-bound
-//! TokenRequest token (audience `keybroker`) in a file that is replaced by rename as the kubelet
-//! rotates it, and the output directory is a plain temporary directory: a tmpfs mount would need
-//! a private mount namespace that boto3 then could not see, and the sidecar treats both alike.
+//! How it mirrors the kubelet: the pod goes through the webhook's mutation (the pure function
+//! the webhook serves) and is stored in the apiserver; the sidecar runs with the env of the
+//! stored pod's injected sidecar container and boto3 with the env of its app container, the
+//! volume paths mapped to the test's directories as the kubelet mounts them. The token is a real
+//! pod-bound TokenRequest token (audience `keybroker`) in a file that is replaced by rename as
+//! the kubelet rotates it, and the output directory is a plain temporary directory: a tmpfs
+//! mount would need a private mount namespace that boto3 then could not see, and the sidecar
+//! treats both alike.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -25,6 +27,7 @@ use keybroker_e2e::sidecar::{BrokerThread, binary, python_with_boto3};
 use keybroker_e2e::{Cluster, Lifetime, eventually, fixtures, in_namespace, pki, shared_with_crds};
 use keybroker_operator::crd::ApiKey;
 use keybroker_operator::tls::ReloadingCert;
+use keybroker_operator::webhook::inject;
 use keybroker_sidecar::wire::AUDIENCE;
 
 /// Refresh after 1 % of the 15-minute lifetime (about 9 s), so refreshes happen in the test.
@@ -32,6 +35,10 @@ const REFRESH_FRACTION: &str = "0.01";
 
 /// Everything one test's sidecar needs around it.
 struct Pod {
+    /// The stored (injected) pod's sidecar env and app env, volume paths mapped to the test's.
+    sidecar_env: Vec<(String, String)>,
+    app_env: Vec<(String, String)>,
+    broker_addr: std::net::SocketAddr,
     dir: PathBuf,
     out: PathBuf,
     token_file: PathBuf,
@@ -56,12 +63,46 @@ async fn pod(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<Pod
     )
     .await?;
     fixtures::service_account(client, ns, "uploader").await?;
-    fixtures::pod(client, ns, "app", "uploader", Some("uploader")).await?;
 
     let dir = keybroker_e2e::run_dir()?;
     let ca = pki::Ca::create(&dir, "broker-test-ca")?;
     let serving = ca.issue_server(&dir, "broker", &["127.0.0.1"])?;
     let tls = Arc::new(ReloadingCert::new(&serving.cert, &serving.key)?.server_config());
+    let broker_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let (credentials_port, health_port) = (free_port()?, free_port()?);
+
+    // The pod as its owner writes it, injected by the webhook's own mutation, then stored.
+    let written = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "app", "labels": {"keybroker.dev/inject": "true"},
+                     "annotations": {"keybroker.dev/apikeys": "uploader"}},
+        "spec": {"serviceAccountName": "uploader", "securityContext": {"fsGroup": 2000},
+                 "containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
+    });
+    let settings = inject::Settings {
+        broker_url: format!("https://{broker_addr}"),
+        broker_ca: std::fs::read_to_string(&ca.cert)?,
+        credentials_port,
+        health_port,
+        ..inject::Settings::default()
+    };
+    let facts = inject::KeyFacts {
+        service_account_names: vec!["uploader".into()],
+        ready: true,
+        revoked: false,
+        region: Some("us-east-1".into()),
+    };
+    let keys = std::collections::BTreeMap::from([("uploader".to_owned(), facts)]);
+    let view: inject::PodView = serde_json::from_value(written.clone())?;
+    let inject::Decision::Inject { patch, .. } = inject::decide(&view, ns, &keys, &settings) else {
+        anyhow::bail!("the webhook did not inject the pod");
+    };
+    let mut injected = written;
+    json_patch::patch(&mut injected, &serde_json::from_slice::<json_patch::Patch>(&patch)?)?;
+    let stored = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), ns)
+        .create(&Default::default(), &serde_json::from_value(injected)?)
+        .await?;
+
     let token_file = dir.join("token");
     rotate_token(
         &token_file,
@@ -69,13 +110,37 @@ async fn pod(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<Pod
     )?;
     let out = dir.join("keybroker");
     std::fs::create_dir(&out)?;
+    // The kubelet's mounts: the credentials volume at `out`, the token volume at `dir`.
+    let mount = |value: &str| {
+        value
+            .replace(&format!("{}/token", inject::TOKEN_DIR), &token_file.display().to_string())
+            .replace(inject::CREDENTIALS_DIR, &out.display().to_string())
+    };
+    let spec = stored.spec.context("stored pod without spec")?;
+    let env_of = |container: &k8s_openapi::api::core::v1::Container| -> Vec<(String, String)> {
+        container
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.clone(), mount(e.value.as_deref().unwrap_or_default())))
+            .collect()
+    };
+    let sidecar = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == inject::SIDECAR_NAME)
+        .context("the stored pod has no sidecar")?;
     Ok(Pod {
+        sidecar_env: env_of(sidecar),
+        app_env: env_of(&spec.containers[0]),
+        broker_addr,
         out,
         token_file,
         ca_file: ca.cert.clone(),
         tls,
-        credentials_port: free_port()?,
-        health_port: free_port()?,
+        credentials_port,
+        health_port,
         dir,
     })
 }
@@ -102,27 +167,20 @@ async fn start_sidecar(
     broker: &BrokerThread,
     ca_inline: bool,
 ) -> anyhow::Result<Component> {
-    let ca_pem = std::fs::read_to_string(&pod.ca_file)?;
-    let mut env: Vec<(&str, String)> = vec![
-        ("KEYBROKER_BROKER_URL", format!("https://{}", broker.addr)),
-        ("KEYBROKER_TOKEN_FILE", pod.token_file.display().to_string()),
-        ("KEYBROKER_API_KEYS", "uploader".into()),
-        ("KEYBROKER_OUTPUT_DIR", pod.out.display().to_string()),
-        ("KEYBROKER_FILE_MODE", "0440".into()),
-        (
-            "KEYBROKER_CREDENTIALS_ADDR",
-            format!("127.0.0.1:{}", pod.credentials_port),
-        ),
-        (
-            "KEYBROKER_HEALTH_ADDR",
-            format!("127.0.0.1:{}", pod.health_port),
-        ),
-        ("KEYBROKER_REFRESH_FRACTION", REFRESH_FRACTION.into()),
-        ("KEYBROKER_LOG_LEVEL", "debug".into()),
-    ];
-    if ca_inline {
-        env.push(("KEYBROKER_BROKER_CA", ca_pem));
-    } else {
+    let mut env: Vec<(&str, String)> = pod
+        .sidecar_env
+        .iter()
+        .filter(|(name, _)| ca_inline || name != "KEYBROKER_BROKER_CA")
+        .map(|(name, value)| (name.as_str(), value.clone()))
+        .collect();
+    ensure!(
+        env.contains(&("KEYBROKER_BROKER_URL", format!("https://{}", broker.addr))),
+        "the injected broker URL is not the broker's: {env:?}"
+    );
+    // Test-only: refresh within the test, and debug logs to search for secrets.
+    env.push(("KEYBROKER_REFRESH_FRACTION", REFRESH_FRACTION.into()));
+    env.push(("KEYBROKER_LOG_LEVEL", "debug".into()));
+    if !ca_inline {
         env.push((
             "KEYBROKER_BROKER_CA_FILE",
             pod.ca_file.display().to_string(),
@@ -252,21 +310,12 @@ async fn boto3(
         .env("AWS_CONFIG_FILE", pod.dir.join("no-aws-config"))
         .env("AWS_EC2_METADATA_DISABLED", "true");
     if via_endpoint {
-        cmd.env(
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-            format!(
-                "http://127.0.0.1:{}/v1/credentials/uploader",
-                pod.credentials_port
-            ),
-        )
-        .env(
-            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
-            pod.out.join(".auth-token"),
-        )
-        .env(
-            "AWS_SHARED_CREDENTIALS_FILE",
-            pod.dir.join("no-credentials"),
-        );
+        // Exactly the env the webhook gave the app container.
+        cmd.envs(pod.app_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                pod.dir.join("no-credentials"),
+            );
     } else {
         cmd.env(
             "AWS_SHARED_CREDENTIALS_FILE",
@@ -291,7 +340,7 @@ async fn boto3_works_through_refreshes_a_token_rotation_a_broker_outage_and_lose
         let pod = pod(cluster, &client, &ns).await?;
         let mut broker = BrokerThread::start(
             &cluster.kubeconfig,
-            "127.0.0.1:0".parse()?,
+            pod.broker_addr,
             Arc::clone(&pod.tls),
         )
         .await?;
@@ -495,7 +544,7 @@ async fn sigterm_removes_the_credentials_and_exits_zero() -> anyhow::Result<()> 
         let pod = pod(cluster, &client, &ns).await?;
         let broker = BrokerThread::start(
             &cluster.kubeconfig,
-            "127.0.0.1:0".parse()?,
+            pod.broker_addr,
             Arc::clone(&pod.tls),
         )
         .await?;
