@@ -81,6 +81,18 @@ pub struct Cluster {
     pub ca_cert: PathBuf,
     pub minio: Option<Minio>,
     components: Vec<Component>,
+    /// How MinIO was started, so a test can stop it and start it again (a provider outage).
+    minio_launch: Option<Launch>,
+}
+
+/// A component's command line, to start it again as it was.
+#[derive(Debug)]
+struct Launch {
+    index: usize,
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    lifetime: Lifetime,
 }
 
 impl Cluster {
@@ -95,6 +107,7 @@ impl Cluster {
             ca_cert: opts.dir.join("pki/ca.crt"),
             minio: None,
             components: Vec::new(),
+            minio_launch: None,
         };
         match cluster.boot(&tools, &opts).await {
             Ok(()) => Ok(cluster),
@@ -192,7 +205,18 @@ impl Cluster {
                 ("MINIO_UPDATE", "off"),
             ];
             let args = Minio::server_args(&minio_dir, minio_port, console_port);
-            Some(self.spawn(&tools.minio, "minio", &args, &env, opts.lifetime)?)
+            let index = self.spawn(&tools.minio, "minio", &args, &env, opts.lifetime)?;
+            self.minio_launch = Some(Launch {
+                index,
+                program: tools.minio.clone(),
+                args,
+                env: env
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                lifetime: opts.lifetime,
+            });
+            Some(index)
         } else {
             None
         };
@@ -340,6 +364,43 @@ impl Cluster {
         while let Some(mut c) = self.components.pop() {
             c.stop(Duration::from_secs(10));
         }
+    }
+
+    /// Stops MinIO (SIGTERM, as when the provider goes down); its data stays.
+    pub fn stop_minio(&mut self) {
+        if let Some(launch) = &self.minio_launch {
+            self.components[launch.index].stop(Duration::from_secs(10));
+        }
+    }
+
+    /// Starts MinIO again on the same port with the same data and keys; returns once ready.
+    pub async fn restart_minio(&mut self) -> Result<(), Error> {
+        let (Some(launch), Some(minio)) = (&self.minio_launch, &self.minio) else {
+            return Ok(());
+        };
+        let env: Vec<(&str, &str)> = launch
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let log = self.dir.join("minio.log");
+        let mut component = Component::spawn(
+            "minio",
+            &launch.program,
+            &launch.args,
+            &env,
+            &log,
+            launch.lifetime,
+        )?;
+        let http = HttpClient::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let ready = format!("{}/minio/health/ready", minio.endpoint);
+        component
+            .wait_ready("GET /minio/health/ready", Duration::from_secs(60), || {
+                http_ok(&http, &ready, None)
+            })
+            .await?;
+        self.components[launch.index] = component;
+        Ok(())
     }
 
     /// Starts a component and returns its index in `components`.

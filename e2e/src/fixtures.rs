@@ -58,6 +58,25 @@ pub async fn tenant(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Res
     Ok(name)
 }
 
+/// A tenant namespace with ApiKey `uploader` (PutObject under `corp-data/<ns>/reports/*`),
+/// service account `uploader`, and an opted-in pod `app` running as it.
+pub async fn uploader(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<()> {
+    let provider = tenant(cluster, client, ns).await?;
+    apikey(
+        client,
+        ns,
+        "uploader",
+        &provider,
+        &["s3:PutObject"],
+        &[object_arn(ns, "reports/*")],
+        Some("15m"),
+    )
+    .await?;
+    service_account(client, ns, "uploader").await?;
+    pod(client, ns, "app", "uploader", Some("uploader")).await?;
+    Ok(())
+}
+
 /// Sets the namespace's `keybroker.dev/tenant` label.
 pub async fn label_namespace(client: &Client, ns: &str, tenant: &str) -> anyhow::Result<()> {
     Api::<Namespace>::all(client.clone())

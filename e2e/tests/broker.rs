@@ -12,7 +12,7 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
 use keybroker_e2e::{
-    Cluster, eventually, fixtures, https, in_namespace, logs, pki, shared, shared_with_crds,
+    eventually, fixtures, https, in_namespace, logs, pki, shared, shared_with_crds,
 };
 use keybroker_operator::broker::{Broker, server};
 use keybroker_operator::crd::ApiKey;
@@ -20,25 +20,6 @@ use keybroker_operator::tls::ReloadingCert;
 use keybroker_sidecar::wire::{
     AUDIENCE, ExchangeRequest, ExchangeResponse, Refusal, RevocationStatus,
 };
-
-/// A tenant namespace with ApiKey `uploader` (PutObject under `corp-data/<ns>/reports/*`),
-/// service account `uploader`, and an opted-in pod `app` running as it.
-async fn uploader_setup(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<()> {
-    let provider = fixtures::tenant(cluster, client, ns).await?;
-    fixtures::apikey(
-        client,
-        ns,
-        "uploader",
-        &provider,
-        &["s3:PutObject"],
-        &[fixtures::object_arn(ns, "reports/*")],
-        Some("15m"),
-    )
-    .await?;
-    fixtures::service_account(client, ns, "uploader").await?;
-    fixtures::pod(client, ns, "app", "uploader", Some("uploader")).await?;
-    Ok(())
-}
 
 /// A malformed request: what it is, its bearer token and body, the expected status and reason.
 type BadRequest<'a> = (&'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
@@ -71,7 +52,7 @@ async fn issued_credentials_work_inside_the_scope_only() -> anyhow::Result<()> {
     let cluster = shared_with_crds().await?;
     in_namespace(cluster, "brk-happy", |client, ns| async move {
         let cluster = shared().await?;
-        uploader_setup(cluster, &client, &ns).await?;
+        fixtures::uploader(cluster, &client, &ns).await?;
         let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
         let broker = Broker::start(client.clone()).await;
         let issued = broker
@@ -145,7 +126,7 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
     let cluster = shared_with_crds().await?;
     in_namespace(cluster, "brk-refuse", |client, ns| async move {
         let cluster = shared().await?;
-        uploader_setup(cluster, &client, &ns).await?;
+        fixtures::uploader(cluster, &client, &ns).await?;
         let provider = format!("{ns}-s3");
         let broker = Broker::start(client.clone()).await;
         let refusal = |result: Result<_, keybroker_operator::broker::ExchangeError>| match result {
@@ -300,7 +281,7 @@ async fn over_https_bad_requests_get_clear_refusals() -> anyhow::Result<()> {
     let cluster = shared_with_crds().await?;
     in_namespace(cluster, "brk-https", |client, ns| async move {
         let cluster = shared().await?;
-        uploader_setup(cluster, &client, &ns).await?;
+        fixtures::uploader(cluster, &client, &ns).await?;
         let https = serve_broker(&client).await?;
         let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
 
@@ -364,7 +345,7 @@ async fn the_issuance_cap_answers_429_with_retry_after() -> anyhow::Result<()> {
     let cluster = shared_with_crds().await?;
     in_namespace(cluster, "brk-cap", |client, ns| async move {
         let cluster = shared().await?;
-        uploader_setup(cluster, &client, &ns).await?;
+        fixtures::uploader(cluster, &client, &ns).await?;
         Api::<keybroker_operator::crd::KeyProvider>::all(client.clone())
             .patch(
                 &format!("{ns}-s3"),
@@ -406,7 +387,7 @@ async fn revocation_reaches_a_waiting_client_within_a_second() -> anyhow::Result
     let cluster = shared_with_crds().await?;
     in_namespace(cluster, "brk-revoke", |client, ns| async move {
         let cluster = shared().await?;
-        uploader_setup(cluster, &client, &ns).await?;
+        fixtures::uploader(cluster, &client, &ns).await?;
         let https = serve_broker(&client).await?;
         let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
 
@@ -462,63 +443,6 @@ async fn revocation_reaches_a_waiting_client_within_a_second() -> anyhow::Result
             refused.status == 403 && refused.json::<Refusal>()?.reason == "ApiKeyRevoked",
             "{refused:?}"
         );
-        Ok(())
-    })
-    .await
-}
-
-#[tokio::test]
-async fn an_unreachable_provider_is_retryable_and_recovers() -> anyhow::Result<()> {
-    let cluster = shared_with_crds().await?;
-    in_namespace(cluster, "brk-down", |client, ns| async move {
-        let cluster = shared().await?;
-        uploader_setup(cluster, &client, &ns).await?;
-        let minio = cluster.minio.as_ref().context("no MinIO")?;
-        // A stopped STS: a loopback port nobody listens on.
-        let closed = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-            l.local_addr()?.port()
-        };
-        let provider = format!("{ns}-s3");
-        let point_at = |endpoint: String| {
-            let client = client.clone();
-            let provider = provider.clone();
-            async move {
-                Api::<keybroker_operator::crd::KeyProvider>::all(client)
-                    .patch(
-                        &provider,
-                        &PatchParams::default(),
-                        &Patch::Merge(serde_json::json!({"spec": {"aws": {"endpoint": endpoint}}})),
-                    )
-                    .await
-            }
-        };
-        point_at(format!("http://127.0.0.1:{closed}")).await?;
-        let https = serve_broker(&client).await?;
-        let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
-        let down = https
-            .send("POST", "/v1/exchange", Some(&token), body("uploader"))
-            .await?;
-        let refusal: Refusal = down.json()?;
-        ensure!(
-            down.status == 503 && refusal.reason == "ProviderUnavailable" && refusal.retryable,
-            "{down:?}"
-        );
-
-        point_at(minio.endpoint.clone()).await?;
-        // A sidecar retries a retryable refusal; once the provider is back, it succeeds.
-        eventually(
-            "an exchange to succeed again",
-            Duration::from_secs(10),
-            || async {
-                let reply = https
-                    .send("POST", "/v1/exchange", Some(&token), body("uploader"))
-                    .await
-                    .ok()?;
-                (reply.status == 200).then_some(())
-            },
-        )
-        .await?;
         Ok(())
     })
     .await

@@ -98,7 +98,10 @@ async fn pod(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<Pod
         anyhow::bail!("the webhook did not inject the pod");
     };
     let mut injected = written;
-    json_patch::patch(&mut injected, &serde_json::from_slice::<json_patch::Patch>(&patch)?)?;
+    json_patch::patch(
+        &mut injected,
+        &serde_json::from_slice::<json_patch::Patch>(&patch)?,
+    )?;
     let stored = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), ns)
         .create(&Default::default(), &serde_json::from_value(injected)?)
         .await?;
@@ -113,7 +116,10 @@ async fn pod(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<Pod
     // The kubelet's mounts: the credentials volume at `out`, the token volume at `dir`.
     let mount = |value: &str| {
         value
-            .replace(&format!("{}/token", inject::TOKEN_DIR), &token_file.display().to_string())
+            .replace(
+                &format!("{}/token", inject::TOKEN_DIR),
+                &token_file.display().to_string(),
+            )
             .replace(inject::CREDENTIALS_DIR, &out.display().to_string())
     };
     let spec = stored.spec.context("stored pod without spec")?;
@@ -122,7 +128,12 @@ async fn pod(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<Pod
             .env
             .iter()
             .flatten()
-            .map(|e| (e.name.clone(), mount(e.value.as_deref().unwrap_or_default())))
+            .map(|e| {
+                (
+                    e.name.clone(),
+                    mount(e.value.as_deref().unwrap_or_default()),
+                )
+            })
             .collect()
     };
     let sidecar = spec
@@ -338,12 +349,8 @@ async fn boto3_works_through_refreshes_a_token_rotation_a_broker_outage_and_lose
     in_namespace(cluster, "sc-life", |client, ns| async move {
         let cluster = keybroker_e2e::shared().await?;
         let pod = pod(cluster, &client, &ns).await?;
-        let mut broker = BrokerThread::start(
-            &cluster.kubeconfig,
-            pod.broker_addr,
-            Arc::clone(&pod.tls),
-        )
-        .await?;
+        let mut broker =
+            BrokerThread::start(&cluster.kubeconfig, pod.broker_addr, Arc::clone(&pod.tls)).await?;
         let sidecar = start_sidecar(&pod, &broker, true).await?;
         let mut secrets: Vec<String> = vec![std::fs::read_to_string(&pod.token_file)?];
         remember(&mut secrets, &pod.out);
@@ -542,12 +549,8 @@ async fn sigterm_removes_the_credentials_and_exits_zero() -> anyhow::Result<()> 
     in_namespace(cluster, "sc-term", |client, ns| async move {
         let cluster = keybroker_e2e::shared().await?;
         let pod = pod(cluster, &client, &ns).await?;
-        let broker = BrokerThread::start(
-            &cluster.kubeconfig,
-            pod.broker_addr,
-            Arc::clone(&pod.tls),
-        )
-        .await?;
+        let broker =
+            BrokerThread::start(&cluster.kubeconfig, pod.broker_addr, Arc::clone(&pod.tls)).await?;
         let mut sidecar = start_sidecar(&pod, &broker, false).await?;
         ensure!(pod.out.join("uploader/credentials").exists());
         sidecar.signal(Signal::SIGTERM);
