@@ -16,6 +16,7 @@ use keybroker_e2e::{
 };
 use keybroker_operator::broker::{Broker, server};
 use keybroker_operator::crd::ApiKey;
+use keybroker_operator::metrics::Metrics;
 use keybroker_operator::tls::ReloadingCert;
 use keybroker_sidecar::wire::{
     AUDIENCE, ExchangeRequest, ExchangeResponse, Refusal, RevocationStatus,
@@ -26,15 +27,23 @@ type BadRequest<'a> = (&'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
 
 /// The broker's HTTPS server on a free loopback port, with a certificate from a fresh CA.
 async fn serve_broker(client: &Client) -> anyhow::Result<https::Client> {
+    Ok(serve_broker_with_metrics(client).await?.0)
+}
+
+/// [`serve_broker`], with the metrics the broker counts its exchanges in.
+async fn serve_broker_with_metrics(
+    client: &Client,
+) -> anyhow::Result<(https::Client, Arc<Metrics>)> {
     let dir = keybroker_e2e::run_dir()?;
     let ca = pki::Ca::create(&dir, "broker-test-ca")?;
     let serving = ca.issue_server(&dir, "broker", &["127.0.0.1"])?;
     let tls = ReloadingCert::new(&serving.cert, &serving.key)?.server_config();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let broker = Broker::start(client.clone()).await;
+    let metrics = Arc::new(Metrics::default());
+    let broker = Broker::start_with_metrics(client.clone(), Arc::clone(&metrics)).await;
     tokio::spawn(server::serve(listener, Arc::new(tls), broker));
-    https::Client::new(addr, &ca.cert)
+    Ok((https::Client::new(addr, &ca.cert)?, metrics))
 }
 
 fn body(name: &str) -> Vec<u8> {
@@ -128,7 +137,8 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
         let cluster = shared().await?;
         fixtures::uploader(cluster, &client, &ns).await?;
         let provider = format!("{ns}-s3");
-        let broker = Broker::start(client.clone()).await;
+        let metrics = Arc::new(Metrics::default());
+        let broker = Broker::start_with_metrics(client.clone(), Arc::clone(&metrics)).await;
         let refusal = |result: Result<_, keybroker_operator::broker::ExchangeError>| match result {
             Ok(_) => "issued".to_owned(),
             Err(e) => e.reason().to_owned(),
@@ -269,6 +279,15 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
                     && l.contains("\"outcome\":\"refused\"")
                     && l.contains(reason)),
                 "no audit record for {reason}"
+            );
+            // ... and counted, by reason, in the broker's metrics.
+            let counted = format!(
+                "keybroker_broker_exchanges_total{{outcome=\"refused\",reason=\"{reason}\"}}"
+            );
+            let exposed = metrics.encode()?;
+            ensure!(
+                exposed.contains(&counted),
+                "{counted} missing from:\n{exposed}"
             );
         }
         Ok(())

@@ -240,7 +240,7 @@ async fn main() -> anyhow::Result<()> {
     if args.roles.contains(&Role::Broker) {
         let tls = ReloadingCert::new(&args.tls_cert_file, &args.tls_key_file)?.server_config();
         let listener = server::bind(args.broker_addr).await?;
-        let broker = Broker::start(client).await;
+        let broker = Broker::start_with_metrics(client, Arc::clone(&metrics)).await;
         roles.push(Box::pin(async move {
             broker::server::serve(listener, Arc::new(tls), broker).await;
             Ok(())

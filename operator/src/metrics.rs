@@ -27,6 +27,14 @@ pub struct DecisionLabels {
     pub decision: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExchangeLabels {
+    /// `issued` or `refused`.
+    pub outcome: &'static str,
+    /// The refusal reason (`""` when issued).
+    pub reason: &'static str,
+}
+
 /// Every metric keybroker-operator exports, registered in one registry.
 #[derive(Debug)]
 pub struct Metrics {
@@ -40,6 +48,9 @@ pub struct Metrics {
     /// Admission reviews answered, by decision (injected, unchanged, denied, invalid).
     pub admissions: Family<DecisionLabels, Counter>,
     pub admission_duration: Histogram,
+    /// Broker exchanges answered, by outcome and refusal reason.
+    pub exchanges: Family<ExchangeLabels, Counter>,
+    pub exchange_duration: Histogram,
 }
 
 impl Default for Metrics {
@@ -55,6 +66,18 @@ impl Default for Metrics {
         let admissions = Family::<DecisionLabels, Counter>::default();
         // 50 µs to ~0.8 s: an admission normally takes well under a millisecond.
         let admission_duration = Histogram::new(exponential_buckets(0.00005, 2.0, 15));
+        let exchanges = Family::<ExchangeLabels, Counter>::default();
+        let exchange_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "broker_exchanges",
+            "Token exchanges answered by the broker, by outcome and refusal reason",
+            exchanges.clone(),
+        );
+        registry.register(
+            "broker_exchange_duration_seconds",
+            "Time to answer one token exchange (TokenReview, authorization and minting)",
+            exchange_duration.clone(),
+        );
         registry.register(
             "webhook_admissions",
             "Admission reviews answered by the webhook, by decision",
@@ -99,6 +122,8 @@ impl Default for Metrics {
             leader,
             admissions,
             admission_duration,
+            exchanges,
+            exchange_duration,
         }
     }
 }
@@ -138,6 +163,13 @@ impl Metrics {
             .get_or_create(&DecisionLabels { decision })
             .inc();
         self.admission_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn exchange(&self, outcome: &'static str, reason: &'static str, took: std::time::Duration) {
+        self.exchanges
+            .get_or_create(&ExchangeLabels { outcome, reason })
+            .inc();
+        self.exchange_duration.observe(took.as_secs_f64());
     }
 
     /// The text exposition format served on `/metrics`.

@@ -25,6 +25,7 @@ use tokio::sync::Notify;
 use tracing::info;
 
 use crate::crd::{ApiKey, KeyProvider};
+use crate::metrics::Metrics;
 use crate::provider_check;
 use authn::{Authenticator, AuthnError};
 use authz::{Denial, Grant, PodIdentity};
@@ -114,6 +115,7 @@ pub struct Broker {
     sts: Mutex<HashMap<(String, String), (aws_sdk_sts::Client, Instant)>>,
     /// Woken on every cache change (revocation long-polls wait on it).
     changed: Arc<Notify>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -129,6 +131,11 @@ impl Broker {
     /// Pods) and returns once they are filled, so every exchange is decided without an API
     /// read. Changes reach the caches within milliseconds; revocation pollers are woken then.
     pub async fn start(client: kube::Client) -> Arc<Self> {
+        Self::start_with_metrics(client, Arc::new(Metrics::default())).await
+    }
+
+    /// [`Broker::start`], counting exchanges in `metrics`.
+    pub async fn start_with_metrics(client: kube::Client, metrics: Arc<Metrics>) -> Arc<Self> {
         let changed = Arc::new(Notify::new());
         let keys = cache(
             Api::<ApiKey>::all(client.clone()),
@@ -160,6 +167,7 @@ impl Broker {
             pods,
             sts: Mutex::default(),
             changed,
+            metrics,
         });
         let _ = tokio::join!(
             broker.keys.wait_until_ready(),
@@ -203,22 +211,30 @@ impl Broker {
         request: &ExchangeRequest,
         client_addr: &str,
     ) -> Result<ExchangeResponse, ExchangeError> {
-        let identity = match self.authn.authenticate(token).await {
-            Ok(identity) => identity,
+        let started = Instant::now();
+        let result = match self.authn.authenticate(token).await {
+            Ok(identity) => {
+                let result = self.authorized_mint(&identity, &request.api_key).await;
+                match &result {
+                    Ok((grant, response)) => {
+                        audit_issuance(&identity, &request.api_key, client_addr, grant, response)
+                    }
+                    Err(e) => audit_refusal(Some(&identity), &request.api_key, client_addr, e),
+                }
+                result.map(|(_, response)| response)
+            }
             Err(e) => {
                 let e = ExchangeError::from(e);
                 audit_refusal(None, &request.api_key, client_addr, &e);
-                return Err(e);
+                Err(e)
             }
         };
-        let result = self.authorized_mint(&identity, &request.api_key).await;
-        match &result {
-            Ok((grant, response)) => {
-                audit_issuance(&identity, &request.api_key, client_addr, grant, response)
-            }
-            Err(e) => audit_refusal(Some(&identity), &request.api_key, client_addr, e),
-        }
-        result.map(|(_, response)| response)
+        let (outcome, reason) = match &result {
+            Ok(_) => ("issued", ""),
+            Err(e) => ("refused", e.reason()),
+        };
+        self.metrics.exchange(outcome, reason, started.elapsed());
+        result
     }
 
     async fn authorized_mint(
