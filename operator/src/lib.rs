@@ -16,8 +16,41 @@ pub mod status;
 pub mod tls;
 pub mod webhook;
 
+use std::sync::Arc;
+
+use futures::StreamExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, CustomResourceExt, Resource};
+use tokio::sync::Notify;
+
+/// A watch cache of `api` (managedFields dropped: nothing reads them) that wakes `changed` on
+/// every event.
+pub fn watch_cache<K>(api: Api<K>, config: watcher::Config, changed: &Arc<Notify>) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let notify = Arc::clone(changed);
+    tokio::spawn(
+        watcher(api, config)
+            .default_backoff()
+            .modify(|obj| obj.meta_mut().managed_fields = None)
+            .reflect(writer)
+            .for_each(move |_| {
+                notify.notify_waiters();
+                std::future::ready(())
+            }),
+    );
+    store
+}
 
 /// Every CRD keybroker serves, in the order they should be applied.
 pub fn crds() -> Vec<CustomResourceDefinition> {

@@ -13,20 +13,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use aws_sdk_sts::error::ProvideErrorMetadata;
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::jiff::Timestamp;
 use keybroker_sidecar::wire::{Credentials, ExchangeRequest, ExchangeResponse, Refusal};
 use kube::core::PartialObjectMeta;
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Resource, ResourceExt};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
 use tokio::sync::Notify;
 use tracing::info;
 
 use crate::crd::{ApiKey, KeyProvider};
 use crate::metrics::Metrics;
 use crate::provider_check;
+use crate::watch_cache;
 use authn::{Authenticator, AuthnError};
 use authz::{Denial, Grant, PodIdentity};
 use ratelimit::IssuanceCap;
@@ -137,22 +137,22 @@ impl Broker {
     /// [`Broker::start`], counting exchanges in `metrics`.
     pub async fn start_with_metrics(client: kube::Client, metrics: Arc<Metrics>) -> Arc<Self> {
         let changed = Arc::new(Notify::new());
-        let keys = cache(
+        let keys = watch_cache(
             Api::<ApiKey>::all(client.clone()),
             watcher::Config::default(),
             &changed,
         );
-        let providers = cache(
+        let providers = watch_cache(
             Api::<KeyProvider>::all(client.clone()),
             watcher::Config::default(),
             &changed,
         );
-        let namespaces = cache(
+        let namespaces = watch_cache(
             Api::<Namespace>::all(client.clone()),
             watcher::Config::default(),
             &changed,
         );
-        let pods = cache(
+        let pods = watch_cache(
             Api::<PartialObjectMeta<Pod>>::all(client.clone()),
             watcher::Config::default().labels(&format!("{}=true", authz::INJECT_LABEL)),
             &changed,
@@ -392,32 +392,6 @@ impl Broker {
             refresh_at: refresh_at.to_string(),
         })
     }
-}
-
-/// A watch cache of `api` that wakes `changed` on every event.
-fn cache<K>(api: Api<K>, config: watcher::Config, changed: &Arc<Notify>) -> Store<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store();
-    let notify = Arc::clone(changed);
-    tokio::spawn(
-        watcher(api, config)
-            .default_backoff()
-            .modify(|obj| obj.meta_mut().managed_fields = None)
-            .reflect(writer)
-            .for_each(move |_| {
-                notify.notify_waiters();
-                std::future::ready(())
-            }),
-    );
-    store
 }
 
 fn innermost(error: &(dyn std::error::Error + 'static)) -> String {

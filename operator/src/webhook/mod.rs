@@ -12,17 +12,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use futures::StreamExt;
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Resource};
+use kube::Api;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::crd::{ApiKey, KeyProvider};
 use crate::metrics::Metrics;
 use crate::status::ready_condition;
+use crate::watch_cache;
 use inject::{Decision, KeyFacts, PodView, Settings};
 
 /// A live read of an ApiKey missing from the cache must answer within this; the apiserver
@@ -51,8 +52,18 @@ impl Webhook {
         settings: Settings,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        let keys = cache(Api::<ApiKey>::all(client.clone()));
-        let providers = cache(Api::<KeyProvider>::all(client.clone()));
+        // Nothing waits on changes here; admissions read whatever the caches hold.
+        let changed = Arc::new(Notify::new());
+        let keys = watch_cache(
+            Api::<ApiKey>::all(client.clone()),
+            watcher::Config::default(),
+            &changed,
+        );
+        let providers = watch_cache(
+            Api::<KeyProvider>::all(client.clone()),
+            watcher::Config::default(),
+            &changed,
+        );
         let _ = tokio::join!(keys.wait_until_ready(), providers.wait_until_ready());
         Arc::new(Self {
             client,
@@ -295,27 +306,6 @@ impl Answer {
         }))
         .unwrap_or_default()
     }
-}
-
-fn cache<K>(api: Api<K>) -> Store<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store();
-    tokio::spawn(
-        watcher(api, watcher::Config::default())
-            .default_backoff()
-            .modify(|obj| obj.meta_mut().managed_fields = None)
-            .reflect(writer)
-            .for_each(|_| std::future::ready(())),
-    );
-    store
 }
 
 #[cfg(test)]
