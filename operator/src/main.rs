@@ -199,6 +199,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
     let metrics = Arc::new(Metrics::default());
+    let readiness = Arc::new(server::Readiness::default());
     let listener = server::bind(args.metrics_addr).await?;
     let identity = match args.identity {
         Some(identity) => identity,
@@ -218,7 +219,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut roles: Vec<futures::future::BoxFuture<'static, anyhow::Result<()>>> = Vec::new();
     roles.push(Box::pin(
-        server::serve(listener, Arc::clone(&metrics)).map(Ok),
+        server::serve(listener, Arc::clone(&metrics), Arc::clone(&readiness)).map(Ok),
     ));
     if args.roles.contains(&Role::Controller) {
         let (client, metrics) = (client.clone(), Arc::clone(&metrics));
@@ -233,6 +234,7 @@ async fn main() -> anyhow::Result<()> {
                 &args.namespace,
                 args.webhook,
                 Arc::clone(&metrics),
+                &readiness,
             )
             .await?,
         );
@@ -257,6 +259,7 @@ async fn webhook_role(
     namespace: &str,
     args: WebhookArgs,
     metrics: Arc<Metrics>,
+    readiness: &server::Readiness,
 ) -> anyhow::Result<futures::future::BoxFuture<'static, anyhow::Result<()>>> {
     let broker_ca = std::fs::read_to_string(&args.broker_ca_file).with_context(|| {
         format!(
@@ -288,6 +291,8 @@ async fn webhook_role(
             ),
             _ => {
                 let serving = Arc::new(MemoryCert::default());
+                let loaded = Arc::clone(&serving);
+                readiness.add("webhook-certificate", move || loaded.is_ready());
                 let hosts = match args.webhook_hosts.is_empty() {
                     true => vec![format!("keybroker-webhook.{namespace}.svc")],
                     false => args.webhook_hosts,
