@@ -8,12 +8,12 @@ TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 MUSL_TARGET := x86_64-unknown-linux-musl
 export NO_PROXY := 127.0.0.1,localhost
 
-.PHONY: help test tools lint unit e2e crds bench sidecar-static cluster-up cluster-down
+.PHONY: help test tools lint unit e2e crds bench sidecar-static release-static chart-lint demo cluster-up cluster-down
 
 help: ## Show the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
-test: tools lint unit e2e ## Everything: formatting, clippy, unit tests, e2e tests against real components
+test: tools lint chart-lint unit e2e ## Everything: formatting, clippy, unit tests, e2e tests against real components
 
 tools: ## Build (first time only) etcd, kube-apiserver, kube-controller-manager, MinIO, helm into ~/.cache/keybroker
 	@bash e2e/tools/build.sh
@@ -44,8 +44,25 @@ sidecar-static: ## Static musl release build of keybroker-sidecar -> $(TARGET_DI
 	$(CARGO) build -q --release --locked -p keybroker-sidecar --target $(MUSL_TARGET)
 	@ls -l $(TARGET_DIR)/$(MUSL_TARGET)/release/keybroker-sidecar
 
-crds: ## Regenerate crds/ from the Rust types (a unit test fails when they are stale)
+# What the Dockerfiles copy: both binaries static (musl), so the images need no libc at all.
+# aws-lc (rustls' crypto in both) compiles its C with musl-gcc too.
+release-static: ## Static musl release builds of keybroker-operator and keybroker-sidecar (what the Dockerfiles copy)
+	@command -v musl-gcc >/dev/null || { echo "musl-gcc not found: apt-get install musl-tools"; exit 1; }
+	@if command -v rustup >/dev/null; then rustup target add $(MUSL_TARGET) >/dev/null; fi
+	$(CARGO) build -q --release --locked -p keybroker-operator --bin keybroker-operator -p keybroker-sidecar --target $(MUSL_TARGET)
+	@mkdir -p dist
+	cp $(TARGET_DIR)/$(MUSL_TARGET)/release/keybroker-operator $(TARGET_DIR)/$(MUSL_TARGET)/release/keybroker-sidecar dist/
+	@ls -l dist/
+
+crds: ## Regenerate crds/ (and the chart's copy) from the Rust types (tests fail when either is stale)
 	$(CARGO) run -q --locked -p keybroker-operator --bin crdgen -- --out crds
+	cp crds/*.yaml charts/keybroker/crds/
+
+chart-lint: tools ## helm lint the chart (its values.schema.json included)
+	@"$$(bash e2e/tools/build.sh --locate | sed -n 's/^KEYBROKER_BIN_HELM=//p')" lint --strict charts/keybroker
+
+demo: tools ## Narrated: control plane + MinIO, the chart, the operator as its ServiceAccount, examples/, an injected pod's sidecar, boto3 inside/outside its scope, a revocation drill; then tears down
+	@$(CARGO) run -q --locked -p keybroker-e2e --bin keybroker-demo
 
 cluster-up: tools ## Start a local control plane and MinIO in $(CLUSTER_DIR) and leave it running
 	@$(CARGO) run -q --locked -p keybroker-e2e --bin keybroker-cluster -- up --dir $(CLUSTER_DIR)

@@ -4,7 +4,9 @@
 //! Tests share one control plane per test binary ([`shared`]) and isolate themselves with
 //! [`in_namespace`], which dumps the namespace and the component logs when the test fails.
 
+pub mod binaries;
 pub mod cluster;
+pub mod demo;
 pub mod fixtures;
 pub mod https;
 pub mod logs;

@@ -8,83 +8,36 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use keybroker_operator::broker::{Broker, server};
 use tokio::sync::{OnceCell, oneshot};
 
 /// The boto3 release the tests run (a pinned version keeps the cached venv reusable).
 pub const BOTO3_VERSION: &str = "1.44.5";
 
-/// The `keybroker-sidecar` binary to run.
-///
-/// `KEYBROKER_SIDECAR_BIN`, when set, names it (e.g. the static musl build). Otherwise this runs
-/// `cargo build -p keybroker-sidecar` for the profile and target directory of the running test
-/// binary, once per process. Why: `CARGO_BIN_EXE_*` exists only for a package's own tests, and
-/// a path like `target/debug/keybroker-sidecar` alone may be missing or stale (built before
-/// the last edit) — cargo's own fingerprinting makes this a no-op when it is up to date and a
-/// rebuild when it is not, whatever command started the tests.
+/// The `keybroker-sidecar` binary to run: `KEYBROKER_SIDECAR_BIN` when set (e.g. the static
+/// musl build), else [`crate::binaries::cargo_bin`].
 pub async fn binary() -> anyhow::Result<PathBuf> {
     static BINARY: OnceCell<Result<PathBuf, String>> = OnceCell::const_new();
     BINARY
         .get_or_init(|| async {
-            tokio::task::spawn_blocking(build)
+            if let Some(bin) = std::env::var_os("KEYBROKER_SIDECAR_BIN") {
+                let bin = PathBuf::from(bin);
+                return match bin.exists() {
+                    true => Ok(bin),
+                    false => Err(format!(
+                        "KEYBROKER_SIDECAR_BIN={} does not exist",
+                        bin.display()
+                    )),
+                };
+            }
+            crate::binaries::cargo_bin("keybroker-sidecar", "keybroker-sidecar")
                 .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| format!("{e:#}")))
+                .map_err(|e| format!("{e:#}"))
         })
         .await
         .clone()
         .map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-fn build() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("KEYBROKER_SIDECAR_BIN") {
-        let bin = PathBuf::from(bin);
-        ensure!(
-            bin.exists(),
-            "KEYBROKER_SIDECAR_BIN={} does not exist",
-            bin.display()
-        );
-        return Ok(bin);
-    }
-    // <target>/<profile dir>/deps/<test binary>
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("the test binary is not in <target>/<profile>/deps")?;
-    let target_dir = profile_dir.parent().context("no target directory")?;
-    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") => "dev",
-        Some(other) => other,
-        None => bail!("cannot tell the profile from {}", exe.display()),
-    };
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let out = Command::new(cargo)
-        .args([
-            "build",
-            "--locked",
-            "--quiet",
-            "-p",
-            "keybroker-sidecar",
-            "--profile",
-        ])
-        .arg(profile)
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(target_dir)
-        .output()
-        .context("running cargo build -p keybroker-sidecar")?;
-    ensure!(
-        out.status.success(),
-        "cargo build -p keybroker-sidecar failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bin = profile_dir.join("keybroker-sidecar");
-    ensure!(bin.exists(), "{} was not built", bin.display());
-    Ok(bin)
 }
 
 /// The broker's HTTPS server on its own thread and runtime, so that [`BrokerThread::stop`]

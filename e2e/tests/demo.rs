@@ -1,0 +1,69 @@
+//! `make demo`, run as a test so it cannot rot, and the proof that the chart's RBAC is enough:
+//! the chart is installed into a real apiserver (which validates every object), the operator
+//! runs with the chart ServiceAccount's own token (not system:masters), and every scenario
+//! passes under it. `kubectl auth can-i --list` for that identity must equal the README's list.
+
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use keybroker_e2e::demo::{self, Narrator};
+
+/// The block after the README's "can-i" marker.
+fn readme_can_i() -> anyhow::Result<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let start = readme
+        .find("<!-- can-i -->")
+        .context("README has no <!-- can-i --> marker")?;
+    let block = &readme[start..];
+    let body = block
+        .split("```")
+        .nth(1)
+        .context("no code block after the can-i marker")?;
+    Ok(body.trim_start_matches("text").trim().to_owned())
+}
+
+/// Trailing spaces aside (kubectl pads its columns).
+fn table(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.trim_end().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+#[tokio::test]
+async fn make_demo_passes_with_the_chart_identity() -> anyhow::Result<()> {
+    let report = demo::run(&Narrator::default()).await?;
+    eprintln!("{report:#?}");
+
+    let expected = readme_can_i()?;
+    ensure!(
+        table(&report.can_i) == table(&expected),
+        "kubectl auth can-i --list as {} differs from the README:\n{}",
+        demo::IDENTITY,
+        report.can_i
+    );
+    ensure!(
+        report.pods >= 4 && report.injected == report.pods,
+        "{report:?}"
+    );
+    ensure!(
+        report.greedy_reason == "ScopeExceedsGuardrails",
+        "{report:?}"
+    );
+    ensure!(report.inside == "ok", "PUT inside the scope: {report:?}");
+    ensure!(
+        report.outside == "AccessDenied",
+        "PUT outside the scope: {report:?}"
+    );
+    ensure!(
+        report.after_revocation != "ok",
+        "PUT after the revocation: {report:?}"
+    );
+    ensure!(
+        report.files_gone < Duration::from_secs(1),
+        "files gone only {:?} after the revocation",
+        report.files_gone
+    );
+    ensure!(report.refusal_reason == "ApiKeyRevoked", "{report:?}");
+    Ok(())
+}
