@@ -60,6 +60,8 @@ pub struct Report {
     pub files_gone: Duration,
     pub broker_refused: Duration,
     pub refusal_reason: String,
+    /// Operator log lines about API calls RBAC refused (the chart's RBAC must make this empty).
+    pub forbidden: Vec<String>,
 }
 
 /// Prints numbered steps with the elapsed time.
@@ -401,6 +403,17 @@ pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
     ));
     n.say(&format!("boto3 PUT now → {after_revocation}"));
 
+    // An RBAC gap shows as a 403 in the operator's log even where no scenario notices it.
+    let forbidden: Vec<String> = std::fs::read_to_string(operator.log_path())?
+        .lines()
+        .filter(|l| l.contains("is forbidden: User"))
+        .map(str::to_owned)
+        .collect();
+    n.say(&format!(
+        "operator log: {} API calls refused by RBAC",
+        forbidden.len()
+    ));
+
     n.step("Tearing down: sidecar, operator, control plane, MinIO, temporary files");
     drop(sidecar_process);
     drop(operator);
@@ -419,6 +432,7 @@ pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
         files_gone,
         broker_refused,
         refusal_reason,
+        forbidden,
     })
 }
 

@@ -22,12 +22,24 @@ fn readme_can_i() -> anyhow::Result<String> {
     Ok(body.trim_start_matches("text").trim().to_owned())
 }
 
-/// Trailing spaces aside (kubectl pads its columns).
+/// The rows of a `kubectl auth can-i --list` table, each with its verbs sorted, sorted: kubectl
+/// merges rules of several Roles in the order the apiserver returns them, which varies.
 fn table(text: &str) -> Vec<String> {
-    text.lines()
-        .map(|l| l.trim_end().to_owned())
-        .filter(|l| !l.is_empty())
-        .collect()
+    let mut rows: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| match line.rsplit_once('[') {
+            Some((head, verbs)) => {
+                let mut verbs: Vec<&str> =
+                    verbs.trim_end().trim_end_matches(']').split(' ').collect();
+                verbs.sort_unstable();
+                format!("{}[{}]", head.trim_end(), verbs.join(" "))
+            }
+            None => line.trim_end().to_owned(),
+        })
+        .collect();
+    rows.sort();
+    rows
 }
 
 #[tokio::test]
