@@ -785,3 +785,47 @@ async fn run_tool_with_input(cmd: &mut Command, input: &str) -> anyhow::Result<S
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_node_maps_mount_paths_and_loopback_ports() {
+        let node = Node {
+            out: "/dev/shm/kb".into(),
+            token_dir: "/tmp/kb/token".into(),
+            credentials: "127.0.0.1:40001".parse().unwrap(),
+            health: "127.0.0.1:40002".parse().unwrap(),
+            _dirs: Vec::new(),
+        };
+        let container: Container = serde_json::from_value(serde_json::json!({
+            "name": "keybroker-sidecar",
+            "env": [
+                {"name": "KEYBROKER_TOKEN_FILE", "value": "/var/run/secrets/keybroker/token"},
+                {"name": "KEYBROKER_OUTPUT_DIR", "value": "/var/run/keybroker"},
+                {"name": "KEYBROKER_CREDENTIALS_ADDR", "value": "127.0.0.1:9911"},
+                {"name": "KEYBROKER_HEALTH_ADDR", "value": "0.0.0.0:9912"},
+                {"name": "AWS_CONTAINER_CREDENTIALS_FULL_URI", "value": "http://127.0.0.1:9911/v1/credentials/a"},
+                {"name": "FROM_FIELD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "KEPT", "value": "as is"},
+            ]
+        }))
+        .unwrap();
+        assert_eq!(
+            node.env(&container),
+            [
+                ("KEYBROKER_TOKEN_FILE", "/tmp/kb/token/token"),
+                ("KEYBROKER_OUTPUT_DIR", "/dev/shm/kb"),
+                ("KEYBROKER_CREDENTIALS_ADDR", "127.0.0.1:40001"),
+                ("KEYBROKER_HEALTH_ADDR", "127.0.0.1:40002"),
+                (
+                    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                    "http://127.0.0.1:40001/v1/credentials/a"
+                ),
+                ("KEPT", "as is"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+    }
+}
