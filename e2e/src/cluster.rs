@@ -242,6 +242,9 @@ impl Cluster {
                 format!("--service-account-signing-key-file={}", sa_key.display()),
                 format!("--service-account-jwks-uri={server}/openid/v1/jwks"),
                 "--profiling=false".into(),
+                // Webhook Services resolve through their EndpointSlices (there is no
+                // kube-proxy), so a chart's Service-based webhook works when a test gives it one.
+                "--enable-aggregator-routing=true".into(),
                 format!("--audit-policy-file={}", audit_policy.display()),
                 format!("--audit-log-path={}", self.audit_log().display()),
                 "--audit-log-mode=blocking".into(),

@@ -8,8 +8,10 @@
 //! What stands in for a node (there is no kubelet, kube-proxy or cluster DNS here): the
 //! operator is the chart Deployment's command line run as a local process, with the chart's
 //! broker Secret as files and a TokenRequest token of the chart ServiceAccount as its
-//! kubeconfig; the chart's MutatingWebhookConfiguration is pointed at it on 127.0.0.1; the
-//! sidecar gets the stored pod's own environment, a pod-bound token file and a tmpfs directory.
+//! kubeconfig; the apiserver (with `--enable-aggregator-routing`) calls it through the chart's
+//! own webhook configuration and Service, resolved by an EndpointSlice naming this machine's
+//! address as a Ready pod would be named; the sidecar gets the stored pod's own environment, a
+//! pod-bound token file and a tmpfs directory.
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -22,6 +24,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, Pod, Secret};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use tokio::process::Command;
 
@@ -47,6 +50,8 @@ const EXAMPLE_ENDPOINT: &str = "http://minio.minio.svc:9000";
 pub struct Report {
     /// `kubectl auth can-i --list` as the chart ServiceAccount, in its namespace.
     pub can_i: String,
+    /// Whether the apiserver called the webhook through the chart's own Service (else by URL).
+    pub webhook_by_service: bool,
     /// Pods kube-controller-manager created for the examples, and how many have the sidecar.
     pub pods: usize,
     pub injected: usize,
@@ -156,7 +161,12 @@ pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
     ));
 
     let broker_addr = free_addr()?;
-    let webhook_addr = free_addr()?;
+    // The apiserver reaches the webhook through the chart's Service, resolved by an
+    // EndpointSlice whose address may not be loopback: this machine's own address.
+    let webhook_addr = match host_ip() {
+        Some(ip) => SocketAddr::new(ip, TcpListener::bind((ip, 0))?.local_addr()?.port()),
+        None => free_addr()?,
+    };
     n.step("helm install keybroker charts/keybroker (CRDs, RBAC, Deployment, Services, webhook)");
     let kubeconfig = cluster.kubeconfig.display().to_string();
     let helm = run_tool(
@@ -422,6 +432,7 @@ pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
     drop(dir);
     n.say(&format!("done in {:.0}s", n.elapsed().as_secs_f64()));
     Ok(Report {
+        webhook_by_service: !webhook_addr.ip().is_loopback(),
         can_i,
         pods: pods.len(),
         injected,
@@ -476,7 +487,6 @@ async fn start_operator(
         format!("--metrics-addr={metrics}"),
         format!("--broker-addr={broker_addr}"),
         format!("--webhook-addr={webhook_addr}"),
-        "--webhook-hosts=127.0.0.1".into(),
         format!("--tls-cert-file={}", tls.join("tls.crt").display()),
         format!("--tls-key-file={}", tls.join("tls.key").display()),
         format!("--broker-ca-file={}", tls.join("ca.crt").display()),
@@ -486,26 +496,47 @@ async fn start_operator(
         args[..4].join(" ")
     ));
 
-    // No Service routing here: the apiserver calls the webhook on 127.0.0.1 instead.
-    let url = format!("https://{webhook_addr}/mutate");
     let configs = Api::<MutatingWebhookConfiguration>::all(admin.clone());
-    let mut config = configs.get(RELEASE).await?;
-    let webhook = config
-        .webhooks
-        .iter_mut()
-        .flatten()
-        .find(|w| w.name == "inject.keybroker.dev")
-        .context("the chart's webhook configuration has no inject.keybroker.dev")?;
-    webhook.client_config = WebhookClientConfig {
-        url: Some(url.clone()),
-        ..WebhookClientConfig::default()
-    };
-    configs
-        .replace(RELEASE, &PostParams::default(), &config)
-        .await?;
-    n.say(&format!(
-        "webhook {RELEASE}: clientConfig.url={url} (the rest is the chart's)"
-    ));
+    if webhook_addr.ip().is_loopback() {
+        // No address but loopback, which an EndpointSlice may not name: the apiserver calls
+        // the webhook by URL instead of through the chart's Service.
+        let url = format!("https://{webhook_addr}/mutate");
+        let mut config = configs.get(RELEASE).await?;
+        let webhook = config
+            .webhooks
+            .iter_mut()
+            .flatten()
+            .find(|w| w.name == "inject.keybroker.dev")
+            .context("the chart's webhook configuration has no inject.keybroker.dev")?;
+        webhook.client_config = WebhookClientConfig {
+            url: Some(url.clone()),
+            ..WebhookClientConfig::default()
+        };
+        configs
+            .replace(RELEASE, &PostParams::default(), &config)
+            .await?;
+        args.push("--webhook-hosts=127.0.0.1".into());
+        n.say(&format!(
+            "webhook {RELEASE}: clientConfig.url={url} (no non-loopback address here)"
+        ));
+    } else {
+        // What the endpoint controllers would publish for a Ready operator pod.
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": format!("{RELEASE}-webhook-demo"),
+                "labels": {"kubernetes.io/service-name": format!("{RELEASE}-webhook")},
+            },
+            "addressType": if webhook_addr.is_ipv4() { "IPv4" } else { "IPv6" },
+            "endpoints": [{"addresses": [webhook_addr.ip().to_string()], "conditions": {"ready": true}}],
+            "ports": [{"name": "https", "port": webhook_addr.port(), "protocol": "TCP"}],
+        }))?;
+        Api::<EndpointSlice>::namespaced(admin.clone(), NAMESPACE)
+            .create(&PostParams::default(), &slice)
+            .await?;
+        n.say(&format!(
+            "webhook: the chart's own configuration and Service {RELEASE}-webhook, with an EndpointSlice for {webhook_addr} in place of a pod"
+        ));
+    }
 
     let kubeconfig_path = kubeconfig.display().to_string();
     let mut operator = Component::spawn(
@@ -724,6 +755,13 @@ fn write_token_kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) -> 
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(())
+}
+
+/// This machine's address on its default route (no packet is sent), if it has one.
+fn host_ip() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.1:9").ok()?;
+    Some(socket.local_addr().ok()?.ip()).filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
 }
 
 fn free_addr() -> anyhow::Result<SocketAddr> {
