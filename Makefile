@@ -13,7 +13,7 @@ export NO_PROXY := 127.0.0.1,localhost
 help: ## Show the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
-test: tools lint chart-lint unit e2e ## Everything: formatting, clippy, unit tests, e2e tests against real components
+test: tools lint chart-lint unit e2e ## Everything: formatting, clippy, helm lint, unit tests, e2e tests against real components
 
 tools: ## Build (first time only) etcd, kube-apiserver, kube-controller-manager, MinIO, helm into ~/.cache/keybroker
 	@bash e2e/tools/build.sh
@@ -46,7 +46,7 @@ sidecar-static: ## Static musl release build of keybroker-sidecar -> $(TARGET_DI
 
 # What the Dockerfiles copy: both binaries static (musl), so the images need no libc at all.
 # aws-lc (rustls' crypto in both) compiles its C with musl-gcc too.
-release-static: ## Static musl release builds of keybroker-operator and keybroker-sidecar (what the Dockerfiles copy)
+release-static: ## Static musl release builds of keybroker-operator and keybroker-sidecar (into dist/, what the Dockerfile ships)
 	@command -v musl-gcc >/dev/null || { echo "musl-gcc not found: apt-get install musl-tools"; exit 1; }
 	@if command -v rustup >/dev/null; then rustup target add $(MUSL_TARGET) >/dev/null; fi
 	$(CARGO) build -q --release --locked -p keybroker-operator --bin keybroker-operator -p keybroker-sidecar --target $(MUSL_TARGET)
