@@ -1000,12 +1000,22 @@ async fn open_loop(
                 // Stagger the connections over one period.
                 let first = started + period.mul_f64(i as f64 / CONNECTIONS as f64);
                 let mut latencies = Vec::with_capacity(count);
+                let mut previous_done = started;
                 for n in 0..count {
                     let due = first + period * n as u32;
                     tokio::time::sleep_until(due.into()).await;
+                    // A request held back by a slow previous answer counts from when it was due
+                    // (no coordinated omission); one the timer woke late (tokio's 1 ms tick)
+                    // counts from when it was sent, since that lateness is the generator's.
+                    let sent = if previous_done > due {
+                        due
+                    } else {
+                        Instant::now()
+                    };
                     let reply = conn.send("POST", "/mutate", None, body.clone()).await?;
                     ensure!(reply.status == 200, "{}", reply.status);
-                    latencies.push(due.elapsed());
+                    previous_done = Instant::now();
+                    latencies.push(previous_done - sent);
                 }
                 anyhow::Ok(latencies)
             })
