@@ -299,11 +299,18 @@ impl Answer {
 
     /// The whole AdmissionReview answering with this response.
     fn into_review(self) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "response": self,
-        }))
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct ReviewOut<'a> {
+            api_version: &'static str,
+            kind: &'static str,
+            response: &'a Answer,
+        }
+        serde_json::to_vec(&ReviewOut {
+            api_version: "admission.k8s.io/v1",
+            kind: "AdmissionReview",
+            response: &self,
+        })
         .unwrap_or_default()
     }
 }
