@@ -61,6 +61,13 @@ pub async fn tenant(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Res
 /// A tenant namespace with ApiKey `uploader` (PutObject under `corp-data/<ns>/reports/*`),
 /// service account `uploader`, and an opted-in pod `app` running as it.
 pub async fn uploader(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<()> {
+    uploader_key(cluster, client, ns).await?;
+    pod(client, ns, "app", "uploader", Some("uploader")).await?;
+    Ok(())
+}
+
+/// [`uploader`] without the pod: the tenant, ApiKey `uploader` and service account `uploader`.
+pub async fn uploader_key(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<()> {
     let provider = tenant(cluster, client, ns).await?;
     apikey(
         client,
@@ -72,9 +79,7 @@ pub async fn uploader(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::R
         Some("15m"),
     )
     .await?;
-    service_account(client, ns, "uploader").await?;
-    pod(client, ns, "app", "uploader", Some("uploader")).await?;
-    Ok(())
+    service_account(client, ns, "uploader").await
 }
 
 /// Sets the namespace's `keybroker.dev/tenant` label.

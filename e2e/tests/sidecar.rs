@@ -51,18 +51,7 @@ struct Pod {
 /// The uploader tenant (ApiKey `uploader`: PutObject under `corp-data/<ns>/reports/*`, pod
 /// `app` opted in), a broker certificate, and a pod-bound token in a file.
 async fn pod(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<Pod> {
-    let provider = fixtures::tenant(cluster, client, ns).await?;
-    fixtures::apikey(
-        client,
-        ns,
-        "uploader",
-        &provider,
-        &["s3:PutObject"],
-        &[fixtures::object_arn(ns, "reports/*")],
-        Some("15m"),
-    )
-    .await?;
-    fixtures::service_account(client, ns, "uploader").await?;
+    fixtures::uploader_key(cluster, client, ns).await?;
 
     let dir = keybroker_e2e::run_dir()?;
     let ca = pki::Ca::create(&dir, "broker-test-ca")?;

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 
-use keybroker_e2e::{Cluster, eventually, fixtures, in_namespace, shared, shared_with_crds};
+use keybroker_e2e::{eventually, fixtures, in_namespace, shared, shared_with_crds};
 use keybroker_operator::metrics::Metrics;
 use keybroker_operator::tls::MemoryCert;
 use keybroker_operator::webhook::certs::{self, CertConfig, Timing};
@@ -125,26 +125,36 @@ async fn wait_until_serving(
     .await
 }
 
+/// Starts `replicas` webhook replicas for namespace `ns`, registers them, waits until the
+/// apiserver injects through them, runs `body`, and unregisters whatever `body` returned.
+async fn with_webhook(
+    client: &Client,
+    ns: &str,
+    replicas: usize,
+    timing: Timing,
+    body: impl AsyncFnOnce(Vec<Replica>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let config_name = format!("keybroker-{ns}");
+    let mut started = Vec::new();
+    for _ in 0..replicas {
+        started.push(start_replica(client, ns, &config_name, timing).await?);
+    }
+    let urls: Vec<String> = started.iter().map(|r| r.url.clone()).collect();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    register(client, &config_name, ns, &urls).await?;
+    let result = async {
+        wait_until_serving(client, ns, "uploader", "uploader").await?;
+        body(started).await
+    }
+    .await;
+    unregister(client, &config_name).await;
+    result
+}
+
 async fn unregister(client: &Client, name: &str) {
     let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
         .delete(name, &DeleteParams::default())
         .await;
-}
-
-/// A namespace with ApiKey `uploader` usable by service account `uploader`.
-async fn setup(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<()> {
-    let provider = fixtures::tenant(cluster, client, ns).await?;
-    fixtures::apikey(
-        client,
-        ns,
-        "uploader",
-        &provider,
-        &["s3:PutObject"],
-        &[fixtures::object_arn(ns, "reports/*")],
-        Some("15m"),
-    )
-    .await?;
-    fixtures::service_account(client, ns, "uploader").await
 }
 
 fn sidecar_of(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::Container> {
@@ -161,12 +171,9 @@ async fn labelled_pods_and_deployment_pods_are_stored_with_the_sidecar() -> anyh
     let cluster = shared_with_crds().await?;
     in_namespace(cluster, "wh-inject", |client, ns| async move {
         let cluster = shared().await?;
-        setup(cluster, &client, &ns).await?;
-        let config_name = format!("keybroker-{ns}");
-        let replica = start_replica(&client, &ns, &config_name, Timing::default()).await?;
-        register(&client, &config_name, &ns, &[&replica.url]).await?;
-        let result = async {
-            wait_until_serving(&client, &ns, "uploader", "uploader").await?;
+        fixtures::uploader_key(cluster, &client, &ns).await?;
+        with_webhook(&client, &ns, 1, Timing::default(), async |replicas| {
+            let replica = &replicas[0];
 
             let pod = fixtures::pod(&client, &ns, "app", "uploader", Some("uploader")).await?;
             let sidecar = sidecar_of(&pod).context("the stored pod has no sidecar")?;
@@ -219,10 +226,8 @@ async fn labelled_pods_and_deployment_pods_are_stored_with_the_sidecar() -> anyh
             let metrics = replica.metrics.encode()?;
             ensure!(metrics.contains("keybroker_webhook_admissions_total{decision=\"injected\"}"), "{metrics}");
             Ok(())
-        }
-        .await;
-        unregister(&client, &config_name).await;
-        result
+        })
+        .await
     })
     .await
 }
@@ -232,13 +237,10 @@ async fn denials_and_warnings_show_in_kubectl_apply() -> anyhow::Result<()> {
     let cluster = shared_with_crds().await?;
     in_namespace(cluster, "wh-deny", |client, ns| async move {
         let cluster = shared().await?;
-        setup(cluster, &client, &ns).await?;
+        fixtures::uploader_key(cluster, &client, &ns).await?;
         fixtures::service_account(&client, &ns, "intruder").await?;
-        let config_name = format!("keybroker-{ns}");
-        let replica = start_replica(&client, &ns, &config_name, Timing::default()).await?;
-        register(&client, &config_name, &ns, &[&replica.url]).await?;
-        let result = async {
-            wait_until_serving(&client, &ns, "uploader", "uploader").await?;
+        with_webhook(&client, &ns, 1, Timing::default(), async |replicas| {
+            let replica = &replicas[0];
             let kubectl = keybroker_e2e::tools::Tools::locate()?.kubectl;
             // Asynchronously: the webhook answers on this test's own runtime.
             let apply = async |name: &str, sa: &str, apikeys: &str| {
@@ -283,10 +285,8 @@ async fn denials_and_warnings_show_in_kubectl_apply() -> anyhow::Result<()> {
             let metrics = replica.metrics.encode()?;
             ensure!(metrics.contains("keybroker_webhook_admissions_total{decision=\"denied\"} 3"), "{metrics}");
             Ok(())
-        }
-        .await;
-        unregister(&client, &config_name).await;
-        result
+        })
+        .await
     })
     .await
 }
@@ -296,8 +296,7 @@ async fn a_ca_rotation_while_pods_are_created_loses_no_admission() -> anyhow::Re
     let cluster = shared_with_crds().await?;
     in_namespace(cluster, "wh-rotate", |client, ns| async move {
         let cluster = shared().await?;
-        setup(cluster, &client, &ns).await?;
-        let config_name = format!("keybroker-{ns}");
+        fixtures::uploader_key(cluster, &client, &ns).await?;
         // A CA that lives 24 s rotates 16 s in (stage, +2 s promote, +2 s drop).
         let timing = Timing {
             ca_validity: Duration::from_secs(24),
@@ -306,11 +305,7 @@ async fn a_ca_rotation_while_pods_are_created_loses_no_admission() -> anyhow::Re
         };
         // Two replicas converge on one Secret; the apiserver calls both for every pod, so a
         // replica serving a certificate the caBundle does not trust fails the pod.
-        let first = start_replica(&client, &ns, &config_name, timing).await?;
-        let second = start_replica(&client, &ns, &config_name, timing).await?;
-        register(&client, &config_name, &ns, &[&first.url, &second.url]).await?;
-        let result = async {
-            wait_until_serving(&client, &ns, "uploader", "uploader").await?;
+        with_webhook(&client, &ns, 2, timing, async |_replicas| {
             let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
             let ca_of = |secret: Secret| secret.data.and_then(|d| d.get("ca.crt").cloned());
             let first_ca = ca_of(secrets.get("webhook-tls").await?);
@@ -352,10 +347,8 @@ async fn a_ca_rotation_while_pods_are_created_loses_no_admission() -> anyhow::Re
                 "admissions lost during rotation: {failures:#?}"
             );
             Ok(())
-        }
-        .await;
-        unregister(&client, &config_name).await;
-        result
+        })
+        .await
     })
     .await
 }
