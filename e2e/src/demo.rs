@@ -25,7 +25,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use tokio::process::Command;
 
 use crate::cluster::Cluster;
@@ -265,7 +265,10 @@ pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
             }),
         )
         .await?;
-    let injected = pods.iter().filter(|p| sidecar_of(p).is_some()).count();
+    let injected = pods
+        .iter()
+        .filter(|p| fixtures::injected_sidecar(p).is_some())
+        .count();
     for pod in &pods {
         n.say(&format!(
             "pod {:<40} init containers {:?}",
@@ -292,7 +295,8 @@ pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
         "Running pod {pod_name}'s sidecar as the kubelet would: its env, a pod-bound token, a tmpfs volume"
     ));
     let node = Node::new(&dir.0, &pod_name)?;
-    let sidecar_container = sidecar_of(pod).context("the report-uploader pod has no sidecar")?;
+    let sidecar_container =
+        fixtures::injected_sidecar(pod).context("the report-uploader pod has no sidecar")?;
     let token = fixtures::token(
         &admin,
         TEAM,
@@ -362,13 +366,7 @@ pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
     let ca = dir.0.join("operator/tls/ca.crt");
     let broker = https::Client::new(broker_addr, &ca)?;
     let revoked_at = Instant::now();
-    apikeys
-        .patch(
-            APIKEY,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"revoked": true}})),
-        )
-        .await?;
+    fixtures::revoke(&admin, TEAM, APIKEY).await?;
     let files_gone = async {
         loop {
             if std::fs::symlink_metadata(node.out.join(APIKEY)).is_err() {
@@ -628,15 +626,6 @@ where
         },
     )
     .await
-}
-
-fn sidecar_of(pod: &Pod) -> Option<&Container> {
-    pod.spec
-        .as_ref()?
-        .init_containers
-        .as_ref()?
-        .iter()
-        .find(|c| c.name == inject::SIDECAR_NAME)
 }
 
 /// What the kubelet provides a pod: its volumes as directories (the credentials volume on

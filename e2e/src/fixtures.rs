@@ -82,6 +82,28 @@ pub async fn uploader_key(cluster: &Cluster, client: &Client, ns: &str) -> anyho
     service_account(client, ns, "uploader").await
 }
 
+/// Sets `spec.revoked: true` on ApiKey `name`.
+pub async fn revoke(client: &Client, ns: &str, name: &str) -> anyhow::Result<()> {
+    Api::<keybroker_operator::crd::ApiKey>::namespaced(client.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"revoked": true}})),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The sidecar the webhook injected into `pod`, if any.
+pub fn injected_sidecar(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::Container> {
+    pod.spec
+        .as_ref()?
+        .init_containers
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == keybroker_operator::webhook::inject::SIDECAR_NAME)
+}
+
 /// Sets the namespace's `keybroker.dev/tenant` label.
 pub async fn label_namespace(client: &Client, ns: &str, tenant: &str) -> anyhow::Result<()> {
     Api::<Namespace>::all(client.clone())

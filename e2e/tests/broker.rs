@@ -204,13 +204,7 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
         // Revoked: refused at once, without deleting anything.
         let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
         ensure!(refusal(broker.exchange(&token, &request("uploader"), "t").await) == "issued");
-        Api::<ApiKey>::namespaced(client.clone(), &ns)
-            .patch(
-                "uploader",
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({"spec": {"revoked": true}})),
-            )
-            .await?;
+        fixtures::revoke(&client, &ns, "uploader").await?;
         // The broker decides from its watch cache; once the change arrived (what revocation
         // pollers are told), exchanges are refused.
         ensure!(
@@ -437,13 +431,7 @@ async fn revocation_reaches_a_waiting_client_within_a_second() -> anyhow::Result
         };
         tokio::time::sleep(Duration::from_millis(500)).await;
         let revoked_at = Instant::now();
-        Api::<ApiKey>::namespaced(client.clone(), &ns)
-            .patch(
-                "uploader",
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({"spec": {"revoked": true}})),
-            )
-            .await?;
+        fixtures::revoke(&client, &ns, "uploader").await?;
         let (reply, answered_at) = poll.await?;
         let status: RevocationStatus = reply?.json()?;
         let latency = answered_at.duration_since(revoked_at);

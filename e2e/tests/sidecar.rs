@@ -19,13 +19,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use nix::sys::signal::Signal;
 
 use keybroker_e2e::process::Component;
 use keybroker_e2e::sidecar::{BrokerThread, binary, python_with_boto3};
 use keybroker_e2e::{Cluster, Lifetime, eventually, fixtures, in_namespace, pki, shared_with_crds};
-use keybroker_operator::crd::ApiKey;
 use keybroker_operator::tls::ReloadingCert;
 use keybroker_operator::webhook::inject;
 use keybroker_sidecar::wire::AUDIENCE;
@@ -111,7 +110,12 @@ async fn pod(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<Pod
             )
             .replace(inject::CREDENTIALS_DIR, &out.display().to_string())
     };
-    let spec = stored.spec.context("stored pod without spec")?;
+    let sidecar = fixtures::injected_sidecar(&stored).context("the stored pod has no sidecar")?;
+    let app = stored
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .context("stored pod without containers")?;
     let env_of = |container: &k8s_openapi::api::core::v1::Container| -> Vec<(String, String)> {
         container
             .env
@@ -125,15 +129,9 @@ async fn pod(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<Pod
             })
             .collect()
     };
-    let sidecar = spec
-        .init_containers
-        .iter()
-        .flatten()
-        .find(|c| c.name == inject::SIDECAR_NAME)
-        .context("the stored pod has no sidecar")?;
     Ok(Pod {
         sidecar_env: env_of(sidecar),
-        app_env: env_of(&spec.containers[0]),
+        app_env: env_of(app),
         broker_addr,
         out,
         token_file,
@@ -471,13 +469,7 @@ async fn boto3_works_through_refreshes_a_token_rotation_a_broker_outage_and_lose
         // credentials woke the revocation poller; give its long-poll a moment to arrive.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let revoked_at = Instant::now();
-        Api::<ApiKey>::namespaced(client.clone(), &ns)
-            .patch(
-                "uploader",
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({"spec": {"revoked": true}})),
-            )
-            .await?;
+        fixtures::revoke(&client, &ns, "uploader").await?;
         let gone = loop {
             // The visible name goes first, then every generation behind it.
             if std::fs::symlink_metadata(pod.out.join("uploader")).is_err()

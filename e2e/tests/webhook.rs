@@ -118,7 +118,7 @@ async fn wait_until_serving(
                 let pod = fixtures::pod(client, ns, &name, sa, Some(apikey))
                     .await
                     .ok()?;
-                sidecar_of(&pod).is_some().then_some(())
+                fixtures::injected_sidecar(&pod).is_some().then_some(())
             }
         },
     )
@@ -157,15 +157,6 @@ async fn unregister(client: &Client, name: &str) {
         .await;
 }
 
-fn sidecar_of(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::Container> {
-    pod.spec
-        .as_ref()?
-        .init_containers
-        .as_ref()?
-        .iter()
-        .find(|c| c.name == inject::SIDECAR_NAME)
-}
-
 #[tokio::test]
 async fn labelled_pods_and_deployment_pods_are_stored_with_the_sidecar() -> anyhow::Result<()> {
     let cluster = shared_with_crds().await?;
@@ -176,7 +167,7 @@ async fn labelled_pods_and_deployment_pods_are_stored_with_the_sidecar() -> anyh
             let replica = &replicas[0];
 
             let pod = fixtures::pod(&client, &ns, "app", "uploader", Some("uploader")).await?;
-            let sidecar = sidecar_of(&pod).context("the stored pod has no sidecar")?;
+            let sidecar = fixtures::injected_sidecar(&pod).context("the stored pod has no sidecar")?;
             ensure!(sidecar.restart_policy.as_deref() == Some("Always"), "{sidecar:?}");
             let spec = pod.spec.as_ref().context("no spec")?;
             let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
@@ -194,7 +185,7 @@ async fn labelled_pods_and_deployment_pods_are_stored_with_the_sidecar() -> anyh
 
             let plain = fixtures::pod(&client, &ns, "plain", "uploader", None).await?;
             let annotated = plain.metadata.annotations.iter().flatten().any(|(k, _)| k == inject::INJECTED_ANNOTATION);
-            ensure!(sidecar_of(&plain).is_none() && !annotated, "{plain:?}");
+            ensure!(fixtures::injected_sidecar(&plain).is_none() && !annotated, "{plain:?}");
 
             // kube-controller-manager creates these pods; the webhook sees them like any other.
             let deployment: Deployment = serde_json::from_value(serde_json::json!({
@@ -221,7 +212,7 @@ async fn labelled_pods_and_deployment_pods_are_stored_with_the_sidecar() -> anyh
             })
             .await?;
             for pod in &created {
-                ensure!(sidecar_of(pod).is_some(), "Deployment pod without sidecar: {pod:?}");
+                ensure!(fixtures::injected_sidecar(pod).is_some(), "Deployment pod without sidecar: {pod:?}");
             }
             let metrics = replica.metrics.encode()?;
             ensure!(metrics.contains("keybroker_webhook_admissions_total{decision=\"injected\"}"), "{metrics}");
@@ -323,7 +314,7 @@ async fn a_ca_rotation_while_pods_are_created_loses_no_admission() -> anyhow::Re
                 )
                 .await
                 {
-                    Ok(pod) if sidecar_of(&pod).is_some() => {}
+                    Ok(pod) if fixtures::injected_sidecar(&pod).is_some() => {}
                     Ok(pod) => {
                         failures.push(format!("{:?} stored without sidecar", pod.metadata.name))
                     }

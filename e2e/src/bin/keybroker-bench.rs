@@ -489,7 +489,8 @@ async fn broker(requests: usize, operator: &PathBuf) -> anyhow::Result<()> {
     let (dir, cluster, client) = start_cluster().await?;
     let ns = "bench";
     create_namespace(&client, ns).await?;
-    let provider = fixtures::tenant(&cluster, &client, ns).await?;
+    fixtures::uploader(&cluster, &client, ns).await?;
+    let provider = format!("{ns}-s3");
     Api::<keybroker_operator::crd::KeyProvider>::all(client.clone())
         .patch(
             &provider,
@@ -499,18 +500,6 @@ async fn broker(requests: usize, operator: &PathBuf) -> anyhow::Result<()> {
             })),
         )
         .await?;
-    fixtures::apikey(
-        &client,
-        ns,
-        "uploader",
-        &provider,
-        &["s3:PutObject"],
-        &[fixtures::object_arn(ns, "*")],
-        Some("15m"),
-    )
-    .await?;
-    fixtures::service_account(&client, ns, "uploader").await?;
-    fixtures::pod(&client, ns, "app", "uploader", Some("uploader")).await?;
     let token = fixtures::token(
         &client,
         ns,
@@ -829,17 +818,7 @@ async fn webhook(requests: usize, operator: &PathBuf) -> anyhow::Result<()> {
     let (dir, cluster, client) = start_cluster().await?;
     let ns = "bench";
     create_namespace(&client, ns).await?;
-    let provider = fixtures::tenant(&cluster, &client, ns).await?;
-    fixtures::apikey(
-        &client,
-        ns,
-        "uploader",
-        &provider,
-        &["s3:PutObject"],
-        &[fixtures::object_arn(ns, "*")],
-        Some("15m"),
-    )
-    .await?;
+    fixtures::uploader_key(&cluster, &client, ns).await?;
 
     let ca = pki::Ca::create(&dir, "bench-ca")?;
     let serving = ca.issue_server(&dir, "webhook", &["127.0.0.1"])?;
@@ -1059,19 +1038,7 @@ async fn sidecar_bench(sidecar: &PathBuf, idle_seconds: u64, starts: usize) -> a
     let (dir, cluster, client) = start_cluster().await?;
     let ns = "bench";
     create_namespace(&client, ns).await?;
-    let provider = fixtures::tenant(&cluster, &client, ns).await?;
-    fixtures::apikey(
-        &client,
-        ns,
-        "uploader",
-        &provider,
-        &["s3:PutObject"],
-        &[fixtures::object_arn(ns, "*")],
-        Some("15m"),
-    )
-    .await?;
-    fixtures::service_account(&client, ns, "uploader").await?;
-    fixtures::pod(&client, ns, "app", "uploader", Some("uploader")).await?;
+    fixtures::uploader(&cluster, &client, ns).await?;
     let token = fixtures::token(
         &client,
         ns,
