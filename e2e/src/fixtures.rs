@@ -161,7 +161,8 @@ pub async fn provider(
                         "roleArn": "arn:aws:iam::000000000000:role/keybroker-e2e",
                         "region": "us-east-1",
                         "endpoint": endpoint,
-                        "credentialsSecretRef": {"namespace": ns, "name": secret}
+                        "credentialsSecretRef": {"namespace": ns, "name": secret},
+                        "revocation": "MinIO"
                     },
                     "namespaceSelector": {"matchLabels": {selector.0: selector.1}},
                     "guardrails": {
@@ -309,4 +310,63 @@ pub async fn put_object(s3: &aws_sdk_s3::Client, key: &str) -> Option<String> {
                 .to_owned(),
         ),
     }
+}
+
+/// The controller for namespace `ns` (and KeyProviders labelled `e2e-scope=<ns>`), as the
+/// leader of its own Lease; stopped when dropped.
+#[derive(Debug)]
+pub struct Controller {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Controller {
+    pub fn start(client: &Client, ns: &str) -> Self {
+        let scope = keybroker_operator::controller::Scope {
+            namespace: Some(ns.to_owned()),
+            provider_labels: Some(format!("e2e-scope={ns}")),
+        };
+        let lease = keybroker_operator::leader::LeaseConfig {
+            name: "keybroker-controller".into(),
+            namespace: ns.to_owned(),
+            identity: "e2e".into(),
+            duration: std::time::Duration::from_secs(4),
+            grace: std::time::Duration::from_secs(1),
+        };
+        let client = client.clone();
+        let task = tokio::spawn(async move {
+            let metrics = std::sync::Arc::new(keybroker_operator::metrics::Metrics::default());
+            if let Err(e) =
+                keybroker_operator::controller::run_elected(client, scope, lease, metrics).await
+            {
+                tracing::error!(error = %e, "controller stopped");
+            }
+        });
+        Self { task }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Waits until the controller recorded a grant for ApiKey `name` other than `previous`, and
+/// returns it.
+pub async fn recorded_grant(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    previous: Option<&str>,
+) -> anyhow::Result<String> {
+    let api = Api::<keybroker_operator::crd::ApiKey>::namespaced(client.clone(), ns);
+    crate::eventually(
+        &format!("a new grant recorded for ApiKey {name}"),
+        std::time::Duration::from_secs(30),
+        || async {
+            let key = api.get(name).await.ok()?;
+            key.status?.grant.filter(|g| Some(g.as_str()) != previous)
+        },
+    )
+    .await
 }

@@ -5,6 +5,7 @@
 //! [`in_namespace`], which dumps the namespace and the component logs when the test fails.
 
 pub mod binaries;
+pub mod boto3;
 pub mod cluster;
 pub mod demo;
 pub mod fixtures;

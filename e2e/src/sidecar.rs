@@ -130,6 +130,9 @@ impl Drop for BrokerThread {
 /// PyPI) on first use and reused afterwards. Built in a temporary directory and renamed into
 /// place, so concurrent test processes never use a half-installed one.
 pub fn python_with_boto3() -> anyhow::Result<PathBuf> {
+    // Tests of one binary run in parallel threads and share the staging directory's name.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _building = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
     let home = std::env::var_os("HOME").context("HOME is not set")?;
     let cache = Path::new(&home).join(".cache/keybroker");
     let venv = cache.join(format!("venv-boto3-{BOTO3_VERSION}"));

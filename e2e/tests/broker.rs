@@ -14,7 +14,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use keybroker_e2e::{
     eventually, fixtures, https, in_namespace, logs, pki, shared, shared_with_crds,
 };
-use keybroker_operator::broker::{Broker, server};
+use keybroker_operator::broker::{Broker, PollAnswer, server};
 use keybroker_operator::crd::ApiKey;
 use keybroker_operator::metrics::Metrics;
 use keybroker_operator::tls::ReloadingCert;
@@ -209,8 +209,9 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
         // pollers are told), exchanges are refused.
         ensure!(
             broker
-                .wait_revoked(&token, "uploader", Duration::from_secs(2))
-                .await?,
+                .poll(&token, "uploader", None, Duration::from_secs(2))
+                .await?
+                == PollAnswer::Revoked,
             "revocation not seen"
         );
         ensure!(

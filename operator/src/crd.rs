@@ -61,6 +61,33 @@ pub struct AwsProvider {
     /// use the standard AWS credential chain, i.e. the broker's own workload identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
+    /// How credentials already issued are revoked when an ApiKey loses a right (revoked,
+    /// deleted, scope or service accounts narrowed, namespace unselected, provider removed or
+    /// tightened). `MinIO`: every session is tagged with a `TokenRevokeType` naming its ApiKey and
+    /// grant, and revoked through MinIO's self-service `revoke-tokens` admin call with the
+    /// broker's own keys. `IAMRolePolicy` (AWS): every session carries a `SourceIdentity` naming
+    /// its ApiKey (the role's trust policy must allow `sts:SetSourceIdentity`), and revocation
+    /// writes an inline deny on the role for that ApiKey's sessions issued before the change
+    /// (the broker needs `iam:PutRolePolicy` on the role). `FilesOnly` (default): only the pods'
+    /// files are removed; a leaked credential keeps working until it expires.
+    #[serde(default)]
+    pub revocation: Revocation,
+}
+
+/// How issued credentials are revoked at the provider.
+#[derive(
+    schemars::JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum Revocation {
+    /// MinIO's `TokenRevokeType` on AssumeRole and its `revoke-tokens` admin call.
+    #[serde(rename = "MinIO")]
+    MinIo,
+    /// An inline deny on the AWS role for sessions issued before the revocation.
+    #[serde(rename = "IAMRolePolicy")]
+    IamRolePolicy,
+    /// The provider cannot revoke: only the files in the pods are removed.
+    #[default]
+    FilesOnly,
 }
 
 /// A Secret in a given namespace.
@@ -123,6 +150,9 @@ pub struct KeyProviderStatus {
     /// The generation the conditions describe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// What revoking a credential does with this provider, in plain words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<String>,
 }
 
 /// A request for short-lived credentials, used by the pods of the listed service accounts.
@@ -225,4 +255,10 @@ pub struct ApiKeyStatus {
         skip_serializing_if = "Option::is_none"
     )]
     pub effective_ttl: Option<String>,
+    /// Identifies the rights of the credentials issued now (provider, session policy, TTL,
+    /// service accounts). Every credential is tagged with it at the provider; when it changes,
+    /// credentials tagged with the previous one are revoked there and running pods are told to
+    /// fetch new ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
 }

@@ -10,7 +10,8 @@ pub mod leader;
 pub mod metrics;
 pub mod pattern;
 pub mod policy;
-pub mod provider_check;
+pub mod providers;
+pub mod revocation;
 pub mod server;
 pub mod status;
 pub mod tls;
@@ -46,6 +47,40 @@ where
             .reflect(writer)
             .for_each(move |_| {
                 notify.notify_waiters();
+                std::future::ready(())
+            }),
+    );
+    store
+}
+
+/// A watch cache of `api` (managedFields dropped) that calls `touched` with every object
+/// applied or deleted once the store has it, and with `None` when the watch was relisted
+/// (anything may have changed).
+pub fn watch_cache_with<K, F>(api: Api<K>, config: watcher::Config, touched: F) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    F: Fn(Option<&K>) + Send + 'static,
+{
+    let (store, writer) = reflector::store();
+    tokio::spawn(
+        watcher(api, config)
+            .default_backoff()
+            .modify(|obj| obj.meta_mut().managed_fields = None)
+            .reflect(writer)
+            .for_each(move |event| {
+                match &event {
+                    Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
+                        touched(Some(obj))
+                    }
+                    Ok(watcher::Event::InitDone) => touched(None),
+                    _ => {}
+                }
                 std::future::ready(())
             }),
     );

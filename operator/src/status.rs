@@ -80,6 +80,7 @@ pub fn evaluate(
 pub fn desired_status(
     current: Option<&ApiKeyStatus>,
     verdict: &Verdict,
+    grant: Option<String>,
     generation: Option<i64>,
     now: Time,
 ) -> ApiKeyStatus {
@@ -113,6 +114,7 @@ pub fn desired_status(
         session_policy: compiled.map(|c| c.session_policy.clone()),
         scope_hash: compiled.map(|c| c.scope_hash.clone()),
         effective_ttl: compiled.map(|c| policy::format_ttl(c.ttl)),
+        grant,
     }
 }
 
@@ -247,25 +249,34 @@ spec:
         let t0 = at(1_700_000_000);
         let t1 = at(1_700_000_600);
         let v = evaluate(&key, "team-a", &tenant(), Some(&p));
-        let first = desired_status(None, &v, Some(3), t0);
+        let first = desired_status(None, &v, Some("g1".into()), Some(3), t0);
         assert_eq!(first.observed_generation, Some(3));
         assert_eq!(first.effective_ttl.as_deref(), Some("15m"));
         // Same verdict later: byte-identical status, so the controller writes nothing.
-        assert_eq!(desired_status(Some(&first), &v, Some(3), t1.clone()), first);
+        assert_eq!(
+            desired_status(Some(&first), &v, Some("g1".into()), Some(3), t1.clone()),
+            first
+        );
         // Flip to not ready: new transition time, compiled fields cleared.
         let refused = evaluate(&key, "team-a", &BTreeMap::new(), Some(&p));
-        let second = desired_status(Some(&first), &refused, Some(3), t1.clone());
+        let second = desired_status(Some(&first), &refused, None, Some(3), t1.clone());
         let ready = ready_condition(Some(&second)).unwrap();
         assert_eq!(
             (ready.status.as_str(), ready.last_transition_time.clone()),
             ("False", t1)
         );
         assert_eq!(second.session_policy, None);
+        assert_eq!(first.grant.as_deref(), Some("g1"));
+        assert_eq!(
+            second.grant, None,
+            "a key that is not Ready records no grant"
+        );
         // A different refusal while still False keeps the time of the flip.
         let later = at(1_700_001_000);
         let third = desired_status(
             Some(&second),
             &evaluate(&key, "team-a", &tenant(), None),
+            None,
             Some(3),
             later,
         );

@@ -180,9 +180,16 @@ impl Broker {
     }
 
     /// Long-polls for revocation of `api_key` for up to `wait`; true once it is revoked or gone.
-    pub async fn revoked(&self, api_key: &str, wait: Duration) -> Result<bool, Error> {
+    /// The revocation long-poll for `api_key`, holding credentials of `grant`.
+    pub async fn poll(
+        &self,
+        api_key: &str,
+        grant: Option<&str>,
+        wait: Duration,
+    ) -> Result<RevocationStatus, Error> {
         let path = format!(
-            "/v1/revocations?apiKey={api_key}&waitSeconds={}",
+            "/v1/revocations?apiKey={api_key}&grant={}&waitSeconds={}",
+            grant.unwrap_or_default(),
             wait.as_secs()
         );
         let (status, body) = self
@@ -194,7 +201,7 @@ impl Broker {
                 "a revocation poll",
             )
             .await?;
-        parse::<RevocationStatus>(status, &body, "a RevocationStatus").map(|s| s.revoked)
+        parse::<RevocationStatus>(status, &body, "a RevocationStatus")
     }
 
     /// The token, read now: the kubelet replaces the file before the old token expires.

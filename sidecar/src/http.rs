@@ -199,7 +199,8 @@ mod tests {
             expiration: "2030-01-01T00:00:00Z".into(),
         })
         .unwrap();
-        held.install(held.epoch(), creds, &writer).unwrap();
+        held.install(held.epoch(), creds, "g1".into(), &writer)
+            .unwrap();
         (vec![held, Key::new("later")], dir)
     }
 

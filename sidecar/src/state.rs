@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::sync::{Mutex, MutexGuard};
 
 use jiff::Timestamp;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::atomic::{self, Writer};
 use crate::files::{self, Valid};
@@ -47,6 +47,8 @@ pub enum Installed {
 #[derive(Debug, Default)]
 struct Inner {
     held: Option<Valid>,
+    /// The broker's grant the held credentials were minted under.
+    grant: Option<String>,
     /// Bumped on every removal; an exchange that started under an older epoch is stale.
     epoch: u64,
     /// First credentials were written once (the startup probe).
@@ -63,6 +65,8 @@ pub struct Key {
     pub name: String,
     inner: Mutex<Inner>,
     holding: watch::Sender<bool>,
+    /// Wakes the refresh task at once (the broker said the rights changed).
+    renew: Notify,
 }
 
 impl Key {
@@ -71,6 +75,7 @@ impl Key {
             name: name.to_owned(),
             inner: Mutex::default(),
             holding: watch::Sender::new(false),
+            renew: Notify::new(),
         }
     }
 
@@ -92,6 +97,7 @@ impl Key {
         &self,
         epoch: u64,
         creds: Valid,
+        grant: String,
         writer: &Writer,
     ) -> Result<Installed, atomic::Error> {
         let mut inner = self.lock();
@@ -100,6 +106,7 @@ impl Key {
         }
         writer.publish(&self.name, &files::render(&creds))?;
         inner.held = Some(creds);
+        inner.grant = Some(grant).filter(|g| !g.is_empty());
         inner.started = true;
         inner.refreshes += 1;
         self.holding.send_replace(true);
@@ -111,6 +118,7 @@ impl Key {
         let mut inner = self.lock();
         inner.epoch += 1;
         let held = inner.held.take().is_some();
+        inner.grant = None;
         self.holding.send_replace(false);
         if held {
             *inner.removals.entry(cause).or_default() += 1;
@@ -135,6 +143,21 @@ impl Key {
         inner.held = None;
         self.holding.send_replace(false);
         writer.remove(&self.name)
+    }
+
+    /// The grant of the credentials held, for the revocation poll.
+    pub fn grant(&self) -> Option<String> {
+        self.lock().grant.clone()
+    }
+
+    /// Asks the refresh task to fetch new credentials now.
+    pub fn request_renewal(&self) {
+        self.renew.notify_one();
+    }
+
+    /// Resolves when a renewal was requested (a request made while nobody waited is kept).
+    pub async fn renewal_requested(&self) {
+        self.renew.notified().await;
     }
 
     pub fn expiry(&self) -> Option<Timestamp> {
@@ -280,15 +303,25 @@ mod tests {
         let key = Key::new("k");
         let epoch = key.epoch();
         assert_eq!(
-            key.install(epoch, valid("AK1", "2030-01-01T00:00:00Z"), &writer)
-                .unwrap(),
+            key.install(
+                epoch,
+                valid("AK1", "2030-01-01T00:00:00Z"),
+                "g1".into(),
+                &writer
+            )
+            .unwrap(),
             Installed::Written
         );
         let in_flight = key.epoch();
         assert!(key.remove(Removal::Revoked, &writer).unwrap());
         assert_eq!(
-            key.install(in_flight, valid("AK2", "2030-01-01T00:00:00Z"), &writer)
-                .unwrap(),
+            key.install(
+                in_flight,
+                valid("AK2", "2030-01-01T00:00:00Z"),
+                "g1".into(),
+                &writer
+            )
+            .unwrap(),
             Installed::Superseded
         );
         assert!(!dir.join("k").exists());
@@ -302,8 +335,13 @@ mod tests {
         let dir = root("expire");
         let writer = Writer::new(&dir, 0o440);
         let key = Key::new("k");
-        key.install(key.epoch(), valid("AK1", "2030-01-01T00:00:00Z"), &writer)
-            .unwrap();
+        key.install(
+            key.epoch(),
+            valid("AK1", "2030-01-01T00:00:00Z"),
+            "g1".into(),
+            &writer,
+        )
+        .unwrap();
         let before: Timestamp = "2029-12-31T23:59:59Z".parse().unwrap();
         assert!(!key.expire(before, &writer).unwrap());
         assert!(dir.join("k/credentials").exists());
@@ -311,14 +349,24 @@ mod tests {
         assert!(key.expire(after, &writer).unwrap());
         assert!(!dir.join("k").exists());
 
-        key.install(key.epoch(), valid("AK3", "2030-01-01T00:00:00Z"), &writer)
-            .unwrap();
+        key.install(
+            key.epoch(),
+            valid("AK3", "2030-01-01T00:00:00Z"),
+            "g1".into(),
+            &writer,
+        )
+        .unwrap();
         let epoch = key.epoch();
         key.stop(&writer).unwrap();
         assert!(!dir.join("k").exists());
         assert_eq!(
-            key.install(epoch, valid("AK4", "2030-01-01T00:00:00Z"), &writer)
-                .unwrap(),
+            key.install(
+                epoch,
+                valid("AK4", "2030-01-01T00:00:00Z"),
+                "g1".into(),
+                &writer
+            )
+            .unwrap(),
             Installed::Superseded
         );
         std::fs::remove_dir_all(&dir).unwrap();
@@ -329,13 +377,23 @@ mod tests {
         let dir = root("metrics");
         let writer = Writer::new(&dir, 0o440);
         let key = Key::new("uploader");
-        key.install(key.epoch(), valid("AKID", "2030-01-01T00:00:00Z"), &writer)
-            .unwrap();
+        key.install(
+            key.epoch(),
+            valid("AKID", "2030-01-01T00:00:00Z"),
+            "g1".into(),
+            &writer,
+        )
+        .unwrap();
         key.failed("BrokerUnreachable".into());
         key.failed("BrokerUnreachable".into());
         key.remove(Removal::Revoked, &writer).unwrap();
-        key.install(key.epoch(), valid("AKID", "2030-01-01T00:00:00Z"), &writer)
-            .unwrap();
+        key.install(
+            key.epoch(),
+            valid("AKID", "2030-01-01T00:00:00Z"),
+            "g1".into(),
+            &writer,
+        )
+        .unwrap();
         let text = metrics(&[key, Key::new("idle")]);
         assert_eq!(
             text,

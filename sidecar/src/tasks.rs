@@ -2,8 +2,10 @@
 //!
 //! - [`refresher`]: exchange, write, sleep until the next refresh (or the next retry, removing
 //!   the credentials if they expire first);
-//! - [`revocation_poller`]: while credentials are held, long-polls the broker and removes them
-//!   the moment it answers "revoked".
+//! - [`revocation_poller`]: while credentials are held, long-polls the broker; removes them
+//!   the moment it answers "revoked" (or refuses the poll for good), and has the refresher
+//!   fetch new ones the moment it answers "renew" (the rights changed and the held credentials
+//!   were revoked at the provider).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +24,21 @@ use crate::state::{Installed, Key, Removal};
 /// Each revocation poll waits this long at the broker (its limit is 60 s): one idle request
 /// per minute per ApiKey.
 const POLL_WAIT: Duration = Duration::from_secs(55);
+/// After a "renew", the longest wait for the new credentials before polling again.
+const RENEW_SETTLE: Duration = Duration::from_secs(5);
+
+/// Removes the credentials of a revoked (or no longer usable) ApiKey.
+fn remove_revoked(ctx: &Ctx, key: &Key) {
+    match key.remove(Removal::Revoked, &ctx.writer) {
+        Ok(_) => warn!(
+            apikey = key.name,
+            "the ApiKey was revoked, deleted or withdrawn from this pod: credentials removed"
+        ),
+        Err(e) => {
+            error!(apikey = key.name, error = %e, "the ApiKey was revoked; removing the credentials failed")
+        }
+    }
+}
 
 /// What the tasks share.
 #[derive(Debug)]
@@ -59,7 +76,10 @@ pub async fn refresher(ctx: Arc<Ctx>, keys: Arc<[Key]>, index: usize) {
                 }
             }
         }
-        sleep_until(next).await;
+        tokio::select! {
+            () = sleep_until(next) => {}
+            () = key.renewal_requested() => failures = 0,
+        }
         let delay = attempt(&ctx, key, &mut failures).await;
         next = Instant::now() + delay;
     }
@@ -111,7 +131,7 @@ async fn attempt(ctx: &Ctx, key: &Key, failures: &mut u32) -> Duration {
         }
     };
     let (access_key_id, expiration) = (creds.access_key_id.clone(), creds.expiration);
-    match key.install(epoch, creds, &ctx.writer) {
+    match key.install(epoch, creds, response.grant.clone(), &ctx.writer) {
         Ok(Installed::Written) => {
             *failures = 0;
             let broker_says = response
@@ -160,20 +180,31 @@ pub async fn revocation_poller(ctx: Arc<Ctx>, keys: Arc<[Key]>, index: usize) {
         if holding.wait_for(|held| *held).await.is_err() {
             return;
         }
-        match ctx.broker.revoked(&key.name, POLL_WAIT).await {
-            Ok(true) => {
+        match ctx
+            .broker
+            .poll(&key.name, key.grant().as_deref(), POLL_WAIT)
+            .await
+        {
+            Ok(answer) if answer.revoked => {
                 failures = 0;
-                match key.remove(Removal::Revoked, &ctx.writer) {
-                    Ok(_) => warn!(
-                        apikey = key.name,
-                        "the ApiKey was revoked or deleted: credentials removed"
-                    ),
-                    Err(e) => {
-                        error!(apikey = key.name, error = %e, "the ApiKey was revoked; removing the credentials failed")
-                    }
-                }
+                remove_revoked(&ctx, key);
             }
-            Ok(false) => failures = 0,
+            Ok(answer) if answer.renew => {
+                failures = 0;
+                info!(
+                    apikey = key.name,
+                    "the ApiKey's rights changed: fetching new credentials now"
+                );
+                key.request_renewal();
+                // Poll again once the new credentials are in (or after a while): asking with
+                // the old grant would only hear "renew" again.
+                let _ = tokio::time::timeout(RENEW_SETTLE, holding.changed()).await;
+            }
+            Err(e) if e.withdraws_access() => {
+                failures = 0;
+                remove_revoked(&ctx, key);
+            }
+            Ok(_) => failures = 0,
             Err(e) => {
                 let delay = schedule::backoff(TRANSIENT, failures, random::unit());
                 if failures == 0 {

@@ -46,6 +46,11 @@ pub struct ExchangeResponse {
     pub credentials: Credentials,
     /// When the sidecar should fetch new credentials (RFC 3339): two thirds of the lifetime.
     pub refresh_at: String,
+    /// The grant the credentials were minted under (an opaque identifier of their rights). The
+    /// sidecar sends it back in its revocation poll; the broker answers `renew` when the
+    /// ApiKey's rights changed.
+    #[serde(default)]
+    pub grant: String,
 }
 
 /// A refused exchange: `reason` is stable and machine-readable, `message` says what to change.
@@ -58,14 +63,18 @@ pub struct Refusal {
     pub retryable: bool,
 }
 
-/// Answer of `GET /v1/revocations?apiKey=<name>&waitSeconds=<n>`, a long poll: the broker
-/// answers as soon as the ApiKey is revoked or deleted (`revoked: true`: delete the credentials
-/// now), or after the wait with `revoked: false` (poll again).
+/// Answer of `GET /v1/revocations?apiKey=<name>&grant=<grant>&waitSeconds=<n>`, a long poll
+/// by a pod that may use the ApiKey: the broker answers as soon as the pod may no longer use it
+/// (`revoked: true`: delete the credentials now), as soon as its rights changed (`renew: true`:
+/// the credentials held were revoked at the provider; fetch new ones now), or after the wait
+/// with both false (poll again).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RevocationStatus {
     pub api_key: String,
     pub revoked: bool,
+    #[serde(default)]
+    pub renew: bool,
 }
 
 /// Longest wait a revocation poll may ask for, in seconds.

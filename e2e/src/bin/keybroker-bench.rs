@@ -405,6 +405,7 @@ async fn write_ready_status(client: &Client, ns: &str, name: &str) -> anyhow::Re
     let status = keybroker_operator::status::desired_status(
         None,
         &verdict,
+        None,
         key.metadata.generation,
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
     );

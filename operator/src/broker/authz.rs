@@ -32,6 +32,8 @@ pub struct PodIdentity {
 /// What the broker may mint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
+    /// Identifies these rights (see [`crate::revocation::grant_id`]).
+    pub id: String,
     pub session_policy: String,
     pub scope_hash: String,
     pub ttl: Duration,
@@ -160,6 +162,13 @@ pub fn authorize(
     let compiled = policy::compile(&key.spec, &provider.spec.guardrails, &identity.namespace)
         .map_err(|refusal| not_ready(refusal.to_string()))?;
     Ok(Grant {
+        id: crate::revocation::grant_id(
+            key.uid().as_deref().unwrap_or_default(),
+            provider.uid().as_deref().unwrap_or_default(),
+            &compiled.session_policy,
+            compiled.ttl,
+            &key.spec.service_account_names,
+        ),
         session_policy: compiled.session_policy,
         scope_hash: compiled.scope_hash,
         ttl: compiled.ttl,

@@ -5,30 +5,30 @@
 
 pub mod authn;
 pub mod authz;
+pub mod pollers;
 pub mod ratelimit;
 pub mod server;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use aws_sdk_sts::error::ProvideErrorMetadata;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::jiff::Timestamp;
-use keybroker_sidecar::wire::{Credentials, ExchangeRequest, ExchangeResponse, Refusal};
+use keybroker_sidecar::wire::{ExchangeRequest, ExchangeResponse, Refusal};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
-use tokio::sync::Notify;
 use tracing::info;
 
 use crate::crd::{ApiKey, KeyProvider};
 use crate::metrics::Metrics;
-use crate::provider_check;
-use crate::watch_cache;
+use crate::providers::aws::{self, mint};
+use crate::revocation;
+use crate::watch_cache_with;
 use authn::{Authenticator, AuthnError};
 use authz::{Denial, Grant, PodIdentity};
+use pollers::Pollers;
 use ratelimit::IssuanceCap;
 
 /// Issuances per minute per ApiKey when the provider does not say.
@@ -36,9 +36,6 @@ pub const DEFAULT_ISSUANCES_PER_MINUTE: u32 = 60;
 
 /// How long an STS client (with the broker's credentials read from its Secret) is reused.
 const STS_CLIENT_TTL: Duration = Duration::from_secs(60);
-
-/// Every provider call must finish within this.
-const MINT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why an exchange failed, with the HTTP status it maps to.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +52,12 @@ pub enum ExchangeError {
     ProviderUnavailable(String),
     #[error("ApiKey {name} reached its provider's maxIssuancesPerMinute; retry in {} s", retry_after.as_secs().max(1))]
     RateLimited { name: String, retry_after: Duration },
+    #[error(
+        "ApiKey {name} was just changed and the controller has not yet confirmed its new rights; retry in a moment"
+    )]
+    GrantPending { name: String },
+    #[error("{0}")]
+    TooManyPolls(#[from] pollers::Full),
 }
 
 impl ExchangeError {
@@ -66,6 +69,8 @@ impl ExchangeError {
             ExchangeError::ProviderRefused { .. } => "ProviderRefused",
             ExchangeError::ProviderUnavailable(_) => "ProviderUnavailable",
             ExchangeError::RateLimited { .. } => "RateLimited",
+            ExchangeError::GrantPending { .. } => "GrantPending",
+            ExchangeError::TooManyPolls(_) => "TooManyPolls",
         }
     }
 
@@ -77,6 +82,8 @@ impl ExchangeError {
                 | ExchangeError::Lookup { .. }
                 | ExchangeError::ProviderUnavailable(_)
                 | ExchangeError::RateLimited { .. }
+                | ExchangeError::GrantPending { .. }
+                | ExchangeError::TooManyPolls(_)
         )
     }
 
@@ -86,16 +93,38 @@ impl ExchangeError {
             ExchangeError::Authn(AuthnError::Unavailable(_)) => 503,
             ExchangeError::Authn(_) => 401,
             ExchangeError::Denied(_) => 403,
-            ExchangeError::Lookup { .. } | ExchangeError::ProviderUnavailable(_) => 503,
+            ExchangeError::Lookup { .. }
+            | ExchangeError::ProviderUnavailable(_)
+            | ExchangeError::GrantPending { .. } => 503,
             ExchangeError::ProviderRefused { .. } => 502,
-            ExchangeError::RateLimited { .. } => 429,
+            ExchangeError::RateLimited { .. } | ExchangeError::TooManyPolls(_) => 429,
         }
     }
 
+    /// The refusal the pod sees: the reason and what to change. Provider and apiserver texts
+    /// (they name the broker's own principal and role) stay in the operator's log and audit.
     pub fn to_refusal(&self) -> Refusal {
+        let message = match self {
+            ExchangeError::Authn(AuthnError::Rejected { audience, .. }) => format!(
+                "the token was not accepted for audience {audience}: it is expired, was not issued by this cluster, or is for another audience; send the pod's projected token"
+            ),
+            ExchangeError::Authn(AuthnError::Unavailable(_)) => {
+                "the broker could not verify the token with the apiserver right now; retrying".into()
+            }
+            ExchangeError::Lookup { what, .. } => {
+                format!("the broker could not read {what} right now; retrying")
+            }
+            ExchangeError::ProviderRefused { .. } => {
+                "the provider refused to mint credentials; the platform team finds the provider's answer in the keybroker operator's log".into()
+            }
+            ExchangeError::ProviderUnavailable(_) => {
+                "the provider is unavailable right now; retrying".into()
+            }
+            other => other.to_string(),
+        };
         Refusal {
             reason: self.reason().into(),
-            message: self.to_string(),
+            message,
             retryable: self.retryable(),
         }
     }
@@ -113,8 +142,8 @@ pub struct Broker {
     /// STS clients per provider (name and resourceVersion), built with the broker's own
     /// credentials; rebuilt after [`STS_CLIENT_TTL`] so rotated credential Secrets are picked up.
     sts: Mutex<HashMap<(String, String), (aws_sdk_sts::Client, Instant)>>,
-    /// Woken on every cache change (revocation long-polls wait on it).
-    changed: Arc<Notify>,
+    /// The revocation long-polls, woken by the cache events that touch their ApiKey.
+    pollers: Arc<Pollers>,
     metrics: Arc<Metrics>,
 }
 
@@ -136,26 +165,52 @@ impl Broker {
 
     /// [`Broker::start`], counting exchanges in `metrics`.
     pub async fn start_with_metrics(client: kube::Client, metrics: Arc<Metrics>) -> Arc<Self> {
-        let changed = Arc::new(Notify::new());
-        let keys = watch_cache(
-            Api::<ApiKey>::all(client.clone()),
-            watcher::Config::default(),
-            &changed,
-        );
-        let providers = watch_cache(
-            Api::<KeyProvider>::all(client.clone()),
-            watcher::Config::default(),
-            &changed,
-        );
-        let namespaces = watch_cache(
-            Api::<Namespace>::all(client.clone()),
-            watcher::Config::default(),
-            &changed,
-        );
-        let pods = watch_cache(
+        let pollers = Arc::new(Pollers::default());
+        let keys = {
+            let pollers = Arc::clone(&pollers);
+            watch_cache_with(
+                Api::<ApiKey>::all(client.clone()),
+                watcher::Config::default(),
+                move |key: Option<&ApiKey>| match key {
+                    Some(key) => {
+                        pollers.wake(&key.namespace().unwrap_or_default(), &key.name_any())
+                    }
+                    None => pollers.wake_where(|_, _| true),
+                },
+            )
+        };
+        let providers = {
+            let pollers = Arc::clone(&pollers);
+            let keys = keys.clone();
+            watch_cache_with(
+                Api::<KeyProvider>::all(client.clone()),
+                watcher::Config::default(),
+                move |provider: Option<&KeyProvider>| {
+                    let name = provider.map(ResourceExt::name_any);
+                    pollers.wake_where(|ns, key| {
+                        name.as_ref().is_none_or(|name| {
+                            keys.get(&ObjectRef::new(key).within(ns))
+                                .is_some_and(|k| k.spec.provider_ref.name == *name)
+                        })
+                    });
+                },
+            )
+        };
+        let namespaces = {
+            let pollers = Arc::clone(&pollers);
+            watch_cache_with(
+                Api::<Namespace>::all(client.clone()),
+                watcher::Config::default(),
+                move |namespace: Option<&Namespace>| {
+                    let name = namespace.map(ResourceExt::name_any);
+                    pollers.wake_where(|ns, _| name.as_ref().is_none_or(|name| ns == name));
+                },
+            )
+        };
+        let pods = watch_cache_with(
             Api::<PartialObjectMeta<Pod>>::all(client.clone()),
             watcher::Config::default().labels(&format!("{}=true", authz::INJECT_LABEL)),
-            &changed,
+            |_: Option<&PartialObjectMeta<Pod>>| {},
         );
         let broker = Arc::new(Self {
             authn: Authenticator::new(client.clone(), keybroker_sidecar::wire::AUDIENCE),
@@ -166,7 +221,7 @@ impl Broker {
             namespaces,
             pods,
             sts: Mutex::default(),
-            changed,
+            pollers,
             metrics,
         });
         let _ = tokio::join!(
@@ -178,30 +233,51 @@ impl Broker {
         broker
     }
 
-    /// Waits up to `wait` for ApiKey `name` (in the token's namespace) to be revoked or
-    /// deleted; true when it is. Answers within milliseconds of the change.
-    pub async fn wait_revoked(
+    /// A revocation long-poll: waits up to `wait` while the pod behind `token` may still use
+    /// ApiKey `name` under grant `held` (the one its credentials were minted under). Answers
+    /// `Revoked` the moment it may not, `Renew` the moment its rights changed (credentials of
+    /// the new grant are ready to be fetched), `Quiet` after the wait. Authorized like an
+    /// exchange: only a pod that may use the ApiKey waits; any other is answered `Revoked` at
+    /// once.
+    pub async fn poll(
         &self,
         token: &str,
         name: &str,
+        held: Option<&str>,
         wait: Duration,
-    ) -> Result<bool, ExchangeError> {
+    ) -> Result<PollAnswer, ExchangeError> {
         let identity = self.authn.authenticate(token).await?;
-        let key = ObjectRef::<ApiKey>::new(name).within(&identity.namespace);
+        // Decided before taking a slot, so that polls for keys a pod may not use cost nothing.
+        if let Err(ExchangeError::Denied(_)) = self.authorize(&identity, name).await {
+            return Ok(PollAnswer::Revoked);
+        }
+        let slot = self
+            .pollers
+            .enter(&identity.namespace, name, &identity.pod_uid)?;
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let notified = self.changed.notified();
+            let notified = slot.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.keys.get(&key) {
-                None => return Ok(true),
-                Some(k) if k.spec.revoked => return Ok(true),
-                Some(_) => {}
+            match self.authorize(&identity, name).await {
+                Err(ExchangeError::Denied(_)) => return Ok(PollAnswer::Revoked),
+                Err(e) => return Err(e),
+                Ok((key, grant)) => {
+                    let changed = held.is_some_and(|held| held != grant.id);
+                    if changed && recorded_grant(&key) == Some(grant.id.as_str()) {
+                        return Ok(PollAnswer::Renew);
+                    }
+                }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Ok(false);
+                return Ok(PollAnswer::Quiet);
             }
         }
+    }
+
+    /// Revocation polls waiting now.
+    pub fn waiting_polls(&self) -> usize {
+        self.pollers.total()
     }
 
     /// Exchanges `token` for credentials of `request.api_key`; audits the outcome.
@@ -237,11 +313,13 @@ impl Broker {
         result
     }
 
-    async fn authorized_mint(
+    /// Decides from the caches (a pod missing there is read live once) whether `identity`
+    /// may use ApiKey `name`, and under which grant.
+    async fn authorize(
         &self,
         identity: &PodIdentity,
         name: &str,
-    ) -> Result<(Grant, ExchangeResponse), ExchangeError> {
+    ) -> Result<(Arc<ApiKey>, Grant), ExchangeError> {
         let ns = &identity.namespace;
         let key = self.keys.get(&ObjectRef::new(name).within(ns));
         // Only opted-in pods are cached; a miss (a pod without the label, or one created a
@@ -277,10 +355,34 @@ impl Broker {
             provider.as_deref(),
             &labels,
         )?;
-        let provider = provider.ok_or_else(|| ExchangeError::Lookup {
-            what: "KeyProvider".into(),
+        let key = key.ok_or_else(|| ExchangeError::Lookup {
+            what: format!("ApiKey {name}"),
             detail: "vanished".into(),
         })?;
+        Ok((key, grant))
+    }
+
+    async fn authorized_mint(
+        &self,
+        identity: &PodIdentity,
+        name: &str,
+    ) -> Result<(Grant, ExchangeResponse), ExchangeError> {
+        let ns = &identity.namespace;
+        let (key, grant) = self.authorize(identity, name).await?;
+        // Mint only under a grant the controller has recorded, so that every tag at the
+        // provider is one it knows and will revoke (see `revocation`).
+        if recorded_grant(&key).is_some_and(|recorded| recorded != grant.id) {
+            return Err(ExchangeError::GrantPending {
+                name: name.to_owned(),
+            });
+        }
+        let provider = self
+            .providers
+            .get(&ObjectRef::new(&key.spec.provider_ref.name))
+            .ok_or_else(|| ExchangeError::Lookup {
+                what: "KeyProvider".into(),
+                detail: "vanished".into(),
+            })?;
         let per_minute = provider
             .spec
             .guardrails
@@ -292,7 +394,7 @@ impl Broker {
                 name: name.to_owned(),
                 retry_after,
             })?;
-        let response = self.mint(identity, &provider, &grant).await?;
+        let response = self.mint(identity, name, &provider, &grant).await?;
         Ok((grant, response))
     }
 
@@ -310,7 +412,7 @@ impl Broker {
         {
             return Ok(client.clone());
         }
-        let client = provider_check::sts_client(&self.client, &provider.spec.aws)
+        let client = aws::sts_client(&self.client, &provider.spec.aws)
             .await
             .map_err(|p| ExchangeError::ProviderUnavailable(p.to_string()))?;
         if let Ok(mut cache) = self.sts.lock() {
@@ -324,82 +426,53 @@ impl Broker {
     async fn mint(
         &self,
         identity: &PodIdentity,
+        name: &str,
         provider: &KeyProvider,
         grant: &Grant,
     ) -> Result<ExchangeResponse, ExchangeError> {
         let sts = self.sts_client(provider).await?;
-        let ttl_secs = i32::try_from(grant.ttl.as_secs()).unwrap_or(i32::MAX);
-        let call = sts
-            .assume_role()
-            .role_arn(&provider.spec.aws.role_arn)
-            .role_session_name(authz::role_session_name(identity))
-            .policy(&grant.session_policy)
-            .duration_seconds(ttl_secs)
-            .send();
-        let out = tokio::time::timeout(MINT_TIMEOUT, call)
-            .await
-            .map_err(|_| {
-                ExchangeError::ProviderUnavailable(format!("no answer within {MINT_TIMEOUT:?}"))
-            })?
-            .map_err(|e| match &e {
-                aws_sdk_sts::error::SdkError::ServiceError(s) => {
-                    let code = s.err().code().unwrap_or("Unknown").to_owned();
-                    let message = s.err().message().unwrap_or("").to_owned();
-                    if matches!(
-                        code.as_str(),
-                        "Throttling"
-                            | "ThrottlingException"
-                            | "ServiceUnavailable"
-                            | "InternalError"
-                    ) {
-                        ExchangeError::ProviderUnavailable(format!("{code}: {message}"))
-                    } else {
-                        ExchangeError::ProviderRefused { code, message }
-                    }
-                }
-                other => ExchangeError::ProviderUnavailable(innermost(other)),
-            })?;
-        let creds = out
-            .credentials()
-            .ok_or_else(|| ExchangeError::ProviderRefused {
-                code: "NoCredentials".into(),
-                message: "AssumeRole returned no credentials".into(),
-            })?;
-        let expiration = SystemTime::try_from(*creds.expiration())
-            .ok()
-            .and_then(|t| Timestamp::try_from(t).ok())
-            .ok_or_else(|| ExchangeError::ProviderRefused {
-                code: "BadExpiration".into(),
-                message: "AssumeRole returned an unusable expiration".into(),
-            })?;
-        let now = Timestamp::now();
-        let lifetime = expiration.duration_since(now);
-        let refresh_at = now
-            .checked_add(
-                lifetime
-                    .checked_mul(2)
-                    .and_then(|d| d.checked_div(3))
-                    .unwrap_or(lifetime),
-            )
-            .unwrap_or(now);
-        Ok(ExchangeResponse {
-            credentials: Credentials {
-                access_key_id: creds.access_key_id().to_owned(),
-                secret_access_key: creds.secret_access_key().to_owned(),
-                session_token: creds.session_token().to_owned(),
-                expiration: expiration.to_string(),
+        let tag = revocation::revoke_tag(&identity.namespace, name, &grant.id);
+        let source_identity = revocation::aws_source_identity(&identity.namespace, name);
+        let minted = mint::assume_role(
+            &sts,
+            &provider.spec.aws,
+            mint::Request {
+                session_name: authz::role_session_name(identity),
+                session_policy: &grant.session_policy,
+                ttl: grant.ttl,
+                revoke_tag: &tag,
+                source_identity: &source_identity,
             },
-            refresh_at: refresh_at.to_string(),
+        )
+        .await
+        .map_err(|e| match e {
+            mint::MintError::Refused { code, message } => {
+                ExchangeError::ProviderRefused { code, message }
+            }
+            mint::MintError::Unavailable(detail) => ExchangeError::ProviderUnavailable(detail),
+        })?;
+        Ok(ExchangeResponse {
+            credentials: minted.credentials,
+            refresh_at: minted.refresh_at,
+            grant: grant.id.clone(),
         })
     }
 }
 
-fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut current = error;
-    while let Some(next) = current.source() {
-        current = next;
-    }
-    current.to_string()
+/// What a revocation long-poll answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollAnswer {
+    /// Nothing changed within the wait.
+    Quiet,
+    /// The pod may no longer use the ApiKey.
+    Revoked,
+    /// The ApiKey's rights changed; credentials of the new grant can be fetched.
+    Renew,
+}
+
+/// The grant the controller recorded for `key`, if any.
+fn recorded_grant(key: &ApiKey) -> Option<&str> {
+    key.status.as_ref().and_then(|s| s.grant.as_deref())
 }
 
 /// The audit record of an issuance: identifiers only, never the secret key or session token.
@@ -419,6 +492,7 @@ fn audit_issuance(
         pod_uid = %id.pod_uid,
         service_account = %id.service_account,
         provider = %grant.provider,
+        grant = %grant.id,
         scope_hash = %grant.scope_hash,
         access_key_id = %response.credentials.access_key_id,
         expiration = %response.credentials.expiration,

@@ -2,8 +2,9 @@
 //!
 //! - `POST /v1/exchange` with `Authorization: Bearer <projected token>` and an
 //!   [`ExchangeRequest`] body → [`ExchangeResponse`], or a [`Refusal`] with 401/403/429/502/503;
-//! - `GET /v1/revocations?apiKey=<name>&waitSeconds=<n>` → [`RevocationStatus`] as soon as the
-//!   ApiKey is revoked or deleted, or after the wait.
+//! - `GET /v1/revocations?apiKey=<name>&grant=<grant>&waitSeconds=<n>` → [`RevocationStatus`]
+//!   as soon as the pod may no longer use the ApiKey or its rights changed, or after the wait;
+//!   429 past the per-pod or total cap of waiting polls.
 //!
 //! Every stage is bounded: TLS handshake and request headers 10 s, body 4 KiB read within 10 s,
 //! headers 16 KiB, the whole exchange 20 s. Refusals are JSON bodies, never bare errors.
@@ -21,12 +22,14 @@ use keybroker_sidecar::wire::{
 };
 use tokio::net::TcpListener;
 
-use super::{Broker, ExchangeError};
+use super::{Broker, ExchangeError, PollAnswer};
 use crate::https::{self, BodyError};
 
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const MAX_BODY_BYTES: usize = 4 * 1024;
+/// What a poll refused for a full registry is told to wait.
+const POLL_RETRY_AFTER_SECONDS: u64 = 5;
 
 /// Serves until the future is dropped.
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, broker: Arc<Broker>) {
@@ -134,11 +137,19 @@ async fn revocations(req: Request<Incoming>, broker: &Broker) -> Response<Full<B
         .and_then(|w| w.parse::<u64>().ok())
         .unwrap_or(30)
         .min(MAX_REVOCATION_WAIT_SECONDS);
+    let held = param("grant").filter(|g| !g.is_empty() && g.len() <= 64);
     match broker
-        .wait_revoked(&token, &api_key, Duration::from_secs(wait))
+        .poll(&token, &api_key, held.as_deref(), Duration::from_secs(wait))
         .await
     {
-        Ok(revoked) => https::json(StatusCode::OK, &RevocationStatus { api_key, revoked }),
+        Ok(answer) => https::json(
+            StatusCode::OK,
+            &RevocationStatus {
+                api_key,
+                revoked: answer == PollAnswer::Revoked,
+                renew: answer == PollAnswer::Renew,
+            },
+        ),
         Err(e) => refused(&e),
     }
 }
@@ -165,8 +176,13 @@ fn missing_token() -> Response<Full<Bytes>> {
 fn refused(error: &ExchangeError) -> Response<Full<Bytes>> {
     let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::FORBIDDEN);
     let mut response = https::json(status, &error.to_refusal());
-    if let ExchangeError::RateLimited { retry_after, .. } = error
-        && let Ok(value) = retry_after.as_secs().max(1).to_string().parse()
+    let retry_after = match error {
+        ExchangeError::RateLimited { retry_after, .. } => Some(retry_after.as_secs().max(1)),
+        ExchangeError::TooManyPolls(_) => Some(POLL_RETRY_AFTER_SECONDS),
+        _ => None,
+    };
+    if let Some(seconds) = retry_after
+        && let Ok(value) = seconds.to_string().parse()
     {
         response.headers_mut().insert(RETRY_AFTER, value);
     }

@@ -2,8 +2,12 @@
 //! into a verified `Ready`), writing status by server-side apply only when it changed.
 //!
 //! Pipeline per ApiKey: dereference (provider and namespace from reflector stores, no API
-//! calls) → evaluate + desired status (pure, `status.rs`) → apply (skipped when equal) → Event
-//! on Ready transitions.
+//! calls) → evaluate + desired status (pure, `status.rs`) → revoke the previous grant at the
+//! provider if it was withdrawn (`revoke.rs`) → apply (skipped when equal) → Event on Ready
+//! transitions. A finalizer holds deleted ApiKeys and KeyProviders until their credentials
+//! are revoked at the provider.
+
+mod revoke;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,8 +27,10 @@ use tracing::{info, warn};
 use crate::crd::{ApiKey, ApiKeyStatus, KeyProvider};
 use crate::events::{EventType, Publisher};
 use crate::metrics::Metrics;
-use crate::provider_check;
+use crate::providers::aws::check as provider_check;
+use crate::revocation::{self, Cause, Transition};
 use crate::status::{self, Verdict};
+pub use revoke::FINALIZER;
 
 /// The field manager of every status the controller writes.
 pub const FIELD_MANAGER: &str = "keybroker-controller";
@@ -50,6 +56,10 @@ pub enum Error {
     },
     #[error("{0} has no namespace")]
     NoNamespace(String),
+    #[error("updating the finalizer of {name}: {detail}")]
+    Finalizer { name: String, detail: String },
+    #[error("revoking the credentials of ApiKey {name} at the provider: {detail}")]
+    Revoke { name: String, detail: String },
 }
 
 impl Error {
@@ -58,6 +68,8 @@ impl Error {
         match self {
             Error::WriteStatus { .. } => "kube_api",
             Error::NoNamespace(_) => "invalid_object",
+            Error::Finalizer { .. } => "kube_api",
+            Error::Revoke { .. } => "provider",
         }
     }
 }
@@ -65,6 +77,7 @@ impl Error {
 /// Shared state of the reconcilers.
 struct Context {
     client: Client,
+    keys: Store<DeserializeGuard<ApiKey>>,
     providers: Store<KeyProvider>,
     namespaces: Store<Namespace>,
     events: Publisher,
@@ -108,8 +121,10 @@ pub async fn run(client: Client, scope: Scope, metrics: Arc<Metrics>, instance: 
     .for_each(|_| async {});
 
     let events = Publisher::new(client.clone(), FIELD_MANAGER, &instance);
+    let (keys, keys_writer) = reflector::store();
     let ctx = Arc::new(Context {
         client: client.clone(),
+        keys: keys.clone(),
         providers: providers.clone(),
         namespaces: namespaces.clone(),
         events,
@@ -129,7 +144,6 @@ pub async fn run(client: Client, scope: Scope, metrics: Arc<Metrics>, instance: 
             };
             // The cache holds every ApiKey; managedFields are most of an object's size and the
             // controller never reads them, so they are dropped before caching.
-            let (keys, keys_writer) = reflector::store();
             let key_stream = watcher(apikeys, watcher::Config::default().any_semantic())
                 .default_backoff()
                 .modify(|key: &mut DeserializeGuard<ApiKey>| {
@@ -207,11 +221,36 @@ async fn reconcile_apikey(
     let namespace = key
         .namespace()
         .ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &namespace);
+    let recorded = key.status.as_ref().and_then(|s| s.grant.as_deref());
 
     // dereference
     let provider = ctx
         .providers
         .get(&ObjectRef::new(&key.spec.provider_ref.name));
+
+    if key.meta().deletion_timestamp.is_some() {
+        if revoke::has_finalizer(key) {
+            if let Some(grant) = recorded {
+                withdraw(
+                    &ctx,
+                    provider.as_ref(),
+                    &namespace,
+                    &name,
+                    grant,
+                    Cause::Deleted,
+                )
+                .await?;
+            }
+            revoke::remove_finalizer(&api, key).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    if !revoke::has_finalizer(key) {
+        // The next reconcile (triggered by this change) judges the key.
+        revoke::add_finalizer(&api, key).await?;
+        return Ok(Action::await_change());
+    }
     let labels: BTreeMap<String, String> = ctx
         .namespaces
         .get(&ObjectRef::new(&namespace))
@@ -220,14 +259,37 @@ async fn reconcile_apikey(
 
     // evaluate (pure)
     let verdict = status::evaluate(key, &namespace, &labels, provider.as_deref());
+    let judged = match &verdict {
+        Verdict::Ready(compiled) => Some(revocation::grant_id(
+            key.uid().as_deref().unwrap_or_default(),
+            provider
+                .as_ref()
+                .and_then(|p| p.uid())
+                .as_deref()
+                .unwrap_or_default(),
+            &compiled.session_policy,
+            compiled.ttl,
+            &key.spec.service_account_names,
+        )),
+        Verdict::NotReady { .. } => None,
+    };
+
+    // revoke what was withdrawn, before recording the new grant
+    if let Transition::Revoke { from } = revocation::transition(recorded, judged.as_deref()) {
+        let cause = match &verdict {
+            Verdict::Ready(_) => Cause::GrantChanged,
+            Verdict::NotReady { reason, .. } => Cause::NotReady(reason),
+        };
+        withdraw(&ctx, provider.as_ref(), &namespace, &name, from, cause).await?;
+    }
+
     let current = key.status.as_ref();
-    let desired = status::desired_status(current, &verdict, key.meta().generation, now());
+    let desired = status::desired_status(current, &verdict, judged, key.meta().generation, now());
     if current == Some(&desired) {
         return Ok(Action::await_change());
     }
 
     // apply
-    let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &namespace);
     apply_status(&ctx, &api, APIKEY, &name, &desired).await?;
 
     // tell the user when the verdict changed
@@ -238,6 +300,33 @@ async fn reconcile_apikey(
         publish(&ctx, key, &verdict, &desired).await;
     }
     Ok(Action::await_change())
+}
+
+/// Revokes `grant` of ApiKey `namespace/name` at its provider and schedules the second sweep.
+/// Without the provider object nothing can be called: its own finalizer revoked the keys'
+/// grants before it went away (or it never existed), so that is logged and passed.
+async fn withdraw(
+    ctx: &Context,
+    provider: Option<&Arc<KeyProvider>>,
+    namespace: &str,
+    name: &str,
+    grant: &str,
+    cause: Cause,
+) -> Result<(), Error> {
+    let Some(provider) = provider else {
+        info!(api_key = %name, %namespace, grant, cause = cause.as_str(), "the KeyProvider is gone; its deletion revoked this ApiKey's credentials");
+        return Ok(());
+    };
+    revoke::revoke_grant(&ctx.client, provider, namespace, name, grant, cause).await?;
+    revoke::sweep_later(
+        ctx.client.clone(),
+        ctx.keys.clone(),
+        Arc::clone(provider),
+        namespace.to_owned(),
+        name.to_owned(),
+        grant.to_owned(),
+    );
+    Ok(())
 }
 
 async fn publish(ctx: &Context, key: &ApiKey, verdict: &Verdict, desired: &ApiKeyStatus) {
@@ -283,16 +372,57 @@ async fn reconcile_provider(
         }
     };
     let name = provider.name_any();
+    let api: Api<KeyProvider> = Api::all(ctx.client.clone());
+    if provider.meta().deletion_timestamp.is_some() {
+        if revoke::has_finalizer(provider) {
+            revoke_all_of(&ctx, provider).await?;
+            revoke::remove_finalizer(&api, provider).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    if !revoke::has_finalizer(provider) {
+        revoke::add_finalizer(&api, provider).await?;
+        return Ok(Action::await_change());
+    }
     let outcome = provider_check::verify(&ctx.client, &provider.spec.aws).await;
     let current = provider.status.as_ref();
-    let desired =
-        provider_check::desired_status(current, &outcome, provider.meta().generation, now());
+    let desired = provider_check::desired_status(
+        current,
+        &outcome,
+        provider.spec.aws.revocation,
+        provider.meta().generation,
+        now(),
+    );
     if current != Some(&desired) {
-        let api: Api<KeyProvider> = Api::all(ctx.client.clone());
         apply_status(&ctx, &api, KEYPROVIDER, &name, &desired).await?;
         info!(provider = %name, ready = outcome.is_ok(), "KeyProvider status changed");
     }
     Ok(Action::requeue(PROVIDER_RECHECK))
+}
+
+/// Revokes, at a KeyProvider being deleted, the recorded grant of every ApiKey using it.
+async fn revoke_all_of(ctx: &Context, provider: &KeyProvider) -> Result<(), Error> {
+    let name = provider.name_any();
+    for guard in ctx.keys.state() {
+        let Ok(key) = &guard.0 else { continue };
+        let grant = key.status.as_ref().and_then(|s| s.grant.as_deref());
+        if key.spec.provider_ref.name != name {
+            continue;
+        }
+        let (Some(grant), Some(namespace)) = (grant, key.namespace()) else {
+            continue;
+        };
+        revoke::revoke_grant(
+            &ctx.client,
+            provider,
+            &namespace,
+            &key.name_any(),
+            grant,
+            Cause::ProviderDeleted,
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Writes `status` by server-side apply under [`FIELD_MANAGER`], owning exactly its fields.

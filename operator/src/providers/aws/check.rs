@@ -4,13 +4,13 @@
 
 use std::time::Duration;
 
-use aws_sdk_sts::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_sts::config::{BehaviorVersion, Credentials, Region, SharedCredentialsProvider};
 use aws_sdk_sts::error::ProvideErrorMetadata;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Api;
 
-use crate::crd::{AwsProvider, KeyProviderStatus};
+use crate::crd::{AwsProvider, KeyProviderStatus, Revocation};
 use crate::status::ready_transition;
 
 /// Every STS call of the check must finish within this.
@@ -45,17 +45,36 @@ impl Problem {
 }
 
 /// Builds the STS client the broker uses for `aws`: its endpoint and region, and the broker's
-/// own credentials (from `credentialsSecretRef`, else the default AWS chain).
+/// own credentials (see [`broker_credentials`]).
 pub async fn sts_client(
     kube: &kube::Client,
     aws: &AwsProvider,
 ) -> Result<aws_sdk_sts::Client, Problem> {
+    let credentials = broker_credentials(kube, aws).await?;
+    Ok(sts_client_with(aws, credentials))
+}
+
+/// [`sts_client`] with credentials already loaded.
+pub fn sts_client_with(
+    aws: &AwsProvider,
+    credentials: SharedCredentialsProvider,
+) -> aws_sdk_sts::Client {
     let mut config = aws_sdk_sts::Config::builder()
         .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(aws.region.clone()));
+        .region(Region::new(aws.region.clone()))
+        .credentials_provider(credentials);
     if let Some(endpoint) = &aws.endpoint {
         config = config.endpoint_url(endpoint);
     }
+    aws_sdk_sts::Client::from_conf(config.build())
+}
+
+/// The broker's own credentials for `aws`: from `credentialsSecretRef`, else the default AWS
+/// chain (the broker's workload identity).
+pub async fn broker_credentials(
+    kube: &kube::Client,
+    aws: &AwsProvider,
+) -> Result<SharedCredentialsProvider, Problem> {
     match &aws.credentials_secret_ref {
         Some(reference) => {
             let problem = |detail: String| Problem::CredentialsSecret {
@@ -81,25 +100,24 @@ pub async fn sts_client(
                     "needs non-empty keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into(),
                 ));
             };
-            config = config.credentials_provider(Credentials::new(
+            Ok(SharedCredentialsProvider::new(Credentials::new(
                 id,
                 secret_key,
                 field("AWS_SESSION_TOKEN"),
                 None,
                 "keybroker-credentials-secret",
-            ));
+            )))
         }
-        None => {
-            let shared = aws_config::defaults(BehaviorVersion::latest())
-                .region(Region::new(aws.region.clone()))
-                .load()
-                .await;
-            if let Some(provider) = shared.credentials_provider() {
-                config = config.credentials_provider(provider);
-            }
-        }
+        None => aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(aws.region.clone()))
+            .load()
+            .await
+            .credentials_provider()
+            .ok_or_else(|| Problem::CredentialsRejected {
+                code: "NoCredentials".into(),
+                message: "the default AWS credential chain found no credentials".into(),
+            }),
     }
-    Ok(aws_sdk_sts::Client::from_conf(config.build()))
 }
 
 /// Verifies the provider; `Ok` carries a description of the verified identity.
@@ -210,6 +228,7 @@ fn innermost_cause(error: &(dyn std::error::Error + 'static)) -> Option<String> 
 pub fn desired_status(
     current: Option<&KeyProviderStatus>,
     outcome: &Result<String, Problem>,
+    revocation: Revocation,
     generation: Option<i64>,
     now: Time,
 ) -> KeyProviderStatus {
@@ -227,5 +246,6 @@ pub fn desired_status(
             now,
         )],
         observed_generation: generation,
+        revocation: Some(super::revoke::describe(revocation).to_owned()),
     }
 }
