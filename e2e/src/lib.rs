@@ -5,12 +5,17 @@
 //! [`in_namespace`], which dumps the namespace and the component logs when the test fails.
 
 pub mod binaries;
+pub mod cgroups;
 pub mod cluster;
 pub mod demo;
 pub mod fixtures;
 pub mod https;
+pub mod images;
 pub mod logs;
 pub mod minio;
+pub mod netns;
+pub mod node;
+pub mod node_config;
 pub mod pki;
 pub mod process;
 pub mod sidecar;
