@@ -330,6 +330,8 @@ impl Cluster {
                 ),
                 format!("--kubelet-client-key={}", kubelet_client.key.display()),
                 format!("--kubelet-certificate-authority={}", ca.cert.display()),
+                // The node's name resolves nowhere (no DNS leaves the node's namespace).
+                "--kubelet-preferred-address-types=InternalIP".into(),
             ],
             &[],
             opts.lifetime,

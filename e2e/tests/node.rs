@@ -496,3 +496,44 @@ fn link_exists(name: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// Pods reach the apiserver (through the `kubernetes` Service and the node's address) and
+/// nothing beyond the node's namespace: not the host's end of the veth, not the machine's
+/// network, not the internet.
+#[tokio::test]
+async fn pods_reach_the_apiserver_and_nothing_off_the_node() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let node = cluster.node().context("no node")?;
+    let api = cluster
+        .server
+        .strip_prefix("https://")
+        .context("apiserver URL without https")?
+        .to_owned();
+    // Something listens on the host's end, so only the namespace's drop rule can stop a pod.
+    let listener = std::net::TcpListener::bind((node.sandbox().host_ip().as_str(), 0))?;
+    let host_end = listener.local_addr()?.to_string();
+    std::net::TcpStream::connect(&host_end).context("the host's own listener is unreachable")?;
+    in_namespace(cluster, "net", move |client, ns| async move {
+        let _listener = listener;
+        let pods: Api<Pod> = Api::namespaced(client, &ns);
+        let script = format!(
+            r#"reach() {{ timeout 5 nc -w 3 "${{1%:*}}" "${{1#*:}}" </dev/null 2>/dev/null; }}
+reach 10.96.0.1:443 || {{ echo 'the kubernetes Service is unreachable'; exit 3; }}
+reach {api} || {{ echo 'the apiserver at {api} is unreachable'; exit 4; }}
+for t in {host_end} 192.0.2.1:53 1.1.1.1:443; do
+  if reach $t; then echo "reached $t off the node"; exit 5; fi
+done"#
+        );
+        pods.create(
+            &PostParams::default(),
+            &pod(
+                "net",
+                json!({ "restartPolicy": "Never", "containers": [container("probe", &script)] }),
+            )?,
+        )
+        .await?;
+        wait_phase(&pods, "net", "Succeeded").await?;
+        Ok(())
+    })
+    .await
+}
