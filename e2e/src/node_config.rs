@@ -246,7 +246,14 @@ mod tests {
             parsed.get("plugins.'io.containerd.server.v1.grpc'", "address"),
             Some("'/r/c.sock'")
         );
-        assert!(!text.contains("/run/containerd"), "{text}");
+        assert_eq!(
+            parsed.get("plugins.'io.containerd.server.v1.ttrpc'", "address"),
+            Some("'/r/c.sock.ttrpc'")
+        );
+        let shim_dir = parsed
+            .get("plugins.'io.containerd.shim.v1.manager'", "socket_dir")
+            .unwrap();
+        assert!(shim_dir.trim_matches('\'').len() <= 42, "{shim_dir}");
         assert!(text.contains("restrict_oom_score_adj = true"));
     }
 
