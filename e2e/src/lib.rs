@@ -8,6 +8,7 @@ pub mod binaries;
 pub mod cgroups;
 pub mod cluster;
 pub mod demo;
+pub mod dns;
 pub mod fixtures;
 pub mod https;
 pub mod images;

@@ -1,5 +1,5 @@
 //! A real node for the e2e control plane: containerd (runc shim, Debian's runc), the kubelet,
-//! kube-proxy and kube-scheduler, in the namespaces of a [`Sandbox`].
+//! kube-proxy, kube-scheduler and cluster DNS (`dns.rs`), in the namespaces of a [`Sandbox`].
 //!
 //! The machine is never changed: the daemons run in a private mount namespace where their
 //! fixed host paths (`/run`, `/var/lib`) are the node's own directories and the sysctls the
@@ -138,6 +138,12 @@ impl Node {
         let kubelet_kc = kubeconfig("kubelet", &kubelet_client)?;
         let proxy_kc = kubeconfig("kube-proxy", &proxy_client)?;
         let scheduler_kc = kubeconfig("kube-scheduler", &scheduler_client)?;
+        let dns_client = cp
+            .ca
+            .issue_client(&pki_dir, "coredns", crate::dns::USER, &[])?;
+        let dns_kc = kubeconfig("coredns", &dns_client)?;
+        let corefile = dir.join("Corefile");
+        write(&corefile, &crate::dns::corefile(&node_ip, &dns_kc))?;
 
         let socket = dir.join("containerd/containerd.sock");
         let containerd_toml = dir.join("containerd/config.toml");
@@ -260,6 +266,19 @@ impl Node {
         let admin = client_from(&cp.kubeconfig)
             .await
             .map_err(|e| Error::Client(e.to_string()))?;
+        crate::dns::publish(&admin, &node_ip)
+            .await
+            .map_err(|e| Error::Client(format!("publishing cluster DNS: {e}")))?;
+        let (_, dns_args) = self
+            .sandbox
+            .in_pid_namespace(&tools.coredns, &[format!("-conf={}", corefile.display())]);
+        self.spawn(
+            "coredns",
+            &nsenter,
+            &dns_args,
+            &[],
+            process::Join::default(),
+        )?;
         let nodes: Api<KubeNode> = Api::all(admin);
         self.components[kubelet]
             .wait_ready("the Node to be Ready", Duration::from_secs(120), || {

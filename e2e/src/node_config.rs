@@ -162,7 +162,7 @@ authorization:
 containerRuntimeEndpoint: unix://{socket}
 imageServiceEndpoint: unix://{socket}
 clusterDomain: cluster.local
-clusterDNS: [10.96.0.10]
+clusterDNS: [{dns}]
 resolvConf: {resolv_conf}
 # The disk is shared with other test runs: never evict for disk or memory pressure here, and
 # never garbage-collect the imported images (there is no registry to pull them from again).
@@ -187,6 +187,7 @@ shutdownGracePeriod: 0s
         ca = k.ca.display(),
         socket = k.runtime_socket.display(),
         resolv_conf = k.resolv_conf.display(),
+        dns = crate::dns::SERVICE_IP,
     )
 }
 

@@ -537,3 +537,27 @@ done"#
     })
     .await
 }
+
+/// Cluster DNS answers for Services and for nothing outside the cluster.
+#[tokio::test]
+async fn cluster_dns_resolves_services_and_nothing_else() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    in_namespace(cluster, "dns", |client, ns| async move {
+        let pods: Api<Pod> = Api::namespaced(client, &ns);
+        let script = r#"out=$(nslookup kubernetes.default.svc.cluster.local 2>&1) || { echo "$out"; exit 3; }
+echo "$out" | grep -q '10.96.0.1$' || { echo "$out"; exit 4; }
+grep -q '^nameserver 10.96.0.10$' /etc/resolv.conf && grep -q '^search .*svc.cluster.local' /etc/resolv.conf || { cat /etc/resolv.conf; exit 5; }
+if nslookup example.com >/dev/null 2>&1; then echo 'example.com resolved'; exit 6; fi"#;
+        pods.create(
+            &PostParams::default(),
+            &pod(
+                "dns",
+                json!({ "restartPolicy": "Never", "containers": [container("probe", script)] }),
+            )?,
+        )
+        .await?;
+        wait_phase(&pods, "dns", "Succeeded").await?;
+        Ok(())
+    })
+    .await
+}
