@@ -15,7 +15,7 @@ help: ## Show the targets
 
 test: tools lint chart-lint unit e2e ## Everything: formatting, clippy, helm lint, unit tests, e2e tests against real components
 
-tools: ## Build (first time only) etcd, kube-apiserver, kube-controller-manager, MinIO, helm into ~/.cache/keybroker
+tools: ## Build (first time only) etcd, kube-apiserver, kube-controller-manager, MinIO, helm and the node (kubelet, kube-proxy, kube-scheduler, containerd, CNI, CoreDNS, crane, base images; Debian packages via apt-get) into ~/.cache/keybroker (docs/development.md)
 	@bash e2e/tools/build.sh
 
 lint: ## cargo fmt --check and clippy with warnings denied

@@ -1,5 +1,9 @@
 //! A real control plane on loopback: etcd, kube-apiserver, kube-controller-manager, and MinIO,
 //! each on free ports and in its own directory, so several can run side by side.
+//!
+//! With a node ([`Cluster::start_with_node`]) the control plane runs inside the node's network
+//! namespace instead (see `netns.rs` for why) and listens on the node's address, which the test
+//! process reaches through the namespace's veth pair.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -15,8 +19,10 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::minio::{Keys, Minio};
+use crate::netns::{self, Sandbox};
+use crate::node::{self, Node};
 use crate::pki::{self, Ca};
-use crate::process::{self, Component, Lifetime};
+use crate::process::{self, Component, Join, Lifetime};
 use crate::tools::{self, Tools};
 
 /// Audit writes (not reads) to keybroker objects and Leases, at metadata level.
@@ -58,6 +64,12 @@ pub enum Error {
     },
     #[error("kube client: {0}")]
     Client(#[from] kube::Error),
+    #[error("node namespaces: {0}")]
+    Netns(#[from] netns::Error),
+    #[error("node: {0}")]
+    Node(#[from] Box<node::Error>),
+    #[error("a node runs only with Lifetime::TiedToProcess (its namespaces die with this process)")]
+    DetachedNode,
 }
 
 /// What to start.
@@ -75,7 +87,7 @@ pub struct Cluster {
     dir: PathBuf,
     /// A kubeconfig for the `system:masters` admin (setup only: it bypasses RBAC).
     pub kubeconfig: PathBuf,
-    /// `https://127.0.0.1:<port>`.
+    /// `https://127.0.0.1:<port>`, or `https://<node address>:<port>` with a node.
     pub server: String,
     /// The CA that signed the apiserver's serving certificate.
     pub ca_cert: PathBuf,
@@ -83,6 +95,12 @@ pub struct Cluster {
     components: Vec<Component>,
     /// How MinIO was started, so a test can stop it and start it again (a provider outage).
     minio_launch: Option<Launch>,
+    /// The namespaces the control plane joins (only with a node).
+    join: Join,
+    /// The kubelet, containerd and friends; stopped before the control plane.
+    node: Option<Node>,
+    /// Control plane material the node needs (CA, addresses), kept from boot.
+    parts: Option<node::ControlPlane>,
 }
 
 /// A component's command line, to start it again as it was.
@@ -93,6 +111,7 @@ struct Launch {
     args: Vec<String>,
     env: Vec<(String, String)>,
     lifetime: Lifetime,
+    join: Join,
 }
 
 impl Cluster {
@@ -100,16 +119,8 @@ impl Cluster {
     /// When any step fails, whatever was already started is stopped again.
     pub async fn start(opts: Options) -> Result<Self, Error> {
         let tools = Tools::locate()?;
-        let mut cluster = Self {
-            dir: opts.dir.clone(),
-            kubeconfig: opts.dir.join("kubeconfig"),
-            server: String::new(),
-            ca_cert: opts.dir.join("pki/ca.crt"),
-            minio: None,
-            components: Vec::new(),
-            minio_launch: None,
-        };
-        match cluster.boot(&tools, &opts).await {
+        let mut cluster = Self::empty(&opts);
+        match cluster.boot(&tools, &opts, None).await {
             Ok(()) => Ok(cluster),
             Err(e) => {
                 cluster.stop();
@@ -118,8 +129,64 @@ impl Cluster {
         }
     }
 
-    async fn boot(&mut self, tools: &Tools, opts: &Options) -> Result<(), Error> {
+    /// Like [`Cluster::start`], with a real node (kubelet, containerd, runc, kube-proxy,
+    /// kube-scheduler) in namespaces of its own, the control plane inside its network
+    /// namespace. Returns once the node is Ready.
+    pub async fn start_with_node(opts: Options) -> Result<Self, Error> {
+        if opts.lifetime != Lifetime::TiedToProcess {
+            return Err(Error::DetachedNode);
+        }
+        let tools = Tools::locate()?;
+        mkdir(&opts.dir)?;
+        let sandbox = Sandbox::create(&opts.dir).await?;
+        let mut cluster = Self::empty(&opts);
+        let booted = async {
+            cluster.boot(&tools, &opts, Some(&sandbox)).await?;
+            let parts = cluster.parts.take().ok_or(Error::DetachedNode)?;
+            let node = Node::start(&opts.dir, sandbox, parts)
+                .await
+                .map_err(Box::new)?;
+            cluster.node = Some(node);
+            Ok::<(), Error>(())
+        };
+        match booted.await {
+            Ok(()) => Ok(cluster),
+            Err(e) => {
+                cluster.stop();
+                Err(e)
+            }
+        }
+    }
+
+    fn empty(opts: &Options) -> Self {
+        Self {
+            dir: opts.dir.clone(),
+            kubeconfig: opts.dir.join("kubeconfig"),
+            server: String::new(),
+            ca_cert: opts.dir.join("pki/ca.crt"),
+            minio: None,
+            components: Vec::new(),
+            minio_launch: None,
+            join: Join::default(),
+            node: None,
+            parts: None,
+        }
+    }
+
+    /// The node, when started with [`Cluster::start_with_node`].
+    pub fn node(&self) -> Option<&Node> {
+        self.node.as_ref()
+    }
+
+    async fn boot(
+        &mut self,
+        tools: &Tools,
+        opts: &Options,
+        sandbox: Option<&Sandbox>,
+    ) -> Result<(), Error> {
         let dir = &opts.dir;
+        let host = sandbox.map_or_else(|| "127.0.0.1".to_owned(), Sandbox::node_ip);
+        self.join = sandbox.map(Sandbox::join_net).unwrap_or_default();
         for sub in [
             "pki",
             "etcd",
@@ -137,6 +204,8 @@ impl Cluster {
             "apiserver",
             &[
                 "127.0.0.1",
+                &host,
+                "10.96.0.1",
                 "localhost",
                 "kubernetes",
                 "kubernetes.default",
@@ -165,11 +234,17 @@ impl Cluster {
             minio_port,
             console_port,
         ] = free_ports()?;
-        let server = format!("https://127.0.0.1:{api_port}");
+        let server = format!("https://{host}:{api_port}");
         self.server = server.clone();
+        let kubelet_client = ca.issue_client(
+            &pki_dir,
+            "apiserver-kubelet-client",
+            "kube-apiserver-kubelet-client",
+            &["system:masters"],
+        )?;
 
-        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
-        let peer_url = format!("http://127.0.0.1:{etcd_peer_port}");
+        let etcd_url = format!("http://{host}:{etcd_port}");
+        let peer_url = format!("http://{host}:{etcd_peer_port}");
         let etcd = self.spawn(
             &tools.etcd,
             "etcd",
@@ -204,7 +279,7 @@ impl Cluster {
                 ("MINIO_BROWSER", "off"),
                 ("MINIO_UPDATE", "off"),
             ];
-            let args = Minio::server_args(&minio_dir, minio_port, console_port);
+            let args = Minio::server_args(&minio_dir, &host, minio_port, console_port);
             let index = self.spawn(&tools.minio, "minio", &args, &env, opts.lifetime)?;
             self.minio_launch = Some(Launch {
                 index,
@@ -215,6 +290,7 @@ impl Cluster {
                     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                     .collect(),
                 lifetime: opts.lifetime,
+                join: self.join,
             });
             Some(index)
         } else {
@@ -226,8 +302,8 @@ impl Cluster {
             "kube-apiserver",
             &[
                 format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
+                format!("--bind-address={host}"),
+                format!("--advertise-address={host}"),
                 format!("--secure-port={api_port}"),
                 format!("--cert-dir={}", dir.join("apiserver").display()),
                 format!("--tls-cert-file={}", serving.cert.display()),
@@ -248,6 +324,14 @@ impl Cluster {
                 format!("--audit-policy-file={}", audit_policy.display()),
                 format!("--audit-log-path={}", self.audit_log().display()),
                 "--audit-log-mode=blocking".into(),
+                format!(
+                    "--kubelet-client-certificate={}",
+                    kubelet_client.cert.display()
+                ),
+                format!("--kubelet-client-key={}", kubelet_client.key.display()),
+                format!("--kubelet-certificate-authority={}", ca.cert.display()),
+                // The node's name resolves nowhere (no DNS leaves the node's namespace).
+                "--kubelet-preferred-address-types=InternalIP".into(),
             ],
             &[],
             opts.lifetime,
@@ -274,7 +358,7 @@ impl Cluster {
                 format!("--kubeconfig={}", kcm_kubeconfig.display()),
                 format!("--authentication-kubeconfig={}", kcm_kubeconfig.display()),
                 format!("--authorization-kubeconfig={}", kcm_kubeconfig.display()),
-                "--bind-address=127.0.0.1".into(),
+                format!("--bind-address={host}"),
                 format!("--secure-port={kcm_port}"),
                 format!("--cert-dir={}", dir.join("kcm").display()),
                 format!("--service-account-private-key-file={}", sa_key.display()),
@@ -297,7 +381,7 @@ impl Cluster {
             .await?;
 
         if let Some(index) = minio {
-            let endpoint = format!("http://127.0.0.1:{minio_port}");
+            let endpoint = format!("http://{host}:{minio_port}");
             let ready = format!("{endpoint}/minio/health/ready");
             self.components[index]
                 .wait_ready("GET /minio/health/ready", Duration::from_secs(60), || {
@@ -309,6 +393,14 @@ impl Cluster {
                 root,
                 iam_helper: tools.minio_iam.clone(),
                 dir: dir.join("minio"),
+            });
+        }
+        if sandbox.is_some() {
+            self.parts = Some(node::ControlPlane {
+                ca,
+                server,
+                pki_dir,
+                kubeconfig: self.kubeconfig.clone(),
             });
         }
         Ok(())
@@ -362,8 +454,10 @@ impl Cluster {
             .join("\n")
     }
 
-    /// Stops every component, detached or not, newest first (the apiserver before etcd).
+    /// Stops every component, detached or not, newest first (the apiserver before etcd), after
+    /// the node (whose kubelet still talks to the apiserver).
     pub fn stop(&mut self) {
+        drop(self.node.take());
         while let Some(mut c) = self.components.pop() {
             c.stop(Duration::from_secs(10));
         }
@@ -387,13 +481,14 @@ impl Cluster {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         let log = self.dir.join("minio.log");
-        let mut component = Component::spawn(
+        let mut component = Component::spawn_in(
             "minio",
             &launch.program,
             &launch.args,
             &env,
             &log,
             launch.lifetime,
+            launch.join,
         )?;
         let http = HttpClient::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
         let ready = format!("{}/minio/health/ready", minio.endpoint);
@@ -416,7 +511,7 @@ impl Cluster {
         lifetime: Lifetime,
     ) -> Result<usize, Error> {
         let log = self.dir.join(format!("{name}.log"));
-        let component = Component::spawn(name, program, args, env, &log, lifetime)?;
+        let component = Component::spawn_in(name, program, args, env, &log, lifetime, self.join)?;
         self.components.push(component);
         Ok(self.components.len() - 1)
     }
@@ -496,7 +591,7 @@ async fn http_ok(
     }
 }
 
-fn write_kubeconfig(
+pub(crate) fn write_kubeconfig(
     path: &Path,
     server: &str,
     ca: &Path,

@@ -6,12 +6,18 @@
 
 pub mod binaries;
 pub mod boto3;
+pub mod cgroups;
 pub mod cluster;
 pub mod demo;
+pub mod dns;
 pub mod fixtures;
 pub mod https;
+pub mod images;
 pub mod logs;
 pub mod minio;
+pub mod netns;
+pub mod node;
+pub mod node_config;
 pub mod pki;
 pub mod process;
 pub mod sidecar;

@@ -66,14 +66,14 @@ pub struct Minio {
 
 impl Minio {
     /// The directory MinIO serves from and the arguments that start it there.
-    pub(crate) fn server_args(dir: &Path, port: u16, console_port: u16) -> Vec<String> {
+    pub(crate) fn server_args(dir: &Path, host: &str, port: u16, console_port: u16) -> Vec<String> {
         vec![
             "server".into(),
             dir.join("data").display().to_string(),
             "--address".into(),
-            format!("127.0.0.1:{port}"),
+            format!("{host}:{port}"),
             "--console-address".into(),
-            format!("127.0.0.1:{console_port}"),
+            format!("{host}:{console_port}"),
             "--certs-dir".into(),
             dir.join("certs").display().to_string(),
             "--quiet".into(),

@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, OnceLock, mpsc};
@@ -20,6 +21,16 @@ pub enum Lifetime {
     /// Survives the starting process in its own process group (`make cluster-up`); stopped by
     /// pid with [`stop_pid`].
     Detached,
+}
+
+/// Namespaces a component joins between fork and exec (see `netns.rs`): the e2e node's network
+/// and mount namespaces. (Not its PID namespace: joining one only moves the caller's future
+/// children, and a process whose children would land elsewhere cannot start threads.) The fds
+/// belong to the namespaces' owner, which keeps them open while it can spawn.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Join {
+    pub net: Option<RawFd>,
+    pub mnt: Option<RawFd>,
 }
 
 /// Errors from starting or waiting on a component.
@@ -70,6 +81,19 @@ impl Component {
         log: &Path,
         lifetime: Lifetime,
     ) -> Result<Self, Error> {
+        Self::spawn_in(name, program, args, envs, log, lifetime, Join::default())
+    }
+
+    /// [`Component::spawn`] inside the namespaces of `join`.
+    pub fn spawn_in(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        envs: &[(&str, &str)],
+        log: &Path,
+        lifetime: Lifetime,
+        join: Join,
+    ) -> Result<Self, Error> {
         let out = OpenOptions::new()
             .create(true)
             .append(true)
@@ -90,6 +114,7 @@ impl Component {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
+        join_namespaces(&mut cmd, join);
         let spawned = match lifetime {
             Lifetime::TiedToProcess => spawn_tied(cmd),
             Lifetime::Detached => {
@@ -292,6 +317,32 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = String::from_utf8_lossy(&buf);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[allow(unsafe_code)]
+fn join_namespaces(cmd: &mut Command, join: Join) {
+    use nix::sched::{CloneFlags, setns};
+    use std::os::fd::BorrowedFd;
+    use std::os::unix::process::CommandExt;
+    if join.net.is_none() && join.mnt.is_none() {
+        return;
+    }
+    // SAFETY: the closure runs between fork and exec in the single-threaded child and only
+    // makes setns calls (async-signal-safe) on fds its owner keeps open until the spawn returns.
+    // Joining a mount namespace needs a single-threaded caller, which the forked child is.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (fd, flag) in [
+                (join.net, CloneFlags::CLONE_NEWNET),
+                (join.mnt, CloneFlags::CLONE_NEWNS),
+            ] {
+                if let Some(fd) = fd {
+                    setns(BorrowedFd::borrow_raw(fd), flag).map_err(io::Error::from)?;
+                }
+            }
+            Ok(())
+        });
+    }
 }
 
 type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);

@@ -30,9 +30,34 @@ pub struct Tools {
     pub helm: PathBuf,
 }
 
-impl Tools {
-    /// Locates the cached binaries (without building anything).
-    pub fn locate() -> Result<Self, Error> {
+/// Paths of what the e2e node runs (`e2e/tools/build.sh` builds them, or installs the Debian
+/// packages they come from).
+#[derive(Clone, Debug)]
+pub struct NodeTools {
+    pub kubelet: PathBuf,
+    pub kube_proxy: PathBuf,
+    pub kube_scheduler: PathBuf,
+    pub containerd: PathBuf,
+    pub containerd_shim: PathBuf,
+    pub ctr: PathBuf,
+    /// The directory holding the CNI plugins (bridge, host-local, loopback, portmap).
+    pub cni_bin: PathBuf,
+    pub coredns: PathBuf,
+    pub crane: PathBuf,
+    pub pause_image: PathBuf,
+    pub busybox_image: PathBuf,
+    pub runc: PathBuf,
+}
+
+/// What `build.sh --locate` printed: every path it knows, and its complaints about the rest.
+struct Located {
+    script: PathBuf,
+    paths: HashMap<String, PathBuf>,
+    complaints: String,
+}
+
+impl Located {
+    fn run() -> Result<Self, Error> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/build.sh");
         let out = Command::new("bash")
             .arg(&script)
@@ -42,25 +67,59 @@ impl Tools {
                 script: script.clone(),
                 source,
             })?;
-        if !out.status.success() {
-            return Err(Error::Missing(
-                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            ));
-        }
-        let paths: HashMap<String, PathBuf> = String::from_utf8_lossy(&out.stdout)
+        let paths = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|line| line.split_once('='))
             .map(|(k, v)| (k.to_owned(), PathBuf::from(v)))
             .collect();
-        let get = |binary: &str| {
-            paths
-                .get(&format!("KEYBROKER_BIN_{binary}"))
-                .cloned()
-                .ok_or_else(|| Error::NotNamed {
-                    script: script.clone(),
-                    binary: binary.to_owned(),
-                })
-        };
+        Ok(Self {
+            script,
+            paths,
+            complaints: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+
+    fn get(&self, binary: &str) -> Result<PathBuf, Error> {
+        match self.paths.get(&format!("KEYBROKER_BIN_{binary}")) {
+            Some(path) => Ok(path.clone()),
+            None if !self.complaints.is_empty() => Err(Error::Missing(self.complaints.clone())),
+            None => Err(Error::NotNamed {
+                script: self.script.clone(),
+                binary: binary.to_owned(),
+            }),
+        }
+    }
+}
+
+impl NodeTools {
+    /// Locates the node's binaries and images (without building anything).
+    pub fn locate() -> Result<Self, Error> {
+        let found = Located::run()?;
+        let get = |binary: &str| found.get(binary);
+        let bridge = get("BRIDGE")?;
+        Ok(Self {
+            kubelet: get("KUBELET")?,
+            kube_proxy: get("KUBE_PROXY")?,
+            kube_scheduler: get("KUBE_SCHEDULER")?,
+            containerd: get("CONTAINERD")?,
+            containerd_shim: get("CONTAINERD_SHIM_RUNC_V2")?,
+            ctr: get("CTR")?,
+            cni_bin: bridge.parent().map(Path::to_owned).unwrap_or_default(),
+            coredns: get("COREDNS")?,
+            crane: get("CRANE")?,
+            pause_image: get("PAUSE_OCI_TAR")?,
+            busybox_image: get("BUSYBOX_OCI_TAR")?,
+            runc: get("RUNC")?,
+        })
+    }
+}
+
+impl Tools {
+    /// Locates the cached binaries of the control plane (without building anything); the
+    /// node's are located by [`NodeTools::locate`].
+    pub fn locate() -> Result<Self, Error> {
+        let found = Located::run()?;
+        let get = |binary: &str| found.get(binary);
         Ok(Self {
             etcd: get("ETCD")?,
             kube_apiserver: get("KUBE_APISERVER")?,

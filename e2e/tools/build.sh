@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Builds the real components the e2e tests run (kube-apiserver, kube-controller-manager, kubectl,
-# etcd, MinIO with its IAM helper, helm) from the Go module proxy, through the wrapper modules beside
-# this script. Binaries are cached outside the repository, keyed by tool version and a hash of
-# the wrapper's go.mod/go.sum, and rebuilt only when missing.
+# etcd, MinIO with its IAM helper, helm; for the node: kubelet, kube-proxy, kube-scheduler,
+# containerd with its runc shim, the CNI plugins, CoreDNS, crane and the base images) from the Go
+# module proxy, through the wrapper modules beside this script. Binaries are cached outside the
+# repository, keyed by tool version and a hash of the wrapper's go.mod/go.sum/*.go (and
+# images/*.sh), and rebuilt only when missing. The node also needs Debian packages (runc,
+# iptables, nftables, conntrack, busybox-static); they are installed with apt-get when missing.
 #
 #   build.sh [TOOL...]   build what is missing (default: all tools)
 #   build.sh --locate    print KEYBROKER_BIN_<NAME>=<path> lines; fail if anything is missing
@@ -12,7 +15,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache=${KEYBROKER_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/keybroker/tools}
-all_tools=(etcd kube kubectl minio helm)
+all_tools=(etcd kube kubectl minio helm node containerd cni coredns crane images)
 
 export GOTOOLCHAIN=local GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=readonly
 export NO_PROXY=127.0.0.1,localhost
@@ -25,6 +28,12 @@ main_module() {
     kubectl) echo k8s.io/kubectl ;;
     minio) echo github.com/minio/minio ;;
     helm) echo helm.sh/helm/v3 ;;
+    node) echo k8s.io/kubernetes ;;
+    containerd) echo github.com/containerd/containerd/v2 ;;
+    cni) echo github.com/containernetworking/plugins ;;
+    coredns) echo github.com/coredns/coredns ;;
+    crane) echo github.com/google/go-containerregistry ;;
+    images) echo k8s.io/kubernetes ;;
     *) echo "unknown tool '$1' (known: ${all_tools[*]})" >&2; return 1 ;;
   esac
 }
@@ -39,20 +48,81 @@ binaries() {
     minio) echo "minio=github.com/minio/minio"
            echo "minio-iam=keybroker.dev/e2e/tools/minio/iam" ;;
     helm) echo "helm=helm.sh/helm/v3/cmd/helm" ;;
+    node) echo "kubelet=k8s.io/kubernetes/cmd/kubelet"
+          echo "kube-proxy=k8s.io/kubernetes/cmd/kube-proxy"
+          echo "kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler" ;;
+    containerd) echo "containerd=github.com/containerd/containerd/v2/cmd/containerd"
+                echo "containerd-shim-runc-v2=github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2"
+                echo "ctr=github.com/containerd/containerd/v2/cmd/ctr" ;;
+    cni) echo "bridge=github.com/containernetworking/plugins/plugins/main/bridge"
+         echo "host-local=github.com/containernetworking/plugins/plugins/ipam/host-local"
+         echo "loopback=github.com/containernetworking/plugins/plugins/main/loopback"
+         echo "portmap=github.com/containernetworking/plugins/plugins/meta/portmap" ;;
+    coredns) echo "coredns=github.com/coredns/coredns" ;;
+    crane) echo "crane=github.com/google/go-containerregistry/cmd/crane" ;;
+    images) echo "pause.oci.tar=" ; echo "busybox.oci.tar=" ;;
   esac
+}
+
+# tool -> the directory of its wrapper module (the node's binaries come from the control plane's
+# module, so both are always the same Kubernetes version)
+module_dir() {
+  case $1 in
+    node|images) echo "$here/kube" ;;
+    *) echo "$here/$1" ;;
+  esac
+}
+
+# Debian packages the node needs at run time: runc (containerd's runtime), iptables/nftables
+# (kube-proxy and the CNI portmap/bridge plugins), conntrack (kube-proxy), busybox-static (the
+# test image's userland), tini (init of the node's PID namespace: reaps orphans, and its death
+# kills every process of the node).
+node_debs=(runc iptables nftables conntrack busybox-static tini)
+ensure_debs() {
+  local missing=() pkg
+  for pkg in "${node_debs[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  done
+  (( ${#missing[@]} == 0 )) && return 0
+  local sudo=()
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || { echo "tools: the node needs Debian packages: apt-get install ${missing[*]}" >&2; return 1; }
+    sudo=(sudo)
+  fi
+  echo "tools: installing Debian packages the node needs: ${missing[*]}"
+  exec 8>"$cache/.apt.lock"
+  flock 8
+  "${sudo[@]}" apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  flock -u 8
 }
 
 version_of() {
   local mod
   mod=$(main_module "$1")
   awk -v m="$mod" '($1 == m || ($1 == "require" && $2 == m)) { print ($1 == m ? $2 : $3); exit }' \
-    "$here/$1/go.mod"
+    "$(module_dir "$1")/go.mod"
 }
 
 entry_dir() {
   local hash
-  hash=$(cd "$here/$1" && cat go.mod go.sum $(find . -name '*.go' | sort) | sha256sum | cut -c1-12)
+  if [ "$1" = images ]; then
+    # The images' inputs: their script, the Kubernetes source (pause.c) and crane versions, and
+    # Debian's busybox build.
+    hash=$( (cat "$here/images/"*.sh "$here/kube/go.mod" "$here/crane/go.mod"
+             dpkg-query -W -f='${Version}' busybox-static 2>/dev/null) | sha256sum | cut -c1-12)
+  else
+    hash=$(cd "$(module_dir "$1")" && cat go.mod go.sum $(find . -name '*.go' | sort) | sha256sum | cut -c1-12)
+  fi
   echo "$cache/$1-$(version_of "$1")-$hash"
+}
+
+tags_for() {
+  case $1 in
+    # No snapshotters for file systems this node does not use; overlayfs and native stay.
+    containerd) echo "no_btrfs no_zfs no_devmapper" ;;
+    *) echo "" ;;
+  esac
 }
 
 ldflags_for() {
@@ -61,6 +131,8 @@ ldflags_for() {
           v=$(version_of kube)
           local minor=${v#v1.}; minor=${minor%%.*}
           echo "-s -w -X k8s.io/component-base/version.gitVersion=$v -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean" ;;
+    node) ldflags_for kube ;;
+    containerd) echo "-s -w -X github.com/containerd/containerd/v2/version.Version=$(version_of containerd)" ;;
     *) echo "-s -w" ;;
   esac
 }
@@ -93,14 +165,30 @@ build_one() {
   rm -rf "$tmp"; mkdir -p "$tmp"
   started=$(date +%s)
   echo "tools: building $tool $(version_of "$tool") (first time only; kube takes 10-20 min on 2 cores)"
-  (cd "$here/$tool" && go mod download) >"$log" 2>&1 || { tail -20 "$log" >&2; return 1; }
+  if [ "$tool" = images ]; then
+    (cd "$here/kube" && go mod download k8s.io/kubernetes) >"$log" 2>&1 || { tail -20 "$log" >&2; return 1; }
+    if ! bash "$here/images/build-images.sh" "$tmp" "$(entry_dir crane)/crane" \
+        "$(go env GOMODCACHE)/k8s.io/kubernetes@$(version_of kube)" >>"$log" 2>&1; then
+      echo "tools: building the images failed; last lines of $log:" >&2
+      tail -30 "$log" >&2
+      return 1
+    fi
+    touch "$tmp/.complete"
+    rm -rf "$dir"; mv "$tmp" "$dir"
+    flock -u 9
+    echo "tools: images built in $(( $(date +%s) - started ))s -> $dir"
+    return 0
+  fi
+  local mdir
+  mdir=$(module_dir "$tool")
+  (cd "$mdir" && go mod download) >"$log" 2>&1 || { tail -20 "$log" >&2; return 1; }
   local pkgs=() line name pkg
   while IFS= read -r line; do pkgs+=("${line#*=}"); done < <(binaries "$tool")
   local total
-  total=$(cd "$here/$tool" && go list -deps "${pkgs[@]}" | wc -l)
+  total=$(cd "$mdir" && go list -tags "$(tags_for "$tool")" -deps "${pkgs[@]}" | wc -l)
   while IFS= read -r line; do
     name=${line%%=*}; pkg=${line#*=}
-    if ! (cd "$here/$tool" && go build -v -trimpath -ldflags "$(ldflags_for "$tool")" -o "$tmp/$name" "$pkg") 2>&1 |
+    if ! (cd "$mdir" && go build -v -trimpath -tags "$(tags_for "$tool")" -ldflags "$(ldflags_for "$tool")" -o "$tmp/$name" "$pkg") 2>&1 |
       tee -a "$log" | progress "$tool" "$name" "$total" "$started" || [ ! -x "$tmp/$name" ]; then
       echo "tools: building $name failed; last lines of $log:" >&2
       tail -30 "$log" >&2
@@ -123,8 +211,17 @@ locate() {
     fi
     while IFS= read -r line; do
       name=${line%%=*}
-      echo "KEYBROKER_BIN_$(echo "$name" | tr 'a-z-' 'A-Z_')=$dir/$name"
+      echo "KEYBROKER_BIN_$(echo "$name" | tr 'a-z.-' 'A-Z__')=$dir/$name"
     done < <(binaries "$tool")
+  done
+  local bin
+  for bin in runc iptables nft conntrack; do
+    if bin=$(PATH=$PATH:/usr/sbin:/sbin command -v "$bin"); then
+      echo "KEYBROKER_BIN_$(basename "$bin" | tr 'a-z-' 'A-Z_')=$bin"
+    else
+      echo "tools: $bin is not installed (Debian: ${node_debs[*]}); run 'make tools'" >&2
+      missing=1
+    fi
   done
   return $missing
 }
@@ -132,4 +229,9 @@ locate() {
 if [ "${1:-}" = "--locate" ]; then locate; exit; fi
 command -v go >/dev/null || { echo "tools: Go is required to build the test components" >&2; exit 1; }
 command -v flock >/dev/null || { echo "tools: flock (util-linux) is required" >&2; exit 1; }
-for t in "${@:-${all_tools[@]}}"; do main_module "$t" >/dev/null; build_one "$t"; done
+mkdir -p "$cache"
+for t in "${@:-${all_tools[@]}}"; do
+  main_module "$t" >/dev/null
+  case $t in node|containerd|cni|coredns|images) ensure_debs ;; esac
+  build_one "$t"
+done

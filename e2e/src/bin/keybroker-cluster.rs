@@ -43,6 +43,11 @@ struct DirArgs {
     /// Do not start MinIO.
     #[arg(long)]
     no_minio: bool,
+    /// Also start a real node (kubelet, containerd, kube-proxy, kube-scheduler) in namespaces
+    /// of its own; the control plane then listens on the node's address. `run` only: the
+    /// node's namespaces live as long as this process.
+    #[arg(long)]
+    node: bool,
 }
 
 /// What `up` leaves in `<dir>/state.json` for `down`.
@@ -71,7 +76,10 @@ async fn up(args: DirArgs) -> anyhow::Result<()> {
             args.dir.display()
         );
     }
-    let cluster = start(&dir, Lifetime::Detached, !args.no_minio).await?;
+    if args.node {
+        bail!("a node lives only as long as the launcher: use `keybroker-cluster run --node`");
+    }
+    let cluster = start(&dir, Lifetime::Detached, !args.no_minio, false).await?;
     let state = State {
         components: cluster
             .components()
@@ -110,7 +118,7 @@ fn down(dir: &Path) -> anyhow::Result<()> {
 
 async fn run(args: DirArgs) -> anyhow::Result<()> {
     let dir = absolute(&args.dir)?;
-    let mut cluster = start(&dir, Lifetime::TiedToProcess, !args.no_minio).await?;
+    let mut cluster = start(&dir, Lifetime::TiedToProcess, !args.no_minio, args.node).await?;
     print_summary(&cluster)?;
     println!("ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -123,19 +131,33 @@ async fn run(args: DirArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start(dir: &Path, lifetime: Lifetime, with_minio: bool) -> anyhow::Result<Cluster> {
+async fn start(
+    dir: &Path,
+    lifetime: Lifetime,
+    with_minio: bool,
+    with_node: bool,
+) -> anyhow::Result<Cluster> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     eprintln!(
-        "starting etcd, kube-apiserver, kube-controller-manager{} in {}",
+        "starting etcd, kube-apiserver, kube-controller-manager{}{} in {}",
         if with_minio { ", minio" } else { "" },
+        if with_node {
+            ", and a node (containerd, kubelet, kube-proxy, kube-scheduler)"
+        } else {
+            ""
+        },
         dir.display()
     );
-    let cluster = Cluster::start(Options {
+    let opts = Options {
         dir: dir.to_owned(),
         lifetime,
         with_minio,
-    })
-    .await?;
+    };
+    let cluster = if with_node {
+        Cluster::start_with_node(opts).await?
+    } else {
+        Cluster::start(opts).await?
+    };
     Ok(cluster)
 }
 
@@ -156,6 +178,16 @@ fn print_summary(cluster: &Cluster) -> anyhow::Result<()> {
             "minio: {} (root keys in {})",
             minio.endpoint,
             env_file.display()
+        );
+    }
+    if let Some(node) = cluster.node() {
+        println!(
+            "node: {} at {} (host link {}, cgroup root {}, logs {}/*.log)",
+            keybroker_e2e::node_config::NODE_NAME,
+            node.sandbox().node_ip(),
+            node.sandbox().host_link(),
+            node.cgroup_root(),
+            node.dir().display()
         );
     }
     println!("logs: {}/*.log", cluster.dir().display());
