@@ -22,7 +22,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::crd::{ApiKey, ApiKeyStatus, KeyProvider};
 use crate::events::{EventType, Publisher};
@@ -385,6 +385,10 @@ async fn reconcile_provider(
         return Ok(Action::await_change());
     }
     let outcome = provider_check::verify(&ctx.client, &provider.spec.aws).await;
+    match &outcome {
+        Ok(identity) => debug!(provider = %name, %identity, "KeyProvider verified"),
+        Err(problem) => warn!(provider = %name, %problem, "KeyProvider not usable"),
+    }
     let current = provider.status.as_ref();
     let desired = provider_check::desired_status(
         current,

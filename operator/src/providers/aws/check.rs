@@ -35,6 +35,32 @@ pub enum Problem {
 }
 
 impl Problem {
+    /// What the KeyProvider's status says: the problem and what to check, without the
+    /// provider's or apiserver's own text (it can name the broker's principal and role; the
+    /// operator logs it).
+    pub fn summary(&self) -> String {
+        match self {
+            Problem::CredentialsSecret {
+                namespace,
+                name,
+                detail,
+            } if !detail.starts_with("cannot be read") => {
+                format!("credentials Secret {namespace}/{name}: {detail}")
+            }
+            Problem::CredentialsSecret {
+                namespace, name, ..
+            } => format!(
+                "credentials Secret {namespace}/{name} cannot be read by the operator; its log has the apiserver's answer"
+            ),
+            Problem::CredentialsRejected { code, .. } => format!(
+                "STS rejected the broker's credentials ({code}); check the credentials and the role's trust policy (the operator's log has STS's answer)"
+            ),
+            Problem::Unreachable { endpoint, .. } => format!(
+                "STS at {endpoint} did not answer; check the endpoint and the network path (the operator's log has the error)"
+            ),
+        }
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             Problem::CredentialsSecret { .. } => "CredentialsSecretInvalid",
@@ -233,8 +259,12 @@ pub fn desired_status(
     now: Time,
 ) -> KeyProviderStatus {
     let (status, reason, message) = match outcome {
-        Ok(identity) => ("True", "Verified", identity.clone()),
-        Err(problem) => ("False", problem.reason(), problem.to_string()),
+        Ok(_) => (
+            "True",
+            "Verified",
+            "STS accepted the broker's credentials for the role".to_owned(),
+        ),
+        Err(problem) => ("False", problem.reason(), problem.summary()),
     };
     KeyProviderStatus {
         conditions: vec![ready_transition(
