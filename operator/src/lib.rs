@@ -12,6 +12,7 @@ pub mod pattern;
 pub mod policy;
 pub mod provider_check;
 pub mod server;
+pub mod shutdown;
 pub mod status;
 pub mod tls;
 pub mod webhook;
