@@ -8,7 +8,7 @@
 //!   the cluster's service-account issuer). It never trusts a token, it only refuses ones the
 //!   apiserver would refuse anyway;
 //! - a short cache of refusals keyed by a SHA-256 of the token, so replaying a refused token
-//!   costs a hash and a lookup.
+//!   costs a hash and a lookup, and concurrent requests with one token share one review.
 //!
 //! Verified reviews are cached too, for at most [`MAX_CACHE`] and never past the token's own
 //! expiry. Both caches are bounded in size. The issuer is read once from the apiserver's OIDC
@@ -16,7 +16,7 @@
 //! decides).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -24,6 +24,7 @@ use k8s_openapi::api::authentication::v1::TokenReview;
 use kube::api::{Api, PostParams};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
 use super::authz::PodIdentity;
@@ -79,9 +80,14 @@ pub struct Authenticator {
     audience: String,
     cache: Mutex<HashMap<[u8; 32], (PodIdentity, Instant)>>,
     refused: Mutex<HashMap<[u8; 32], (AuthnError, Instant)>>,
+    /// Reviews under way, so concurrent requests with one token share one TokenReview.
+    in_flight: Mutex<HashMap<[u8; 32], Arc<Review>>>,
     /// The service-account issuer once known, or when to ask the apiserver again.
     issuer: Mutex<Issuer>,
 }
+
+/// The answer of one TokenReview, awaited by every request that carries the same token.
+type Review = OnceCell<Result<PodIdentity, AuthnError>>;
 
 #[derive(Debug)]
 enum Issuer {
@@ -104,6 +110,7 @@ impl Authenticator {
             audience: audience.to_owned(),
             cache: Mutex::default(),
             refused: Mutex::default(),
+            in_flight: Mutex::default(),
             issuer: Mutex::new(Issuer::AskAfter(Instant::now())),
         }
     }
@@ -136,36 +143,87 @@ impl Authenticator {
         )
         .map_err(AuthnError::Precheck)?;
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(answer) = self.cached(&key) {
+            return answer;
+        }
+        self.shared_review(key, token, claims.lifetime(now_unix))
+            .await
+    }
+
+    /// A cached answer for the token with SHA-256 `key`. The hit paths are one lookup; expired
+    /// entries are pruned only when one is stored.
+    fn cached(&self, key: &[u8; 32]) -> Option<Result<PodIdentity, AuthnError>> {
         let now = Instant::now();
-        // The hit paths are one lookup; expired entries are pruned only when one is stored.
         if let Ok(cache) = self.cache.lock()
-            && let Some((identity, until)) = cache.get(&key)
+            && let Some((identity, until)) = cache.get(key)
             && *until > now
         {
-            return Ok(identity.clone());
+            return Some(Ok(identity.clone()));
         }
         if let Ok(refused) = self.refused.lock()
-            && let Some((error, until)) = refused.get(&key)
+            && let Some((error, until)) = refused.get(key)
             && *until > now
         {
-            return Err(error.clone());
+            return Some(Err(error.clone()));
         }
-        let identity = match self.review(token).await {
-            Ok(identity) => identity,
-            Err(e) => {
+        None
+    }
+
+    /// One TokenReview for all concurrent callers with the same token; its answer is cached
+    /// before the next caller could miss it.
+    async fn shared_review(
+        &self,
+        key: [u8; 32],
+        token: &str,
+        lifetime: Duration,
+    ) -> Result<PodIdentity, AuthnError> {
+        let review = async {
+            let result = self.review(token).await;
+            let now = Instant::now();
+            match &result {
+                Ok(identity) if !lifetime.min(MAX_CACHE).is_zero() => store(
+                    &self.cache,
+                    key,
+                    (identity.clone(), now + lifetime.min(MAX_CACHE)),
+                    now,
+                ),
+                Ok(_) => {}
                 // An unavailable apiserver is not the token's fault: ask again next time.
-                if !matches!(e, AuthnError::Unavailable(_)) {
-                    let until = now + REFUSAL_CACHE.min(claims.lifetime(now_unix));
-                    store(&self.refused, key, (e.clone(), until), now);
+                Err(AuthnError::Unavailable(_)) => {}
+                Err(e) => store(
+                    &self.refused,
+                    key,
+                    (e.clone(), now + REFUSAL_CACHE.min(lifetime)),
+                    now,
+                ),
+            }
+            result
+        };
+        // Decided without awaiting, so no lock is held across the review.
+        let cell = {
+            let Ok(mut in_flight) = self.in_flight.lock() else {
+                return Err(AuthnError::Unavailable(
+                    "the broker's review table is broken".into(),
+                ));
+            };
+            match in_flight.get(&key) {
+                Some(cell) => Arc::clone(cell),
+                None => {
+                    // A review may have finished since the caller looked at the caches.
+                    if let Some(answer) = self.cached(&key) {
+                        return answer;
+                    }
+                    Arc::clone(in_flight.entry(key).or_default())
                 }
-                return Err(e);
             }
         };
-        let lifetime = claims.lifetime(now_unix).min(MAX_CACHE);
-        if !lifetime.is_zero() {
-            store(&self.cache, key, (identity.clone(), now + lifetime), now);
+        let result = cell.get_or_init(|| review).await.clone();
+        if let Ok(mut in_flight) = self.in_flight.lock()
+            && in_flight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell))
+        {
+            in_flight.remove(&key);
         }
-        Ok(identity)
+        result
     }
 
     /// The cluster's service-account issuer, read from the apiserver's OIDC discovery document
