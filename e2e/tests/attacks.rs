@@ -312,3 +312,70 @@ async fn junk_tokens_never_reach_the_apiserver() -> anyhow::Result<()> {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_draining_server_finishes_every_request_in_flight() -> anyhow::Result<()> {
+    use keybroker_operator::https::{self as operator_https, Limits};
+    use keybroker_operator::shutdown;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (tls, client, _) = serving_tls("drain", addr)?;
+    let (trigger, stopping) = shutdown::channel();
+    let served = tokio::spawn(operator_https::serve_until(
+        listener,
+        Arc::new(tls),
+        Limits::default(),
+        stopping,
+        |_req, _peer| async {
+            // A slow exchange: still in flight when the drain starts.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            operator_https::json(hyper::StatusCode::OK, &serde_json::json!({"ok": true}))
+        },
+    ));
+    // Kept-alive connections with a request in flight, and one idle kept-alive connection.
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        conns.push(client.connect().await?);
+    }
+    let mut idle = client.connect().await?;
+    let mut in_flight = Vec::new();
+    for mut conn in conns {
+        in_flight.push(tokio::spawn(async move {
+            conn.send("POST", "/v1/exchange", None, Vec::new()).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    trigger.trigger();
+    for request in in_flight {
+        let reply = request.await??;
+        ensure!(
+            reply.status == 200,
+            "a request in flight failed during the drain: {reply:?}"
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .context("the server did not finish draining")??;
+    let drained = started.elapsed();
+    eprintln!("drained 20 requests in flight in {drained:?}");
+    ensure!(
+        drained >= Duration::from_millis(500),
+        "the requests were not in flight when the drain began ({drained:?})"
+    );
+    // After the drain nothing is accepted, and the idle connection was closed.
+    ensure!(
+        client
+            .send("GET", "/healthz", None, Vec::new())
+            .await
+            .is_err(),
+        "a new connection was served after the drain"
+    );
+    ensure!(
+        idle.send("GET", "/healthz", None, Vec::new())
+            .await
+            .is_err(),
+        "an idle connection outlived the drain"
+    );
+    Ok(())
+}
