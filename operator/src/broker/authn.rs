@@ -68,7 +68,10 @@ impl AuthnError {
         match self {
             AuthnError::Rejected { .. } => "TokenRejected",
             AuthnError::NotPodBound => "TokenNotPodBound",
-            AuthnError::Malformed | AuthnError::Precheck(_) => "TokenMalformed",
+            // Refused before the review, for what the review would refuse it for: the same
+            // reason, so clients and dashboards see one cause whichever side caught it.
+            AuthnError::Precheck(_) => "TokenRejected",
+            AuthnError::Malformed => "TokenMalformed",
             AuthnError::Unavailable(_) => "TokenReviewUnavailable",
         }
     }
