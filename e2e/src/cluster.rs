@@ -25,7 +25,8 @@ use crate::pki::{self, Ca};
 use crate::process::{self, Component, Join, Lifetime};
 use crate::tools::{self, Tools};
 
-/// Audit writes (not reads) to keybroker objects and Leases, at metadata level.
+/// Audit writes (not reads) to keybroker objects and Leases, and TokenReviews (the broker's
+/// authentication calls), at metadata level: never a body, so never a token.
 const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: [RequestReceived]
@@ -36,6 +37,8 @@ rules:
   - group: keybroker.dev
   - group: coordination.k8s.io
     resources: [leases]
+  - group: authentication.k8s.io
+    resources: [tokenreviews]
 - level: None
 ";
 
@@ -412,7 +415,8 @@ impl Cluster {
     }
 
     /// The apiserver's audit log: one JSON event per line for every write to `keybroker.dev`
-    /// objects and Leases (metadata only, never bodies), so tests can count API writes.
+    /// objects and Leases and every TokenReview (metadata only, never bodies), so tests can
+    /// count API writes and authentication calls.
     pub fn audit_log(&self) -> PathBuf {
         self.dir.join("apiserver/audit.log")
     }

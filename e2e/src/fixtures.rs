@@ -335,8 +335,14 @@ impl Controller {
         let client = client.clone();
         let task = tokio::spawn(async move {
             let metrics = std::sync::Arc::new(keybroker_operator::metrics::Metrics::default());
-            if let Err(e) =
-                keybroker_operator::controller::run_elected(client, scope, lease, metrics).await
+            if let Err(e) = keybroker_operator::controller::run_elected(
+                client,
+                scope,
+                lease,
+                metrics,
+                keybroker_operator::shutdown::Shutdown::never(),
+            )
+            .await
             {
                 tracing::error!(error = %e, "controller stopped");
             }

@@ -35,6 +35,8 @@ impl Reply {
 pub struct Client {
     connector: tokio_rustls::TlsConnector,
     addr: std::net::SocketAddr,
+    /// The local address connections come from (default: the system's choice).
+    source: Option<std::net::IpAddr>,
 }
 
 impl std::fmt::Debug for Client {
@@ -56,7 +58,17 @@ impl Client {
         Ok(Self {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             addr,
+            source: None,
         })
+    }
+
+    /// The same client, connecting from `source` (e.g. another 127.0.0.0/8 address, to play a
+    /// different peer on one machine).
+    pub fn from_source(&self, source: std::net::IpAddr) -> Self {
+        Self {
+            source: Some(source),
+            ..self.clone()
+        }
     }
 
     /// Sends `method path` with an optional bearer token and body on a new connection.
@@ -72,7 +84,14 @@ impl Client {
 
     /// A kept-alive connection for several requests in a row.
     pub async fn connect(&self) -> anyhow::Result<Connection> {
-        let tcp = tokio::net::TcpStream::connect(self.addr).await?;
+        let tcp = match self.source {
+            None => tokio::net::TcpStream::connect(self.addr).await?,
+            Some(source) => {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(std::net::SocketAddr::new(source, 0))?;
+                socket.connect(self.addr).await?
+            }
+        };
         tcp.set_nodelay(true)?;
         let tls = self
             .connector

@@ -4,6 +4,7 @@
 //! Tests share one control plane per test binary ([`shared`]) and isolate themselves with
 //! [`in_namespace`], which dumps the namespace and the component logs when the test fails.
 
+pub mod attack;
 pub mod binaries;
 pub mod boto3;
 pub mod cgroups;

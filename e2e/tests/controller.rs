@@ -52,7 +52,15 @@ fn start_controller(client: &Client, ns: &str, identity: &str) -> RunningControl
     let task = tokio::spawn({
         let (client, metrics) = (client.clone(), Arc::clone(&metrics));
         async move {
-            if let Err(e) = controller::run_elected(client, scope, lease, metrics).await {
+            if let Err(e) = controller::run_elected(
+                client,
+                scope,
+                lease,
+                metrics,
+                keybroker_operator::shutdown::Shutdown::never(),
+            )
+            .await
+            {
                 tracing::error!(error = %e, "controller stopped");
             }
         }

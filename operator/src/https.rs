@@ -1,10 +1,21 @@
 //! The HTTPS serving loop the broker and the webhook share: HTTP/1.1 over rustls with every
-//! stage bounded (TLS handshake, request headers, body size and time), so a slow or hostile
-//! client costs one task and a little memory, never the server.
+//! stage bounded, so a slow or hostile client costs one small task, never the server.
+//!
+//! - A connection that sends nothing holds no buffer and no TLS state: the loop only waits for
+//!   the socket to become readable (at most [`Limits::idle_timeout`]) before the handshake.
+//! - Open connections are capped; past the cap a new one is closed at once (the client sees a
+//!   reset and retries elsewhere) rather than queueing behind idle ones.
+//! - TLS handshake and request headers have short timeouts; idle keep-alive connections close
+//!   after the header timeout.
+//! - Handlers bound their own work with a [`Gate`] (in-flight requests, waiting at most a short
+//!   time for a slot) and [`PeerLimit`] (requests per client address).
+//! - [`serve_until`] drains: once shutdown is requested it stops accepting, lets every
+//!   in-flight request finish (up to [`Limits::drain_timeout`]) and closes idle connections.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
@@ -15,12 +26,39 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::shutdown::Shutdown;
+
 const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// The bounds of one server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections at most (idle, handshaking or serving).
+    pub max_connections: usize,
+    /// How long a new connection may stay silent before its first byte.
+    pub idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+    /// How long a request's headers may take, and how long a keep-alive connection may idle.
+    pub header_timeout: Duration,
+    /// How long in-flight requests get to finish once shutdown is requested.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            idle_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(20),
+        }
+    }
+}
 
 /// Serves `handler` on `listener` until the future is dropped. The handler answers every
 /// request itself (errors included), so it returns a response, never an error.
@@ -29,37 +67,186 @@ where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
+    serve_until(listener, tls, Limits::default(), Shutdown::never(), handler).await
+}
+
+/// [`serve`] with explicit limits, returning once `shutdown` was requested and every
+/// connection finished (or [`Limits::drain_timeout`] passed).
+pub async fn serve_until<H, F>(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    limits: Limits,
+    shutdown: Shutdown,
+    handler: H,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let acceptor = TlsAcceptor::from(tls);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let stopping = shutdown.clone().requested();
+    tokio::pin!(stopping);
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let (tcp, peer) = tokio::select! {
+            () = &mut stopping => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            debug!(%peer, max = limits.max_connections, "connection cap reached; closing");
+            drop(tcp);
+            continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, handler) = (acceptor.clone(), handler.clone());
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => return debug!(%peer, "TLS handshake timed out"),
-            };
-            let service = service_fn(move |req| {
-                let response = handler(req, peer);
-                async move { Ok::<_, std::convert::Infallible>(response.await) }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES)
-                .serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "connection ended with an error");
+        let (acceptor, handler, shutdown) = (acceptor.clone(), handler.clone(), shutdown.clone());
+        tokio::spawn(connection(
+            tcp, peer, acceptor, handler, limits, shutdown, permit,
+        ));
+    }
+    drop(listener);
+    let open = limits.max_connections - slots.available_permits();
+    if open > 0 {
+        info!(open, "draining connections");
+    }
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(limits.drain_timeout, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        warn!(
+            open = limits.max_connections - slots.available_permits(),
+            "connections still open after the drain timeout"
+        );
+    }
+}
+
+async fn connection<H, F>(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    handler: H,
+    limits: Limits,
+    shutdown: Shutdown,
+    permit: OwnedSemaphorePermit,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let _permit = permit;
+    // Silent connections cost a socket and this task, nothing more.
+    match tokio::time::timeout(limits.idle_timeout, tcp.readable()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) | Err(_) => return,
+    }
+    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => return debug!(%peer, "TLS handshake timed out"),
+    };
+    let service = service_fn(move |req| {
+        let response = handler(req, peer);
+        async move { Ok::<_, std::convert::Infallible>(response.await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    let stopping = shutdown.requested();
+    tokio::pin!(stopping);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = &mut stopping => {
+            // Finishes the request in flight (if any), then closes.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// A cap on requests being handled at once. A request that finds no slot waits at most
+/// `wait`, then is refused: an answer within the caller's timeout beats a queue past it.
+#[derive(Debug)]
+pub struct Gate {
+    slots: Semaphore,
+    wait: Duration,
+}
+
+impl Gate {
+    pub fn new(max: usize, wait: Duration) -> Self {
+        Self {
+            slots: Semaphore::new(max),
+            wait,
+        }
+    }
+
+    /// A slot, or `None` when none freed up in time.
+    pub async fn enter(&self) -> Option<SemaphorePermit<'_>> {
+        match tokio::time::timeout(self.wait, self.slots.acquire()).await {
+            Ok(Ok(permit)) => Some(permit),
+            Ok(Err(_)) | Err(_) => None,
+        }
+    }
+}
+
+/// A cap on concurrent requests per client address, so one client cannot take every slot of
+/// a [`Gate`].
+#[derive(Debug)]
+pub struct PeerLimit {
+    max: usize,
+    active: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// Held while a client's request is handled; releases its place on drop.
+#[derive(Debug)]
+pub struct PeerSlot {
+    peer: IpAddr,
+    active: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl PeerLimit {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            active: Arc::default(),
+        }
+    }
+
+    /// A place for `peer`, or `None` when it already has `max` requests in flight.
+    pub fn enter(&self, peer: IpAddr) -> Option<PeerSlot> {
+        let mut active = self.active.lock().ok()?;
+        let count = active.entry(peer).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            peer,
+            active: Arc::clone(&self.active),
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        if let Ok(mut active) = self.active.lock()
+            && let Some(count) = active.get_mut(&self.peer)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                active.remove(&self.peer);
             }
-        });
+        }
     }
 }
 
@@ -93,4 +280,33 @@ pub fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Full<
         response.headers_mut().insert(CONTENT_TYPE, value);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_slots_are_counted_per_address_and_released() {
+        let limit = PeerLimit::new(2);
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        let first = limit.enter(a).expect("first");
+        let second = limit.enter(a).expect("second");
+        assert!(limit.enter(a).is_none(), "a third request of one peer");
+        assert!(limit.enter(b).is_some(), "another peer is unaffected");
+        drop(first);
+        let third = limit.enter(a).expect("a freed place is reused");
+        drop((second, third));
+        assert!(limit.active.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_gate_refuses_after_its_wait() {
+        let gate = Gate::new(1, Duration::from_millis(30));
+        let held = gate.enter().await.expect("a free slot");
+        assert!(gate.enter().await.is_none());
+        drop(held);
+        assert!(gate.enter().await.is_some());
+    }
 }

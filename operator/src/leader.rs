@@ -1,6 +1,8 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, so that two controller replicas are
 //! safe: only the holder runs the reconcilers, and a replica that loses the Lease stops them
-//! before anything else can be written.
+//! before anything else can be written. A replica waiting for the Lease gives up as soon as
+//! the process is asked to stop ([`crate::shutdown`]), so a standby replica exits on SIGTERM
+//! instead of waiting for a Lease it will never use.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,6 +12,10 @@ use kube_lease_manager::LeaseManagerBuilder;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
+use crate::shutdown;
+
+/// How long the reconcilers get to finish once the process is asked to stop.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Which Lease to hold, as whom, and for how long.
 #[derive(Clone, Debug)]
@@ -43,6 +49,7 @@ pub async fn run_while_leader<F, Fut>(
     client: kube::Client,
     config: LeaseConfig,
     metrics: Arc<Metrics>,
+    stopping: shutdown::Shutdown,
     mut work: F,
 ) -> Result<(), Error>
 where
@@ -65,9 +72,18 @@ where
         .map_err(lease_error)?;
     let (mut leading, manager_task) = manager.watch().await;
     let outcome = loop {
-        while !*leading.borrow_and_update() {
-            if leading.changed().await.is_err() {
-                break;
+        let waiting = async {
+            while !*leading.borrow_and_update() {
+                if leading.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            () = waiting => {}
+            () = stopping.clone().requested() => {
+                info!(identity = %config.identity, "stopping while not the leader");
+                break Ok(());
             }
         }
         if !*leading.borrow() {
@@ -82,14 +98,24 @@ where
                 }
             }
         };
+        let reconcilers = work();
+        tokio::pin!(reconcilers);
         tokio::select! {
-            () = work() => {
+            () = &mut reconcilers => {
                 metrics.leader.set(0);
                 break Ok(());
             }
             () = lost => {
                 metrics.leader.set(0);
                 warn!(identity = %config.identity, "lost the controller Lease; reconcilers stopped");
+            }
+            () = stopping.clone().requested() => {
+                // The reconcilers finish their current passes; past the grace they are dropped.
+                if tokio::time::timeout(STOP_GRACE, reconcilers).await.is_err() {
+                    warn!("the reconcilers did not stop within {} s; dropping them", STOP_GRACE.as_secs());
+                }
+                metrics.leader.set(0);
+                break Ok(());
             }
         }
     };

@@ -13,6 +13,7 @@ pub mod policy;
 pub mod providers;
 pub mod revocation;
 pub mod server;
+pub mod shutdown;
 pub mod status;
 pub mod tls;
 pub mod webhook;

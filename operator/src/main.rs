@@ -1,4 +1,10 @@
 //! `keybroker-operator`: one binary for the controller, admission-webhook and broker roles.
+//!
+//! Startup: the health server comes first, so the kubelet's probes answer (readiness 503,
+//! naming what is missing) while the caches fill. Shutdown has one path: the first SIGTERM or
+//! SIGINT turns readiness 503, the servers keep answering for `--shutdown-delay` (endpoints
+//! take that long to drop this replica), then stop accepting and finish every admission and
+//! exchange in flight; the controller stops, leading or not; then the process exits.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -6,12 +12,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use futures::FutureExt;
 use keybroker_operator::broker::{self, Broker};
 use keybroker_operator::controller::{self, Scope};
 use keybroker_operator::leader::LeaseConfig;
 use keybroker_operator::metrics::Metrics;
 use keybroker_operator::server;
+use keybroker_operator::shutdown::{self, Shutdown};
 use keybroker_operator::tls::{MemoryCert, ReloadingCert};
 use keybroker_operator::webhook::certs::{self, CertConfig, Timing};
 use keybroker_operator::webhook::inject::Settings;
@@ -76,6 +82,10 @@ struct Args {
     /// This replica's identity in the Lease (default: the pod name, else the host name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// After SIGTERM, how long the servers keep accepting (readiness already 503) before they
+    /// stop and drain; long enough for the endpoints to drop this replica.
+    #[arg(long, default_value = "5s", value_parser = duration, env = "KEYBROKER_SHUTDOWN_DELAY")]
+    shutdown_delay: Duration,
     #[command(flatten)]
     webhook: WebhookArgs,
     /// Log format.
@@ -195,12 +205,36 @@ async fn main() -> anyhow::Result<()> {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
     }
 
+    let signalled = shutdown::process();
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(server::Readiness::default());
+    {
+        let signalled = signalled.clone();
+        readiness.add("shutting-down", move || !signalled.is_requested());
+    }
     let listener = server::bind(args.metrics_addr).await?;
+    // Runs until the process exits: probes answer during startup and the whole drain.
+    tokio::spawn(server::serve(
+        listener,
+        Arc::clone(&metrics),
+        Arc::clone(&readiness),
+    ));
+    // The servers stop accepting `--shutdown-delay` after the signal, or at once when a role
+    // stops by itself.
+    let (stop_serving, serving_stops) = shutdown::channel();
+    let stop_serving = Arc::new(stop_serving);
+    {
+        let (stop_serving, delay) = (Arc::clone(&stop_serving), args.shutdown_delay);
+        let signalled = signalled.clone();
+        tokio::spawn(async move {
+            signalled.requested().await;
+            tokio::time::sleep(delay).await;
+            stop_serving.trigger();
+        });
+    }
     let identity = match args.identity {
         Some(identity) => identity,
         None => hostname(),
@@ -218,13 +252,10 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let mut roles: Vec<futures::future::BoxFuture<'static, anyhow::Result<()>>> = Vec::new();
-    roles.push(Box::pin(
-        server::serve(listener, Arc::clone(&metrics), Arc::clone(&readiness)).map(Ok),
-    ));
     if args.roles.contains(&Role::Controller) {
         let (client, metrics) = (client.clone(), Arc::clone(&metrics));
         roles.push(Box::pin(async move {
-            Ok(controller::run_elected(client, scope, lease, metrics).await?)
+            Ok(controller::run_elected(client, scope, lease, metrics, shutdown::process()).await?)
         }));
     }
     if args.roles.contains(&Role::Webhook) {
@@ -235,6 +266,7 @@ async fn main() -> anyhow::Result<()> {
                 args.webhook,
                 Arc::clone(&metrics),
                 &readiness,
+                serving_stops.clone(),
             )
             .await?,
         );
@@ -242,14 +274,28 @@ async fn main() -> anyhow::Result<()> {
     if args.roles.contains(&Role::Broker) {
         let tls = ReloadingCert::new(&args.tls_cert_file, &args.tls_key_file)?.server_config();
         let listener = server::bind(args.broker_addr).await?;
-        let broker = Broker::start_with_metrics(client, Arc::clone(&metrics)).await;
+        let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = Arc::clone(&synced);
+        readiness.add("broker-caches", move || {
+            seen.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        let (metrics, serving_stops) = (Arc::clone(&metrics), serving_stops.clone());
         roles.push(Box::pin(async move {
-            broker::server::serve(listener, Arc::new(tls), broker).await;
+            let broker = Broker::start_with_metrics(client, metrics).await;
+            synced.store(true, std::sync::atomic::Ordering::Relaxed);
+            broker::server::serve_until(listener, Arc::new(tls), broker, serving_stops).await;
             Ok(())
         }));
     }
-    // The first role to stop (SIGTERM ends the controller) stops the process.
-    let (result, _, _) = futures::future::select_all(roles).await;
+    // The first role to stop decides the outcome; the others drain before the process exits.
+    let (result, _, rest) = futures::future::select_all(roles).await;
+    stop_serving.trigger();
+    for outcome in futures::future::join_all(rest).await {
+        if let Err(e) = outcome {
+            tracing::warn!(error = %e, "a role failed while stopping");
+        }
+    }
+    tracing::info!("stopped");
     result
 }
 
@@ -260,6 +306,7 @@ async fn webhook_role(
     args: WebhookArgs,
     metrics: Arc<Metrics>,
     readiness: &server::Readiness,
+    shutdown: Shutdown,
 ) -> anyhow::Result<futures::future::BoxFuture<'static, anyhow::Result<()>>> {
     let broker_ca = std::fs::read_to_string(&args.broker_ca_file).with_context(|| {
         format!(
@@ -312,12 +359,23 @@ async fn webhook_role(
                 (tls, Box::pin(certs::run(client.clone(), config, serving)))
             }
         };
-    let webhook = Webhook::start(client, settings, metrics).await;
+    let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = Arc::clone(&synced);
+    readiness.add("webhook-caches", move || {
+        seen.load(std::sync::atomic::Ordering::Relaxed)
+    });
+    let serve = async move {
+        let webhook = Webhook::start(client, settings, metrics).await;
+        synced.store(true, std::sync::atomic::Ordering::Relaxed);
+        webhook::server::serve_until(listener, Arc::new(tls), webhook, shutdown).await;
+    };
     Ok(Box::pin(async move {
-        tokio::join!(
-            upkeep,
-            webhook::server::serve(listener, Arc::new(tls), webhook)
-        );
+        // The certificate upkeep runs while the caches fill and ends with the server: nothing
+        // is served after the drain.
+        tokio::select! {
+            () = upkeep => {}
+            () = serve => {}
+        }
         Ok(())
     }))
 }

@@ -1,9 +1,17 @@
 //! The sidecar's two small HTTP/1.1 servers: the AWS container-credentials endpoint on
 //! loopback, and the probes plus metrics on the pod IP. Routing is pure ([`credentials`],
 //! [`health`]); [`serve`] is the bounded I/O around it.
+//!
+//! The health port is reachable from the whole pod network, so a flood of idle connections
+//! must not keep the kubelet's probe out. A connection holds nothing but its socket until its
+//! first byte arrives (at most [`IDLE_TIMEOUT`]); the cap on open connections is kept by closing
+//! the oldest silent one when a new one arrives, never by leaving new ones in the accept queue.
+//! Each connection serves one request (the kubelet opens one per probe), so nothing idles
+//! after an answer either.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -14,16 +22,20 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tracing::debug;
 
 use crate::state::{self, Key};
 
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a new connection may stay silent before it is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_HEADER_BYTES: usize = 8 * 1024;
-/// Connections served at once; more wait in the accept queue. Callers are the app's SDKs, the
-/// kubelet and Prometheus: a handful.
-const MAX_CONNECTIONS: usize = 32;
+/// Open connections at most. Real callers (the app's SDKs, the kubelet, Prometheus) need a
+/// handful; past the cap the oldest silent connection makes room for the new one.
+const MAX_CONNECTIONS: usize = 256;
+/// How long a new connection waits for room when every open one is busy being answered.
+const ROOM_WAIT: Duration = Duration::from_millis(200);
 
 /// An answer before it becomes a hyper response.
 #[derive(Debug, PartialEq, Eq)]
@@ -132,10 +144,8 @@ where
 {
     let route = Arc::new(route);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let silent = Arc::new(Silent::default());
     loop {
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-            return;
-        };
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -144,8 +154,25 @@ where
                 continue;
             }
         };
-        let route = Arc::clone(&route);
+        let permit = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                silent.evict_oldest();
+                match tokio::time::timeout(ROOM_WAIT, Arc::clone(&slots).acquire_owned()).await {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) | Err(_) => {
+                        debug!(%peer, "every connection is busy; closing the new one");
+                        continue;
+                    }
+                }
+            }
+        };
+        let (route, silent) = (Arc::clone(&route), Arc::clone(&silent));
         tokio::spawn(async move {
+            let _permit = permit;
+            if !silent.wait_for_first_byte(&tcp).await {
+                return;
+            }
             let service = service_fn(move |req: Request<Incoming>| {
                 let reply = route(
                     req.method(),
@@ -168,13 +195,42 @@ where
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
                 .max_buf_size(MAX_HEADER_BYTES)
                 .serve_connection(TokioIo::new(tcp), service);
             if let Err(e) = conn.await {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
-            drop(permit);
         });
+    }
+}
+
+/// The connections that have not sent a byte yet, oldest first (a [`Notify`] wakes its
+/// waiters in the order they began waiting).
+#[derive(Debug, Default)]
+struct Silent {
+    count: AtomicUsize,
+    evict: Notify,
+}
+
+impl Silent {
+    /// Waits for the connection's first byte: true when it came, false when the connection
+    /// stayed silent too long, closed, or was evicted to make room.
+    async fn wait_for_first_byte(&self, tcp: &tokio::net::TcpStream) -> bool {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        let arrived = tokio::select! {
+            ready = tokio::time::timeout(IDLE_TIMEOUT, tcp.readable()) => matches!(ready, Ok(Ok(()))),
+            () = self.evict.notified() => false,
+        };
+        self.count.fetch_sub(1, Ordering::SeqCst);
+        arrived
+    }
+
+    /// Closes the oldest silent connection, if there is one (no wake-up is stored for later).
+    fn evict_oldest(&self) {
+        if self.count.load(Ordering::SeqCst) > 0 {
+            self.evict.notify_one();
+        }
     }
 }
 
@@ -256,5 +312,85 @@ mod tests {
             StatusCode::NOT_FOUND
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Writes `request` and reads until the server closes (it serves one request per
+    /// connection), within `within`.
+    async fn ask(addr: std::net::SocketAddr, request: &[u8], within: Duration) -> Option<Vec<u8>> {
+        let exchange = async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+            let mut sent = 0;
+            while sent < request.len() {
+                tcp.writable().await.ok()?;
+                match tcp.try_write(&request[sent..]) {
+                    Ok(n) => sent += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return None,
+                }
+            }
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                tcp.readable().await.ok()?;
+                match tcp.try_read(&mut buf) {
+                    Ok(0) => return Some(answer),
+                    Ok(n) => answer.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Some(answer),
+                }
+            }
+        };
+        tokio::time::timeout(within, exchange).await.ok().flatten()
+    }
+
+    #[tokio::test]
+    async fn the_probe_answers_under_a_flood_of_idle_connections() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, |_, path, _| {
+            Reply::text(StatusCode::OK, path)
+        }));
+        // Four times the connection cap, none of them sending a byte.
+        let mut idle = Vec::new();
+        for _ in 0..(4 * MAX_CONNECTIONS) {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::task::yield_now().await;
+        let started = std::time::Instant::now();
+        let answer = ask(
+            addr,
+            b"GET /livez HTTP/1.1\r\nHost: pod\r\n\r\n",
+            Duration::from_secs(1),
+        )
+        .await
+        .expect("the probe was answered within 1 s");
+        let took = started.elapsed();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.ends_with("/livez"), "{text}");
+        // Silent connections are closed, not kept: the oldest made room, the rest time out.
+        let closed = tokio::time::timeout(IDLE_TIMEOUT * 3, async {
+            let mut buf = [0u8; 1];
+            for tcp in &idle {
+                loop {
+                    if tcp.readable().await.is_err() {
+                        break;
+                    }
+                    match tcp.try_read(&mut buf) {
+                        // Closed (or reset) by the server.
+                        Ok(0) => break,
+                        Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => break,
+                        _ => {}
+                    }
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "idle connections were left open");
+        eprintln!(
+            "probe answered in {took:?} with {} idle connections",
+            idle.len()
+        );
+        server.abort();
     }
 }

@@ -6,8 +6,11 @@
 //!   as soon as the pod may no longer use the ApiKey or its rights changed, or after the wait;
 //!   429 past the per-pod or total cap of waiting polls.
 //!
-//! Every stage is bounded: TLS handshake and request headers 10 s, body 4 KiB read within 10 s,
-//! headers 16 KiB, the whole exchange 20 s. Refusals are JSON bodies, never bare errors.
+//! Every stage is bounded: TLS handshake and request headers 5 s (see [`crate::https`]), body
+//! 4 KiB read within 5 s, headers 16 KiB, the whole exchange 20 s. A client (peer address) has
+//! at most [`MAX_EXCHANGES_PER_CLIENT`] exchanges in flight and the broker at most
+//! [`MAX_EXCHANGES`]; past either, 429 with Retry-After at once. Refusals are JSON bodies,
+//! never bare errors.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,9 +26,17 @@ use keybroker_sidecar::wire::{
 use tokio::net::TcpListener;
 
 use super::{Broker, ExchangeError, PollAnswer};
-use crate::https::{self, BodyError};
+use crate::https::{self, BodyError, Gate, Limits, PeerLimit};
+use crate::shutdown::Shutdown;
 
-const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Exchanges in flight per client address. A node's sidecars share its pod CIDR, not one
+/// address, so a single address with more than this in flight is a misbehaving client.
+pub const MAX_EXCHANGES_PER_CLIENT: usize = 8;
+/// Exchanges in flight in this replica.
+pub const MAX_EXCHANGES: usize = 256;
+/// How long an exchange may wait for one of the [`MAX_EXCHANGES`] slots.
+const QUEUE_WAIT: Duration = Duration::from_secs(1);
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const MAX_BODY_BYTES: usize = 4 * 1024;
 /// What a poll refused for a full registry is told to wait.
@@ -33,20 +44,58 @@ const POLL_RETRY_AFTER_SECONDS: u64 = 5;
 
 /// Serves until the future is dropped.
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, broker: Arc<Broker>) {
-    https::serve(listener, tls, move |req, peer| {
-        let broker = Arc::clone(&broker);
-        async move { handle(req, &broker, peer).await }
-    })
+    serve_until(listener, tls, broker, Shutdown::never()).await
+}
+
+/// The caps shared by every connection of one server.
+#[derive(Debug)]
+struct Caps {
+    exchanges: Gate,
+    per_client: PeerLimit,
+}
+
+/// Serves until `shutdown` is requested, then finishes the exchanges in flight.
+pub async fn serve_until(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    broker: Arc<Broker>,
+    shutdown: Shutdown,
+) {
+    let caps = Arc::new(Caps {
+        exchanges: Gate::new(MAX_EXCHANGES, QUEUE_WAIT),
+        per_client: PeerLimit::new(MAX_EXCHANGES_PER_CLIENT),
+    });
+    https::serve_until(
+        listener,
+        tls,
+        Limits::default(),
+        shutdown,
+        move |req, peer| {
+            let (broker, caps) = (Arc::clone(&broker), Arc::clone(&caps));
+            async move { handle(req, &broker, &caps, peer).await }
+        },
+    )
     .await
 }
 
 async fn handle(
     req: Request<Incoming>,
     broker: &Broker,
+    caps: &Caps,
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
-        (&Method::POST, "/v1/exchange") => exchange(req, broker, peer).await,
+        (&Method::POST, "/v1/exchange") => {
+            let Some(_client) = caps.per_client.enter(peer.ip()) else {
+                return busy(&format!(
+                    "this client already has {MAX_EXCHANGES_PER_CLIENT} exchanges in flight; wait for them before sending more"
+                ));
+            };
+            let Some(_slot) = caps.exchanges.enter().await else {
+                return busy("the broker is at its limit of exchanges in flight; retry");
+            };
+            exchange(req, broker, peer).await
+        }
         (&Method::GET, "/v1/revocations") => revocations(req, broker).await,
         (&Method::GET, "/healthz") => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
         _ => refusal(
@@ -56,6 +105,15 @@ async fn handle(
             false,
         ),
     }
+}
+
+/// 429 with Retry-After: the request was not looked at.
+fn busy(message: &str) -> Response<Full<Bytes>> {
+    let mut response = refusal(StatusCode::TOO_MANY_REQUESTS, "Busy", message, true);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+    response
 }
 
 async fn exchange(

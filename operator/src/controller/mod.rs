@@ -29,6 +29,7 @@ use crate::events::{EventType, Publisher};
 use crate::metrics::Metrics;
 use crate::providers::aws::check as provider_check;
 use crate::revocation::{self, Cause, Transition};
+use crate::shutdown::Shutdown;
 use crate::status::{self, Verdict};
 pub use revoke::FINALIZER;
 
@@ -85,7 +86,13 @@ struct Context {
 }
 
 /// Runs the ApiKey and KeyProvider controllers until the future is dropped.
-pub async fn run(client: Client, scope: Scope, metrics: Arc<Metrics>, instance: String) {
+pub async fn run(
+    client: Client,
+    scope: Scope,
+    metrics: Arc<Metrics>,
+    instance: String,
+    shutdown: Shutdown,
+) {
     let apikeys: Api<DeserializeGuard<ApiKey>> = match &scope.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -133,6 +140,7 @@ pub async fn run(client: Client, scope: Scope, metrics: Arc<Metrics>, instance: 
 
     let apikey_controller = {
         let ctx = Arc::clone(&ctx);
+        let shutdown = shutdown.clone();
         let provider_watch = provider_watch.clone();
         async move {
             // Judging a key before the stores are filled would flip it to ProviderNotFound.
@@ -171,7 +179,7 @@ pub async fn run(client: Client, scope: Scope, metrics: Arc<Metrics>, instance: 
                         keys_referencing(&keys, |k| k.namespace().as_deref() == Some(name.as_str()))
                     },
                 )
-                .shutdown_on_signal()
+                .graceful_shutdown_on(shutdown.clone().requested())
                 .run(reconcile_apikey, apikey_error_policy, Arc::clone(&ctx))
                 .for_each(|_| async {})
                 .await;
@@ -181,7 +189,7 @@ pub async fn run(client: Client, scope: Scope, metrics: Arc<Metrics>, instance: 
         let ctx = Arc::clone(&ctx);
         let api: Api<DeserializeGuard<KeyProvider>> = Api::all(client);
         Controller::new(api, provider_watch)
-            .shutdown_on_signal()
+            .graceful_shutdown_on(shutdown.clone().requested())
             .run(reconcile_provider, provider_error_policy, ctx)
             .for_each(|_| async {})
     };
@@ -475,21 +483,30 @@ fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
-/// Runs the controllers only while this replica holds the Lease (see [`crate::leader`]).
+/// Runs the controllers only while this replica holds the Lease (see [`crate::leader`]),
+/// until `shutdown` is requested.
 pub async fn run_elected(
     client: Client,
     scope: Scope,
     lease: crate::leader::LeaseConfig,
     metrics: Arc<Metrics>,
+    shutdown: Shutdown,
 ) -> Result<(), crate::leader::Error> {
     let instance = lease.identity.clone();
-    crate::leader::run_while_leader(client.clone(), lease, Arc::clone(&metrics), || {
-        run(
-            client.clone(),
-            scope.clone(),
-            Arc::clone(&metrics),
-            instance.clone(),
-        )
-    })
+    crate::leader::run_while_leader(
+        client.clone(),
+        lease,
+        Arc::clone(&metrics),
+        shutdown.clone(),
+        || {
+            run(
+                client.clone(),
+                scope.clone(),
+                Arc::clone(&metrics),
+                instance.clone(),
+                shutdown.clone(),
+            )
+        },
+    )
     .await
 }

@@ -1,7 +1,13 @@
 //! The webhook role: a mutating admission webhook that injects the credential sidecar into
 //! opted-in pods. [`inject`] decides; this module reads the AdmissionReview, looks the named
-//! ApiKeys up (watch cache, live read on a miss so a just-created ApiKey is never refused) and
-//! writes the AdmissionReview answer. Every input, however malformed, gets an answer.
+//! ApiKeys up and writes the AdmissionReview answer. Every input, however malformed, gets an
+//! answer, and no input costs more than a bounded amount of work:
+//!
+//! - the annotation is parsed in linear time and capped at [`inject::MAX_API_KEYS`] names;
+//! - ApiKeys come from the watch cache; a miss (an ApiKey created a moment before its pod) gets
+//!   one live read per review, bounded by [`LOOKUP_TIMEOUT`]; further misses are unknown;
+//! - a body that is not an AdmissionReview is never parsed into a JSON tree: its uid is found
+//!   by a pass that skips everything else unallocated.
 
 pub mod certs;
 pub mod inject;
@@ -16,7 +22,6 @@ use kube::Api;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
@@ -26,9 +31,9 @@ use crate::status::ready_condition;
 use crate::watch_cache;
 use inject::{Decision, KeyFacts, PodView, Settings};
 
-/// A live read of an ApiKey missing from the cache must answer within this; the apiserver
-/// gives the whole webhook call 10 s at most.
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+/// A live read of an ApiKey missing from the cache must answer within this, well inside the
+/// apiserver's own timeout for the whole webhook call.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The admission logic with its caches.
 pub struct Webhook {
@@ -74,6 +79,14 @@ impl Webhook {
         })
     }
 
+    /// Counts a review refused for want of a slot.
+    pub fn busy(&self) {
+        self.metrics
+            .admissions
+            .get_or_create(&crate::metrics::DecisionLabels { decision: "busy" })
+            .inc();
+    }
+
     /// Answers one AdmissionReview body with an AdmissionReview body.
     pub async fn review(&self, body: &[u8]) -> Vec<u8> {
         let started = Instant::now();
@@ -102,7 +115,7 @@ impl Webhook {
         if request.kind.kind != "Pod" {
             return (allow, "unchanged");
         }
-        if !inject::opted_in(pod) || inject::already_injected(pod) {
+        if !inject::opted_in(pod) {
             return (allow, "unchanged");
         }
         let namespace = request
@@ -123,18 +136,38 @@ impl Webhook {
                 "denied",
             )
         };
+        if inject::claims_injection(pod) {
+            // Re-invocation, or a pod that only looks injected: no lookups needed.
+            return match inject::decide(pod, &namespace, &BTreeMap::new(), &self.settings) {
+                Decision::Deny(denial) => deny(denial.to_string(), denial.reason()),
+                _ => (allow, "unchanged"),
+            };
+        }
         let names = match inject::requested_api_keys(pod, &namespace) {
             Ok(names) => names,
             Err(denial) => return deny(denial.to_string(), denial.reason()),
         };
         let mut keys = BTreeMap::new();
+        let mut live_read_left = true;
         for name in names {
-            match self.key_facts(&namespace, &name).await {
-                Ok(Some(facts)) => {
+            let facts = match self.cached_facts(&namespace, &name) {
+                Some(facts) => Some(facts),
+                // One live read per review: a pod naming many unknown ApiKeys costs no more.
+                None if live_read_left => {
+                    live_read_left = false;
+                    match self.live_facts(&namespace, &name).await {
+                        Ok(facts) => facts,
+                        Err(message) => return deny(message, "LookupFailed"),
+                    }
+                }
+                None => None,
+            };
+            match facts {
+                Some(facts) => {
                     keys.insert(name, facts);
                 }
-                Ok(None) => {}
-                Err(message) => return deny(message, "LookupFailed"),
+                // The first unknown name is the denial; the rest need no lookup.
+                None => break,
             }
         }
         match inject::decide(pod, &namespace, &keys, &self.settings) {
@@ -152,25 +185,28 @@ impl Webhook {
         }
     }
 
-    /// What is known of ApiKey `name`: from the cache, else a live read (the cache may lag a
-    /// just-created ApiKey by a few milliseconds). `Ok(None)`: it does not exist.
-    async fn key_facts(&self, namespace: &str, name: &str) -> Result<Option<KeyFacts>, String> {
-        let cached = self.keys.get(&ObjectRef::new(name).within(namespace));
-        let key = match cached {
-            Some(key) => Some(key),
-            None => {
-                let api = Api::<ApiKey>::namespaced(self.client.clone(), namespace);
-                match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(name)).await {
-                    Ok(Ok(key)) => key.map(Arc::new),
-                    Ok(Err(e)) => {
-                        warn!(namespace, name, error = %e, "reading an ApiKey failed");
-                        return Err(format!("could not read ApiKey {name} ({e}); retry"));
-                    }
-                    Err(_) => return Err(format!("reading ApiKey {name} timed out; retry")),
-                }
+    /// What the watch cache knows of ApiKey `name`.
+    fn cached_facts(&self, namespace: &str, name: &str) -> Option<KeyFacts> {
+        self.keys
+            .get(&ObjectRef::new(name).within(namespace))
+            .map(|key| self.facts(&key))
+    }
+
+    /// A live read of ApiKey `name` (the cache may lag a just-created ApiKey by a few
+    /// milliseconds). `Ok(None)`: it does not exist.
+    async fn live_facts(&self, namespace: &str, name: &str) -> Result<Option<KeyFacts>, String> {
+        let api = Api::<ApiKey>::namespaced(self.client.clone(), namespace);
+        match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(name)).await {
+            Ok(Ok(key)) => Ok(key.map(|key| self.facts(&key))),
+            Ok(Err(e)) => {
+                // The apiserver's text stays in the log; the pod's owner gets what to do.
+                warn!(namespace, name, error = %e, "reading an ApiKey failed");
+                Err(format!(
+                    "could not read ApiKey {name} from the Kubernetes API; retry, or ask the cluster's operators to check the keybroker operator's log"
+                ))
             }
-        };
-        Ok(key.map(|key| self.facts(&key)))
+            Err(_) => Err(format!("reading ApiKey {name} timed out; retry")),
+        }
     }
 
     fn facts(&self, key: &ApiKey) -> KeyFacts {
@@ -191,18 +227,34 @@ impl Webhook {
 /// The answer to a body that is not an AdmissionReview of a Pod: a denial, with the request's
 /// uid when it can be found so the apiserver shows the message.
 fn malformed(body: &[u8], error: &str) -> Answer {
+    // A parse error can quote the input; a few hundred characters say where it went wrong.
+    let error = match error.char_indices().nth(300) {
+        Some((end, _)) => format!("{}...", &error[..end]),
+        None => error.to_owned(),
+    };
     Answer::deny(
         request_uid(body).unwrap_or_default(),
         format!("keybroker: not an AdmissionReview of a Pod: {error}"),
     )
 }
 
-/// The `request.uid` of a (possibly malformed or truncated) AdmissionReview body.
+/// The `request.uid` of a (possibly malformed or truncated) AdmissionReview body. A whole body
+/// is walked once with everything but the uid skipped unallocated; a truncated one is searched
+/// near its start (the apiserver writes the uid first in `request`).
 pub fn request_uid(body: &[u8]) -> Option<String> {
-    if let Ok(value) = serde_json::from_slice::<Value>(body) {
-        return value["request"]["uid"].as_str().map(str::to_owned);
+    #[derive(Deserialize)]
+    struct UidOnly {
+        #[serde(default)]
+        request: Option<UidRequest>,
     }
-    // Truncated: the apiserver writes the uid first in `request`, so look for it near the start.
+    #[derive(Deserialize)]
+    struct UidRequest {
+        #[serde(default)]
+        uid: Option<String>,
+    }
+    if let Ok(UidOnly { request }) = serde_json::from_slice::<UidOnly>(body) {
+        return request.and_then(|r| r.uid).filter(|uid| plausible_uid(uid));
+    }
     let text = String::from_utf8_lossy(&body[..body.len().min(4096)]);
     let after = &text[text.find("\"uid\"")? + 5..];
     let value = after
@@ -211,8 +263,12 @@ pub fn request_uid(body: &[u8]) -> Option<String> {
         .trim_start()
         .strip_prefix('"')?;
     let uid = &value[..value.find('"')?];
-    (uid.len() <= 128 && uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
-        .then(|| uid.to_owned())
+    plausible_uid(uid).then(|| uid.to_owned())
+}
+
+/// Kubernetes uids are UUIDs; anything else is not echoed back.
+fn plausible_uid(uid: &str) -> bool {
+    uid.len() <= 128 && uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
 /// A denial review for a body too large to read (the apiserver never sends one: its own
@@ -317,6 +373,8 @@ impl Answer {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
 
     #[test]
