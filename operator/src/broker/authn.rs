@@ -155,7 +155,7 @@ impl Authenticator {
 }
 
 /// Time until the JWT's `exp` claim (unverified: only bounds the cache of a verified review).
-fn token_lifetime(token: &str) -> Option<Duration> {
+pub fn token_lifetime(token: &str) -> Option<Duration> {
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
