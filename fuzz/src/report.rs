@@ -23,8 +23,13 @@ pub fn smoke(
     // would drown the table.
     let hook = panic::take_hook();
     panic::set_hook(Box::new(|_| {}));
+    let limit = if inputs == u64::MAX {
+        format!("{budget:?}")
+    } else {
+        format!("{budget:?} or {inputs} inputs")
+    };
     println!(
-        "generated inputs (seed {seed}), at most {budget:?} or {inputs} inputs per target, {TIME_BOUND:?} CPU bound per input"
+        "generated inputs (seed {seed}), at most {limit} per target, {TIME_BOUND:?} CPU bound per input"
     );
     header();
     let mut ok = true;
