@@ -49,9 +49,10 @@ if [[ ! -x "$afl_fuzz" ]]; then
 fi
 [[ -x "$afl_fuzz" ]] || { echo "afl-fuzz was not built at $afl_fuzz" >&2; exit 1; }
 
-# The driver (plain build) writes the seeds and reads the stats; the harness is instrumented.
-"$CARGO" build -q --release --locked -p keybroker-fuzz --bin keybroker-fuzz
-driver="$TARGET_DIR/release/keybroker-fuzz"
+# The driver writes the seeds and reads the stats: the test profile's build, which `make test`
+# has made already. Only the harness needs the instrumented (and optimized) build.
+"$CARGO" build -q --locked -p keybroker-fuzz --bin keybroker-fuzz
+driver="$TARGET_DIR/debug/keybroker-fuzz"
 echo "building the instrumented harness (first time: several minutes)..." >&2
 CARGO_TARGET_DIR="$TARGET_DIR/afl" PATH="$home/bin:$PATH" \
 	"$cargo_afl" afl build --release --locked -p keybroker-fuzz --features afl --bin keybroker-fuzz-afl
