@@ -45,7 +45,7 @@ if [[ ! -x "$cargo_afl" ]] || ! "$cargo_afl" afl --version 2>/dev/null | grep -q
 fi
 if [[ ! -x "$afl_fuzz" ]]; then
 	# A new rustc: AFL++'s runtime is kept per compiler version.
-	"$cargo_afl" afl config --build --force
+	PATH="$home/bin:$PATH" "$CARGO" afl config --build --force
 fi
 [[ -x "$afl_fuzz" ]] || { echo "afl-fuzz was not built at $afl_fuzz" >&2; exit 1; }
 
@@ -55,7 +55,7 @@ fi
 driver="$TARGET_DIR/debug/keybroker-fuzz"
 echo "building the instrumented harness (first time: several minutes)..." >&2
 CARGO_TARGET_DIR="$TARGET_DIR/afl" PATH="$home/bin:$PATH" \
-	"$cargo_afl" afl build --release --locked -p keybroker-fuzz --features afl --bin keybroker-fuzz-afl
+	"$CARGO" afl build --release --locked -p keybroker-fuzz --features afl --bin keybroker-fuzz-afl
 harness="$TARGET_DIR/afl/release/keybroker-fuzz-afl"
 
 work="$TARGET_DIR/fuzz/afl"
@@ -69,7 +69,6 @@ fi
 # No core-dump helper, no CPU pinning (the machine is shared), no UI; the harness itself fails
 # an input over its CPU time bound, -t is only the backstop for a real hang.
 export AFL_SKIP_CPUFREQ=1 AFL_NO_AFFINITY=1 AFL_NO_UI=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1
-export AFL_SKIP_BIN_CHECK=0 AFL_QUIET=1
 for t in "${targets[@]}"; do
 	echo "fuzzing $t: $inputs inputs or ${seconds}s..." >&2
 	"$afl_fuzz" -i "$work/seeds/$t" -o "$work/$t" -x "$work/seeds/$t.dict" \

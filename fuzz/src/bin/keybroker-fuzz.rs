@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use keybroker_fuzz::generate;
 use keybroker_fuzz::report::{header, row, smoke};
-use keybroker_fuzz::{TARGETS, TIME_BOUND, Target, run_bounded, target};
+use keybroker_fuzz::{TARGETS, Target, run_bounded, target};
 
 #[derive(Parser, Debug)]
 #[command(about = "keybroker's fuzz targets")]
@@ -151,7 +151,7 @@ fn afl_escape(token: &str) -> String {
 
 fn afl_report(dir: &Path, min_inputs: u64, targets: &[&Target]) -> ExitCode {
     println!(
-        "AFL++ campaign in {} (coverage-guided; panics = crashes, which include inputs over the {TIME_BOUND:?} CPU bound)",
+        "AFL++ campaign in {} (coverage-guided; panics = crashes, which include inputs over the harness's 100ms CPU bound)",
         dir.display()
     );
     header();

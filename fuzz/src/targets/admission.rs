@@ -205,8 +205,10 @@ fn check_patch(object: &Value, patch: &[u8], namespace: &str, keys: &BTreeMap<St
         Ok(ops) => ops,
         Err(e) => panic!("the webhook wrote a patch that is not RFC 6902: {e}"),
     };
-    if Pod::deserialize(object).is_err() {
-        // Not a pod the apiserver would send (it validates and defaults before admission).
+    // The apiserver decodes, defaults and re-encodes the pod before admission: it is always a
+    // valid Pod and always has a `spec` object (possibly without containers). Anything else
+    // cannot reach the webhook, so there is nothing a patch must apply to.
+    if !object["spec"].is_object() || Pod::deserialize(object).is_err() {
         return;
     }
     let mut patched = object.clone();
