@@ -8,12 +8,12 @@ TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 MUSL_TARGET := x86_64-unknown-linux-musl
 export NO_PROXY := 127.0.0.1,localhost
 
-.PHONY: help test tools lint unit e2e crds bench sidecar-static release-static chart-lint demo cluster-up cluster-down
+.PHONY: help test tools lint unit fuzz fuzz-smoke e2e crds bench sidecar-static release-static chart-lint demo cluster-up cluster-down
 
 help: ## Show the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
-test: tools lint chart-lint unit e2e ## Everything: formatting, clippy, helm lint, unit tests, e2e tests against real components
+test: tools lint chart-lint unit fuzz-smoke e2e ## Everything: formatting, clippy, helm lint, unit tests, a short pass of every fuzz target, e2e tests against real components
 
 tools: ## Build (first time only) etcd, kube-apiserver, kube-controller-manager, MinIO, helm and the node (kubelet, kube-proxy, kube-scheduler, containerd, CNI, CoreDNS, crane, base images; Debian packages via apt-get) into ~/.cache/keybroker (docs/development.md)
 	@bash e2e/tools/build.sh
@@ -24,6 +24,15 @@ lint: ## cargo fmt --check and clippy with warnings denied
 
 unit: ## Unit tests (no servers)
 	$(CARGO) test --workspace --locked --lib --bins
+
+# The same build as `unit` (workspace-wide features), so the short pass compiles nothing new.
+fuzz-smoke: ## A short pass of every fuzz target: generated inputs, FUZZ_SMOKE_SECONDS (3) each, 0 panics, bounded time per input
+	FUZZ_SMOKE_SECONDS=$(or $(FUZZ_SMOKE_SECONDS),3) $(CARGO) test --workspace --locked --lib -q -- --ignored --exact report::tests::fuzz_smoke --nocapture
+
+# AFL++ through afl.rs on the stable toolchain; cargo-afl and AFL++ are built once into
+# ~/.cache/keybroker/afl (needs make and a C compiler), the instrumented harness into $(TARGET_DIR)/afl.
+fuzz: ## Coverage-guided fuzzing (AFL++) of every target: FUZZ_INPUTS (10^6) inputs each, then a table of inputs, time, panics and hangs
+	TARGET_DIR=$(TARGET_DIR) bash fuzz/afl.sh --inputs $(or $(FUZZ_INPUTS),1000000) --seconds $(or $(FUZZ_SECONDS),1800) $(FUZZ_TARGETS)
 
 e2e: tools ## End-to-end tests: each test binary starts its own control plane and MinIO
 	$(CARGO) test --workspace --locked --test '*'
