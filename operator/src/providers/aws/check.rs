@@ -146,7 +146,7 @@ pub async fn broker_credentials(
     }
 }
 
-/// Verifies the provider; `Ok` carries a description of the verified identity.
+/// Verifies the provider; `Ok` says what was verified (never the broker's own principal).
 pub async fn verify(kube: &kube::Client, aws: &AwsProvider) -> Result<String, Problem> {
     let sts = sts_client(kube, aws).await?;
     let endpoint = aws
@@ -162,10 +162,12 @@ pub async fn verify(kube: &kube::Client, aws: &AwsProvider) -> Result<String, Pr
         .map_err(|_| unreachable(format!("no answer within {CALL_TIMEOUT:?}")))?;
     let unsupported = match identity {
         Ok(out) => {
-            return Ok(format!(
-                "STS accepted the broker's identity {}",
-                out.arn().unwrap_or("(no ARN)")
-            ));
+            // The broker's own principal is for the operator's log, not the status.
+            tracing::debug!(
+                identity = out.arn().unwrap_or("(no ARN)"),
+                "STS accepted the broker's identity"
+            );
+            return Ok("STS accepted the broker's identity".into());
         }
         Err(e) => match classify(&e) {
             Classified::Unsupported => true,
@@ -259,11 +261,7 @@ pub fn desired_status(
     now: Time,
 ) -> KeyProviderStatus {
     let (status, reason, message) = match outcome {
-        Ok(_) => (
-            "True",
-            "Verified",
-            "STS accepted the broker's credentials for the role".to_owned(),
-        ),
+        Ok(verified) => ("True", "Verified", verified.clone()),
         Err(problem) => ("False", problem.reason(), problem.summary()),
     };
     KeyProviderStatus {
