@@ -58,7 +58,8 @@ sidecar-static: ## Static musl release build of keybroker-sidecar -> $(TARGET_DI
 release-static: ## Static musl release builds of keybroker-operator and keybroker-sidecar (into dist/, what the Dockerfile ships)
 	@command -v musl-gcc >/dev/null || { echo "musl-gcc not found: apt-get install musl-tools"; exit 1; }
 	@if command -v rustup >/dev/null; then rustup target add $(MUSL_TARGET) >/dev/null; fi
-	$(CARGO) build -q --release --locked -p keybroker-operator --bin keybroker-operator -p keybroker-sidecar --target $(MUSL_TARGET)
+	$(CARGO) build -q --release --locked -p keybroker-operator --bin keybroker-operator --target $(MUSL_TARGET)
+	$(CARGO) build -q --release --locked -p keybroker-sidecar --bin keybroker-sidecar --target $(MUSL_TARGET)
 	@mkdir -p dist
 	cp $(TARGET_DIR)/$(MUSL_TARGET)/release/keybroker-operator $(TARGET_DIR)/$(MUSL_TARGET)/release/keybroker-sidecar dist/
 	@ls -l dist/

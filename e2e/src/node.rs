@@ -326,6 +326,15 @@ impl Node {
         &self.dir
     }
 
+    /// Imports one more OCI archive into the node's containerd as `name` (pods then use it
+    /// with `imagePullPolicy: Never`), e.g. the images `e2e/tools/keybroker-images.sh` writes.
+    pub fn import_image(&self, archive: &Path, name: &str) -> Result<(), Error> {
+        let tools = NodeTools::locate()?;
+        let socket = self.dir.join("containerd/containerd.sock");
+        images::import(&tools.ctr, &socket, archive, name)?;
+        Ok(())
+    }
+
     pub fn components(&self) -> &[Component] {
         &self.components
     }
