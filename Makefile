@@ -8,7 +8,7 @@ TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 MUSL_TARGET := x86_64-unknown-linux-musl
 export NO_PROXY := 127.0.0.1,localhost
 
-.PHONY: help test tools lint unit fuzz fuzz-smoke e2e crds bench sidecar-static release-static chart-lint demo cluster-up cluster-down
+.PHONY: help test tools lint unit fuzz fuzz-smoke e2e images-test crds bench sidecar-static release-static chart-lint demo cluster-up cluster-down
 
 help: ## Show the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ release-static: ## Static musl release builds of keybroker-operator and keybroke
 	@mkdir -p dist
 	cp $(TARGET_DIR)/$(MUSL_TARGET)/release/keybroker-operator $(TARGET_DIR)/$(MUSL_TARGET)/release/keybroker-sidecar dist/
 	@ls -l dist/
+
+images-test: tools release-static ## The operator, sidecar and app (boto3) images built from dist/ with crane and run on a real node
+	$(CARGO) test -p keybroker-e2e --locked --test images -- --ignored
 
 crds: ## Regenerate crds/ (and the chart's copy) from the Rust types (tests fail when either is stale)
 	$(CARGO) run -q --locked -p keybroker-operator --bin crdgen -- --out crds
