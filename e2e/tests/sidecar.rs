@@ -465,6 +465,43 @@ async fn boto3_works_through_refreshes_a_token_rotation_a_broker_outage_and_lose
             "{after:?}"
         );
 
+        // A change that keeps the pod entitled (a longer TTL): MinIO revokes the held
+        // credentials, and the broker's poll tells the sidecar to fetch new ones at once.
+        let _controller = fixtures::Controller::start(&client, &ns);
+        let first = fixtures::recorded_grant(&client, &ns, "uploader", None).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let held = key_id(&pod.out).context("no credentials")?;
+        let changed_at = Instant::now();
+        Api::<keybroker_operator::crd::ApiKey>::namespaced(client.clone(), &ns)
+            .patch(
+                "uploader",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(serde_json::json!({"spec": {"ttl": "20m"}})),
+            )
+            .await?;
+        fixtures::recorded_grant(&client, &ns, "uploader", Some(&first)).await?;
+        eventually(
+            "credentials of the new grant in the files",
+            Duration::from_secs(10),
+            || async { key_id(&pod.out).filter(|id| *id != held) },
+        )
+        .await?;
+        eprintln!(
+            "new credentials in the files {:?} after the change",
+            changed_at.elapsed()
+        );
+        let log = std::fs::read_to_string(sidecar.log_path())?;
+        ensure!(
+            log.contains("the ApiKey's rights changed: fetching new credentials now"),
+            "the sidecar was not told to renew"
+        );
+        remember(&mut secrets, &pod.out);
+        let renewed = boto3(cluster, &pod, &ns, false).await?;
+        ensure!(
+            renewed.inside == "ok" && renewed.outside == "AccessDenied",
+            "{renewed:?}"
+        );
+
         // Revocation: the files are gone within a second (a product requirement). The fresh
         // credentials woke the revocation poller; give its long-poll a moment to arrive.
         tokio::time::sleep(Duration::from_secs(2)).await;
