@@ -7,6 +7,9 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
+use keybroker_operator::broker::authz::{APIKEYS_ANNOTATION, INJECT_LABEL, listed_api_keys};
+use keybroker_operator::webhook::inject;
+
 use crate::Cluster;
 
 /// The bucket every tenant's prefix lives in.
@@ -62,7 +65,7 @@ pub async fn tenant(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Res
 /// service account `uploader`, and an opted-in pod `app` running as it.
 pub async fn uploader(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<()> {
     uploader_key(cluster, client, ns).await?;
-    pod(client, ns, "app", "uploader", Some("uploader")).await?;
+    injected_pod(client, ns, "app", "uploader", "uploader").await?;
     Ok(())
 }
 
@@ -101,7 +104,7 @@ pub fn injected_sidecar(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::Contai
         .init_containers
         .as_ref()?
         .iter()
-        .find(|c| c.name == keybroker_operator::webhook::inject::SIDECAR_NAME)
+        .find(|c| c.name == inject::SIDECAR_NAME)
 }
 
 /// Sets the namespace's `keybroker.dev/tenant` label.
@@ -221,7 +224,79 @@ pub async fn service_account(client: &Client, ns: &str, name: &str) -> anyhow::R
     Ok(())
 }
 
-/// Creates pod `name` running as `sa`; `apikeys` (if any) opts it in for those ApiKeys.
+/// The sidecar image the tests' webhooks inject and their brokers accept.
+pub const SIDECAR_IMAGE: &str = "registry.invalid/keybroker-sidecar:test";
+
+/// The injection settings of the tests' webhooks (and of [`injected_pod`]).
+pub fn inject_settings() -> inject::Settings {
+    inject::Settings {
+        image: SIDECAR_IMAGE.into(),
+        ..inject::Settings::default()
+    }
+}
+
+/// `pod` (as its owner writes it) as the webhook stores it with `settings`, the ApiKeys it
+/// lists allowing its service account: for tests without a webhook, whose brokers refuse any
+/// pod that does not carry the injection.
+pub fn as_injected(
+    pod: serde_json::Value,
+    ns: &str,
+    settings: &inject::Settings,
+) -> anyhow::Result<Pod> {
+    let facts = inject::KeyFacts {
+        service_account_names: vec![
+            pod["spec"]["serviceAccountName"]
+                .as_str()
+                .unwrap_or("default")
+                .to_owned(),
+        ],
+        ready: true,
+        revoked: false,
+        region: Some("us-east-1".into()),
+    };
+    let listed = pod["metadata"]["annotations"][APIKEYS_ANNOTATION]
+        .as_str()
+        .unwrap_or_default();
+    let keys = listed_api_keys(listed)
+        .map(|name| (name.to_owned(), facts.clone()))
+        .collect();
+    let injected = inject::admitted(&pod, ns, &keys, settings)
+        .map_err(|denial| anyhow::anyhow!("the webhook would refuse the pod: {denial}"))?;
+    Ok(serde_json::from_value(injected)?)
+}
+
+/// Creates pod `name` running as `sa`, opted in for `apikeys`, stored as the webhook would have
+/// injected it (see [`as_injected`]).
+pub async fn injected_pod(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    sa: &str,
+    apikeys: &str,
+) -> anyhow::Result<Pod> {
+    let pod = as_injected(written_pod(name, sa, Some(apikeys)), ns, &inject_settings())?;
+    Ok(Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pod)
+        .await?)
+}
+
+/// Pod `name` as its owner writes it: one app container running as `sa`; `apikeys` (if any)
+/// opts it in for those ApiKeys.
+fn written_pod(name: &str, sa: &str, apikeys: Option<&str>) -> serde_json::Value {
+    let mut meta = serde_json::json!({"name": name});
+    if let Some(keys) = apikeys {
+        meta["labels"] = serde_json::json!({(INJECT_LABEL): "true"});
+        meta["annotations"] = serde_json::json!({(APIKEYS_ANNOTATION): keys});
+    }
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": meta,
+        "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "registry.invalid/app:1"}]}
+    })
+}
+
+/// Creates pod `name` as written (see [`written_pod`]): a webhook registered for the namespace
+/// injects it, nothing else does.
 pub async fn pod(
     client: &Client,
     ns: &str,
@@ -229,15 +304,7 @@ pub async fn pod(
     sa: &str,
     apikeys: Option<&str>,
 ) -> anyhow::Result<Pod> {
-    let mut meta = serde_json::json!({"name": name});
-    if let Some(keys) = apikeys {
-        meta["labels"] = serde_json::json!({"keybroker.dev/inject": "true"});
-        meta["annotations"] = serde_json::json!({"keybroker.dev/apikeys": keys});
-    }
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": meta,
-        "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "registry.invalid/app:1"}]}
-    }))?;
+    let pod: Pod = serde_json::from_value(written_pod(name, sa, apikeys))?;
     Ok(Api::<Pod>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &pod)
         .await?)

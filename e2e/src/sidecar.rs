@@ -80,7 +80,7 @@ impl BrokerThread {
                         let client = crate::cluster::client_from(&kubeconfig).await?;
                         let listener = tokio::net::TcpListener::bind(addr).await?;
                         let addr = listener.local_addr()?;
-                        let broker = Broker::start(client).await;
+                        let broker = Broker::start(client, crate::fixtures::SIDECAR_IMAGE).await;
                         anyhow::Ok((listener, addr, broker))
                     };
                     match started.await {

@@ -21,7 +21,6 @@ use keybroker_e2e::{
 use keybroker_operator::broker::{Broker, server as broker_server};
 use keybroker_operator::metrics::Metrics;
 use keybroker_operator::tls::ReloadingCert;
-use keybroker_operator::webhook::inject::Settings;
 use keybroker_operator::webhook::{Webhook, server as webhook_server};
 use keybroker_sidecar::wire::{AUDIENCE, ExchangeRequest};
 
@@ -93,10 +92,7 @@ async fn admissions_keep_answering_under_hostile_reviews() -> anyhow::Result<()>
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (tls, direct, ca) = serving_tls("webhook", addr)?;
-        let settings = Settings {
-            image: "registry.invalid/keybroker-sidecar:test".into(),
-            ..Settings::default()
-        };
+        let settings = fixtures::inject_settings();
         let metrics = Arc::new(Metrics::default());
         let webhook = Webhook::start(client.clone(), settings, Arc::clone(&metrics)).await;
         let server = tokio::spawn(webhook_server::serve(listener, Arc::new(tls), webhook));
@@ -213,7 +209,7 @@ async fn junk_tokens_never_reach_the_apiserver() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (tls, broker_client, _) = serving_tls("broker", addr)?;
-        let broker = Broker::start(client.clone()).await;
+        let broker = Broker::start(client.clone(), fixtures::SIDECAR_IMAGE).await;
         let server = tokio::spawn(broker_server::serve(listener, Arc::new(tls), broker));
         let body = serde_json::to_vec(&ExchangeRequest { api_key: "uploader".into() })?;
         // Each attacking worker is its own peer (127.0.0.<10+n>), as pods are on a real network;

@@ -41,7 +41,12 @@ async fn serve_broker_with_metrics(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let metrics = Arc::new(Metrics::default());
-    let broker = Broker::start_with_metrics(client.clone(), Arc::clone(&metrics)).await;
+    let broker = Broker::start_with_metrics(
+        client.clone(),
+        fixtures::SIDECAR_IMAGE,
+        Arc::clone(&metrics),
+    )
+    .await;
     tokio::spawn(server::serve(listener, Arc::new(tls), broker));
     Ok((https::Client::new(addr, &ca.cert)?, metrics))
 }
@@ -63,7 +68,7 @@ async fn issued_credentials_work_inside_the_scope_only() -> anyhow::Result<()> {
         let cluster = shared().await?;
         fixtures::uploader(cluster, &client, &ns).await?;
         let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
-        let broker = Broker::start(client.clone()).await;
+        let broker = Broker::start(client.clone(), fixtures::SIDECAR_IMAGE).await;
         let issued = broker
             .exchange(&token, &request("uploader"), "127.0.0.1:1")
             .await?;
@@ -138,7 +143,7 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
         fixtures::uploader(cluster, &client, &ns).await?;
         let provider = format!("{ns}-s3");
         let metrics = Arc::new(Metrics::default());
-        let broker = Broker::start_with_metrics(client.clone(), Arc::clone(&metrics)).await;
+        let broker = Broker::start_with_metrics(client.clone(), fixtures::SIDECAR_IMAGE, Arc::clone(&metrics)).await;
         let refusal = |result: Result<_, keybroker_operator::broker::ExchangeError>| match result {
             Ok(_) => "issued".to_owned(),
             Err(e) => e.reason().to_owned(),
@@ -159,7 +164,7 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
 
         // A service account the ApiKey does not list.
         fixtures::service_account(&client, &ns, "intruder").await?;
-        fixtures::pod(&client, &ns, "intruder-pod", "intruder", Some("uploader")).await?;
+        fixtures::injected_pod(&client, &ns, "intruder-pod", "intruder", "uploader").await?;
         let token =
             fixtures::token(&client, &ns, "intruder", AUDIENCE, Some("intruder-pod")).await?;
         ensure!(
@@ -195,11 +200,59 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
             None,
         )
         .await?;
-        fixtures::pod(&client, &ns, "greedy-pod", "uploader", Some("greedy")).await?;
+        fixtures::injected_pod(&client, &ns, "greedy-pod", "uploader", "greedy").await?;
         let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("greedy-pod")).await?;
         ensure!(
             refusal(broker.exchange(&token, &request("greedy"), "t").await) == "ApiKeyNotReady"
         );
+
+        // Pods changed after admission around the injection (the webhook guards UPDATEs too,
+        // but only the broker's refusal does not depend on it running).
+        let not_injected = async |pod: &str| {
+            let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some(pod)).await?;
+            eventually(&format!("{pod} to be refused as not injected"), Duration::from_secs(5), || async {
+                (refusal(broker.exchange(&token, &request("uploader"), "t").await) == "PodNotInjected").then_some(())
+            })
+            .await
+        };
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        // Created without the opt-in label (so no webhook saw it), with its own token for the
+        // keybroker audience in the app container, then labelled and annotated.
+        let own_token: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "late"},
+            "spec": {
+                "serviceAccountName": "uploader",
+                "containers": [{"name": "app", "image": "registry.invalid/app:1",
+                    "volumeMounts": [{"name": "t", "mountPath": "/t"}]}],
+                "volumes": [{"name": "t", "projected": {"sources": [{"serviceAccountToken": {"audience": AUDIENCE, "path": "token"}}]}}],
+            },
+        }))?;
+        pods.create(&Default::default(), &own_token).await?;
+        pods.patch("late", &PatchParams::default(), &Patch::Merge(serde_json::json!({"metadata": {
+            "labels": {"keybroker.dev/inject": "true"}, "annotations": {"keybroker.dev/apikeys": "uploader"}}})))
+            .await?;
+        not_injected("late").await?;
+        // Injected, then its sidecar's image replaced (init container images are mutable).
+        fixtures::injected_pod(&client, &ns, "swapped", "uploader", "uploader").await?;
+        let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("swapped")).await?;
+        ensure!(refusal(broker.exchange(&token, &request("uploader"), "t").await) == "issued");
+        pods.patch("swapped", &PatchParams::default(), &Patch::Strategic(serde_json::json!({"spec": {
+            "initContainers": [{"name": "keybroker-sidecar", "image": "registry.invalid/not-keybroker:1"}]}})))
+            .await?;
+        not_injected("swapped").await?;
+        // Injected, then an ephemeral container (kubectl debug) mounting the token volume.
+        fixtures::injected_pod(&client, &ns, "debugged", "uploader", "uploader").await?;
+        let mut debugged = pods.get("debugged").await?;
+        debugged.metadata.managed_fields = None;
+        if let Some(spec) = debugged.spec.as_mut() {
+            spec.ephemeral_containers = Some(vec![serde_json::from_value(serde_json::json!({
+                "name": "debugger", "image": "registry.invalid/busybox:1",
+                "volumeMounts": [{"name": "keybroker-token", "mountPath": "/t"}],
+            }))?]);
+        }
+        pods.replace_subresource("ephemeralcontainers", "debugged", &Default::default(), &debugged)
+            .await?;
+        not_injected("debugged").await?;
 
         // Revoked: refused at once, without deleting anything.
         let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
@@ -236,7 +289,6 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
             },
         )
         .await?;
-        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
         pods.delete("app", &DeleteParams::default()).await?;
         eventually("pod app gone", Duration::from_secs(30), || async {
             matches!(pods.get_opt("app").await, Ok(None)).then_some(())

@@ -93,7 +93,7 @@ async fn setup(client: Client, ns: String) -> anyhow::Result<Setup> {
     fixtures::uploader(cluster, &client, &ns).await?;
     let controller = Controller::start(&client, &ns);
     fixtures::recorded_grant(&client, &ns, "uploader", None).await?;
-    let broker = Broker::start(client.clone()).await;
+    let broker = Broker::start(client.clone(), fixtures::SIDECAR_IMAGE).await;
     let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
     Ok(Setup {
         client,
@@ -450,7 +450,7 @@ async fn long_polls_are_capped_per_pod_and_answer_only_entitled_pods() -> anyhow
         )
         .await?;
         // Another pod of the same ApiKey still gets its poll answered.
-        fixtures::pod(&s.client, &s.ns, "other", "uploader", Some("uploader")).await?;
+        fixtures::injected_pod(&s.client, &s.ns, "other", "uploader", "uploader").await?;
         let other = fixtures::token(&s.client, &s.ns, "uploader", AUDIENCE, Some("other")).await?;
         let quiet = https
             .send(

@@ -72,26 +72,11 @@ async fn pod(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<Pod
         broker_ca: std::fs::read_to_string(&ca.cert)?,
         credentials_port,
         health_port,
-        ..inject::Settings::default()
+        ..fixtures::inject_settings()
     };
-    let facts = inject::KeyFacts {
-        service_account_names: vec!["uploader".into()],
-        ready: true,
-        revoked: false,
-        region: Some("us-east-1".into()),
-    };
-    let keys = std::collections::BTreeMap::from([("uploader".to_owned(), facts)]);
-    let view: inject::PodView = serde_json::from_value(written.clone())?;
-    let inject::Decision::Inject { patch, .. } = inject::decide(&view, ns, &keys, &settings) else {
-        anyhow::bail!("the webhook did not inject the pod");
-    };
-    let mut injected = written;
-    json_patch::patch(
-        &mut injected,
-        &serde_json::from_slice::<json_patch::Patch>(&patch)?,
-    )?;
+    let injected = fixtures::as_injected(written, ns, &settings)?;
     let stored = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), ns)
-        .create(&Default::default(), &serde_json::from_value(injected)?)
+        .create(&Default::default(), &injected)
         .await?;
 
     let token_file = dir.join("token");

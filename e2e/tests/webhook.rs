@@ -11,7 +11,7 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 
 use keybroker_e2e::{eventually, fixtures, in_namespace, shared, shared_with_crds};
 use keybroker_operator::metrics::Metrics;
@@ -51,7 +51,7 @@ async fn start_replica(
     };
     let metrics = Arc::new(Metrics::default());
     let settings = Settings {
-        image: "registry.invalid/keybroker-sidecar:test".into(),
+        image: fixtures::SIDECAR_IMAGE.into(),
         broker_url: "https://127.0.0.1:8443".into(),
         broker_ca: "-----BEGIN CERTIFICATE-----\ntest\n-----END CERTIFICATE-----\n".into(),
         ..Settings::default()
@@ -72,22 +72,30 @@ async fn start_replica(
 /// Registers a MutatingWebhookConfiguration with one webhook per replica URL, limited to
 /// namespace `ns` (tests run in parallel) and to labelled pods, failing closed.
 async fn register(client: &Client, name: &str, ns: &str, urls: &[&str]) -> anyhow::Result<()> {
+    // As the chart registers them: injection at CREATE failing closed, the guard of running
+    // pods at UPDATE failing open (the broker refuses what it would deny anyway).
     let webhooks: Vec<serde_json::Value> = urls
         .iter()
         .enumerate()
-        .map(|(i, url)| {
-            serde_json::json!({
-                "name": format!("r{i}.inject.keybroker.dev"),
-                "clientConfig": {"url": url},
-                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
-                "objectSelector": {"matchLabels": {"keybroker.dev/inject": "true"}},
-                "failurePolicy": "Fail",
-                "sideEffects": "None",
-                "reinvocationPolicy": "IfNeeded",
-                "timeoutSeconds": 5,
-                "admissionReviewVersions": ["v1"],
-            })
+        .flat_map(|(i, url)| {
+            let webhook = |name: String, operation: &str, resources: &[&str], failure: &str, reinvocation: &str| {
+                serde_json::json!({
+                    "name": name,
+                    "clientConfig": {"url": url},
+                    "rules": [{"operations": [operation], "apiGroups": [""], "apiVersions": ["v1"], "resources": resources}],
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                    "objectSelector": {"matchLabels": {"keybroker.dev/inject": "true"}},
+                    "failurePolicy": failure,
+                    "sideEffects": "None",
+                    "reinvocationPolicy": reinvocation,
+                    "timeoutSeconds": 5,
+                    "admissionReviewVersions": ["v1"],
+                })
+            };
+            [
+                webhook(format!("r{i}.inject.keybroker.dev"), "CREATE", &["pods"], "Fail", "IfNeeded"),
+                webhook(format!("r{i}.guard.keybroker.dev"), "UPDATE", &["pods", "pods/ephemeralcontainers"], "Ignore", "Never"),
+            ]
         })
         .collect();
     let config: MutatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
@@ -216,6 +224,58 @@ async fn labelled_pods_and_deployment_pods_are_stored_with_the_sidecar() -> anyh
             }
             let metrics = replica.metrics.encode()?;
             ensure!(metrics.contains("keybroker_webhook_admissions_total{decision=\"injected\"}"), "{metrics}");
+            Ok(())
+        })
+        .await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn running_pods_cannot_be_changed_around_the_injection() -> anyhow::Result<()> {
+    let cluster = shared_with_crds().await?;
+    in_namespace(cluster, "wh-guard", |client, ns| async move {
+        let cluster = shared().await?;
+        fixtures::uploader_key(cluster, &client, &ns).await?;
+        with_webhook(&client, &ns, 1, Timing::default(), async |_| {
+            let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+            let refused = |result: Result<Pod, kube::Error>, expected: &str| match result {
+                Err(kube::Error::Api(status)) if status.message.contains(expected) => Ok(()),
+                other => Err(anyhow::anyhow!("expected a denial naming {expected:?}, got {other:?}")),
+            };
+            fixtures::pod(&client, &ns, "app", "uploader", Some("uploader")).await?;
+            // Ordinary updates of an injected pod pass.
+            let relabel = Patch::Merge(serde_json::json!({"metadata": {"labels": {"tier": "web"}}}));
+            pods.patch("app", &PatchParams::default(), &relabel).await?;
+
+            let swap = Patch::Strategic(serde_json::json!({"spec": {"initContainers": [
+                {"name": inject::SIDECAR_NAME, "image": "registry.invalid/not-keybroker:1"}]}}));
+            refused(pods.patch("app", &PatchParams::default(), &swap).await, "does not run keybroker's image")?;
+            // Another tag of keybroker's image (an operator upgrade) is keybroker's image.
+            let upgrade = Patch::Strategic(serde_json::json!({"spec": {"initContainers": [
+                {"name": inject::SIDECAR_NAME, "image": "registry.invalid/keybroker-sidecar:next"}]}}));
+            pods.patch("app", &PatchParams::default(), &upgrade).await?;
+
+            let mut debugged = pods.get("app").await?;
+            debugged.metadata.managed_fields = None;
+            if let Some(spec) = debugged.spec.as_mut() {
+                spec.ephemeral_containers = Some(vec![serde_json::from_value(serde_json::json!({
+                    "name": "debugger", "image": "registry.invalid/busybox:1",
+                    "volumeMounts": [{"name": inject::TOKEN_VOLUME, "mountPath": "/t"}],
+                }))?]);
+            }
+            refused(
+                pods.replace_subresource("ephemeralcontainers", "app", &PostParams::default(), &debugged).await,
+                "container debugger mounts volume keybroker-token",
+            )?;
+
+            // The opt-in label added to a pod the webhook never injected.
+            fixtures::pod(&client, &ns, "plain", "uploader", None).await?;
+            let opt_in = Patch::Merge(serde_json::json!({"metadata": {
+                "labels": {"keybroker.dev/inject": "true"}, "annotations": {"keybroker.dev/apikeys": "uploader"}}}));
+            refused(pods.patch("plain", &PatchParams::default(), &opt_in).await, "was not injected by keybroker when it was created")?;
+            // Deleting is never blocked.
+            pods.delete("app", &DeleteParams::default()).await?;
             Ok(())
         })
         .await

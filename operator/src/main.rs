@@ -251,6 +251,8 @@ async fn main() -> anyhow::Result<()> {
         provider_labels: args.provider_selector,
     };
 
+    // The broker hands credentials only to pods whose token sits in a sidecar of this image.
+    let sidecar_image = args.webhook.sidecar_image.clone();
     let mut roles: Vec<futures::future::BoxFuture<'static, anyhow::Result<()>>> = Vec::new();
     if args.roles.contains(&Role::Controller) {
         let (client, metrics) = (client.clone(), Arc::clone(&metrics));
@@ -281,7 +283,7 @@ async fn main() -> anyhow::Result<()> {
         });
         let (metrics, serving_stops) = (Arc::clone(&metrics), serving_stops.clone());
         roles.push(Box::pin(async move {
-            let broker = Broker::start_with_metrics(client, metrics).await;
+            let broker = Broker::start_with_metrics(client, &sidecar_image, metrics).await;
             synced.store(true, std::sync::atomic::Ordering::Relaxed);
             broker::server::serve_until(listener, Arc::new(tls), broker, serving_stops).await;
             Ok(())

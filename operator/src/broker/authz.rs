@@ -8,12 +8,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
 
 use crate::crd::{ApiKey, KeyProvider};
 use crate::policy;
+use crate::webhook::inject::{self, PodView};
 
 /// Pod label that opts a pod in (also the webhook's objectSelector).
 pub const INJECT_LABEL: &str = "keybroker.dev/inject";
@@ -62,6 +63,8 @@ pub enum Denial {
         "pod {pod} is not opted in: it needs the label {INJECT_LABEL}=true and ApiKey {name} in its {APIKEYS_ANNOTATION} annotation"
     )]
     PodNotOptedIn { pod: String, name: String },
+    #[error("pod {pod} does not carry keybroker's injection: {detail}")]
+    PodNotInjected { pod: String, detail: String },
 }
 
 impl Denial {
@@ -73,6 +76,7 @@ impl Denial {
             Denial::ServiceAccountNotAllowed { .. } => "ServiceAccountNotAllowed",
             Denial::PodGone { .. } => "PodGone",
             Denial::PodNotOptedIn { .. } => "PodNotOptedIn",
+            Denial::PodNotInjected { .. } => "PodNotInjected",
         }
     }
 }
@@ -86,14 +90,18 @@ pub fn listed_api_keys(annotation: &str) -> impl Iterator<Item = &str> {
         .filter(|k| !k.is_empty())
 }
 
-/// Decides an exchange of `identity` for ApiKey `name`, given the live objects.
+/// Decides an exchange of `identity` for ApiKey `name`, given the live objects. `sidecar_image`
+/// is keybroker's sidecar image: the pod must carry the injection whole, with the token only in
+/// a sidecar of that image (labels and annotations can be added to a pod the webhook never
+/// saw, and images changed or ephemeral containers added after it did).
 pub fn authorize(
     identity: &PodIdentity,
     name: &str,
     key: Option<&ApiKey>,
-    pod: Option<&ObjectMeta>,
+    pod: Option<&Pod>,
     provider: Option<&KeyProvider>,
     namespace_labels: &BTreeMap<String, String>,
+    sidecar_image: &str,
 ) -> Result<Grant, Denial> {
     let Some(key) = key else {
         return Err(Denial::ApiKeyNotFound {
@@ -116,12 +124,13 @@ pub fn authorize(
             service_account: identity.service_account.clone(),
         });
     }
-    let pod = pod
-        .filter(|p| p.uid.as_deref() == Some(identity.pod_uid.as_str()))
-        .filter(|p| p.deletion_timestamp.is_none())
+    let full_pod = pod
+        .filter(|p| p.metadata.uid.as_deref() == Some(identity.pod_uid.as_str()))
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
         .ok_or_else(|| Denial::PodGone {
             pod: identity.pod_name.clone(),
         })?;
+    let pod = &full_pod.metadata;
     let opted_in = pod
         .labels
         .as_ref()
@@ -139,6 +148,15 @@ pub fn authorize(
             name: name.to_owned(),
         });
     }
+    let not_injected = |detail: String| Denial::PodNotInjected {
+        pod: identity.pod_name.clone(),
+        detail,
+    };
+    let view: PodView = serde_json::to_value(full_pod)
+        .and_then(serde_json::from_value)
+        .map_err(|e| not_injected(format!("its spec could not be read: {e}")))?;
+    inject::verify_injected(&view, sidecar_image)
+        .map_err(|denial| not_injected(denial.to_string()))?;
     let not_ready = |detail: String| Denial::ApiKeyNotReady {
         name: name.to_owned(),
         detail,
@@ -232,7 +250,7 @@ metadata:
   uid: uid-1
   labels: {keybroker.dev/inject: "true"}
   annotations: {keybroker.dev/apikeys: "other, uploader"}
-spec: {containers: [{name: app, image: x}]}
+spec: {serviceAccountName: uploader, containers: [{name: app, image: x}]}
 "#;
 
     fn identity() -> PodIdentity {
@@ -244,18 +262,46 @@ spec: {containers: [{name: app, image: x}]}
         }
     }
 
-    fn decide(key: Option<&str>, pod: Option<&str>, id: &PodIdentity) -> Result<Grant, Denial> {
+    const SIDECAR_IMAGE: &str = "registry.example/keybroker-sidecar:1.0";
+
+    /// `pod` (YAML) as the webhook stored it: injected when opted in.
+    fn injected(pod: &str) -> serde_json::Value {
+        let pod: serde_json::Value = yaml_serde::from_str(pod).unwrap();
+        let facts = inject::KeyFacts {
+            service_account_names: vec!["uploader".into()],
+            ready: true,
+            ..Default::default()
+        };
+        let keys = BTreeMap::from([("other".into(), facts.clone()), ("uploader".into(), facts)]);
+        let settings = inject::Settings {
+            image: SIDECAR_IMAGE.into(),
+            ..Default::default()
+        };
+        inject::admitted(&pod, "team-a", &keys, &settings).unwrap()
+    }
+
+    fn decide_stored(
+        key: Option<&str>,
+        pod: Option<serde_json::Value>,
+        id: &PodIdentity,
+    ) -> Result<Grant, Denial> {
         let key: Option<ApiKey> = key.map(|k| yaml_serde::from_str(k).unwrap());
-        let pod: Option<Pod> = pod.map(|p| yaml_serde::from_str(p).unwrap());
+        let pod: Option<Pod> = pod.map(|p| serde_json::from_value(p).unwrap());
         let provider: KeyProvider = yaml_serde::from_str(PROVIDER).unwrap();
         authorize(
             id,
             "uploader",
             key.as_ref(),
-            pod.as_ref().map(|p| &p.metadata),
+            pod.as_ref(),
             Some(&provider),
             &BTreeMap::new(),
+            SIDECAR_IMAGE,
         )
+    }
+
+    /// Decides for `pod` (YAML, before admission) stored as the webhook injected it.
+    fn decide(key: Option<&str>, pod: Option<&str>, id: &PodIdentity) -> Result<Grant, Denial> {
+        decide_stored(key, pod.map(injected), id)
     }
 
     #[test]
@@ -313,6 +359,47 @@ spec: {containers: [{name: app, image: x}]}
             reason(decide(Some(&wide), Some(POD), &id)),
             "ApiKeyNotReady"
         );
+    }
+
+    /// What a pod can become after admission: labels and annotations added to a pod the
+    /// webhook never injected, a container image changed, an ephemeral container added.
+    #[test]
+    fn a_pod_changed_after_admission_around_the_injection_is_refused() {
+        let id = identity();
+        let reason = |pod: serde_json::Value| decide_stored(Some(KEY), Some(pod), &id);
+        let raw: serde_json::Value = yaml_serde::from_str(POD).unwrap();
+        let refused = reason(raw.clone()).unwrap_err();
+        assert_eq!(refused.reason(), "PodNotInjected");
+        assert!(refused.to_string().contains("delete the pod"), "{refused}");
+
+        // The pod's own sidecar look-alike, with a token volume for the keybroker audience.
+        let mut own = injected(POD);
+        own["spec"]["initContainers"][0]["image"] = "registry.example/mine:1.0".into();
+        assert_eq!(reason(own).unwrap_err().reason(), "PodNotInjected");
+
+        // A later tag or a digest of keybroker's image is keybroker's image.
+        for image in [
+            "registry.example/keybroker-sidecar:1.1",
+            "registry.example/keybroker-sidecar@sha256:0123",
+        ] {
+            let mut upgraded = injected(POD);
+            upgraded["spec"]["initContainers"][0]["image"] = image.into();
+            assert!(reason(upgraded).is_ok(), "{image}");
+        }
+
+        let mut debugged = injected(POD);
+        debugged["spec"]["ephemeralContainers"] = serde_json::json!([{
+            "name": "debugger", "image": "busybox",
+            "volumeMounts": [{"name": "keybroker-token", "mountPath": "/t"}],
+        }]);
+        let refused = reason(debugged).unwrap_err();
+        assert_eq!(refused.reason(), "PodNotInjected");
+        assert!(refused.to_string().contains("debugger"), "{refused}");
+
+        let mut harmless = injected(POD);
+        harmless["spec"]["ephemeralContainers"] =
+            serde_json::json!([{"name": "debugger", "image": "busybox"}]);
+        assert!(reason(harmless).is_ok());
     }
 
     #[test]

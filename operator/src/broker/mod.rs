@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use keybroker_sidecar::wire::{ExchangeRequest, ExchangeResponse, Refusal};
-use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
@@ -138,7 +137,10 @@ pub struct Broker {
     keys: Store<ApiKey>,
     providers: Store<KeyProvider>,
     namespaces: Store<Namespace>,
-    pods: Store<PartialObjectMeta<Pod>>,
+    /// Opted-in pods, whole (less managedFields): the broker checks their spec.
+    pods: Store<Pod>,
+    /// keybroker's sidecar image: only a sidecar of its repository may hold a pod's token.
+    sidecar_image: String,
     /// STS clients per provider (name and resourceVersion), built with the broker's own
     /// credentials; rebuilt after [`STS_CLIENT_TTL`] so rotated credential Secrets are picked up.
     sts: Mutex<HashMap<(String, String), (aws_sdk_sts::Client, Instant)>>,
@@ -159,12 +161,17 @@ impl Broker {
     /// Starts the watch caches (ApiKeys, KeyProviders, Namespaces, and the metadata of opted-in
     /// Pods) and returns once they are filled, so every exchange is decided without an API
     /// read. Changes reach the caches within milliseconds; revocation pollers are woken then.
-    pub async fn start(client: kube::Client) -> Arc<Self> {
-        Self::start_with_metrics(client, Arc::new(Metrics::default())).await
+    /// `sidecar_image` is the image the webhook injects (`--sidecar-image`).
+    pub async fn start(client: kube::Client, sidecar_image: &str) -> Arc<Self> {
+        Self::start_with_metrics(client, sidecar_image, Arc::new(Metrics::default())).await
     }
 
     /// [`Broker::start`], counting exchanges in `metrics`.
-    pub async fn start_with_metrics(client: kube::Client, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub async fn start_with_metrics(
+        client: kube::Client,
+        sidecar_image: &str,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let pollers = Arc::new(Pollers::default());
         let keys = {
             let pollers = Arc::clone(&pollers);
@@ -207,11 +214,25 @@ impl Broker {
                 },
             )
         };
-        let pods = watch_cache_with(
-            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
-            watcher::Config::default().labels(&format!("{}=true", authz::INJECT_LABEL)),
-            |_: Option<&PartialObjectMeta<Pod>>| {},
-        );
+        let pods = {
+            let pollers = Arc::clone(&pollers);
+            watch_cache_with(
+                Api::<Pod>::all(client.clone()),
+                watcher::Config::default().labels(&format!("{}=true", authz::INJECT_LABEL)),
+                move |pod: Option<&Pod>| match pod {
+                    // A changed pod (an image swapped, an ephemeral container) may lose its
+                    // rights: its own pollers answer at once.
+                    Some(pod) => {
+                        let ns = pod.namespace().unwrap_or_default();
+                        let listed = pod.annotations().get(authz::APIKEYS_ANNOTATION);
+                        for key in listed.into_iter().flat_map(|l| authz::listed_api_keys(l)) {
+                            pollers.wake(&ns, key);
+                        }
+                    }
+                    None => pollers.wake_where(|_, _| true),
+                },
+            )
+        };
         let broker = Arc::new(Self {
             authn: Authenticator::new(client.clone(), keybroker_sidecar::wire::AUDIENCE),
             client,
@@ -220,6 +241,7 @@ impl Broker {
             providers,
             namespaces,
             pods,
+            sidecar_image: sidecar_image.to_owned(),
             sts: Mutex::default(),
             pollers,
             metrics,
@@ -329,7 +351,7 @@ impl Broker {
             .get(&ObjectRef::new(&identity.pod_name).within(ns))
         {
             Some(pod) => Some(pod),
-            None => Api::<PartialObjectMeta<Pod>>::namespaced(self.client.clone(), ns)
+            None => Api::<Pod>::namespaced(self.client.clone(), ns)
                 .get_opt(&identity.pod_name)
                 .await
                 .map_err(|e| ExchangeError::Lookup {
@@ -351,9 +373,10 @@ impl Broker {
             identity,
             name,
             key.as_deref(),
-            pod.as_ref().map(|p| &p.metadata),
+            pod.as_deref(),
             provider.as_deref(),
             &labels,
+            &self.sidecar_image,
         )?;
         let key = key.ok_or_else(|| ExchangeError::Lookup {
             what: format!("ApiKey {name}"),

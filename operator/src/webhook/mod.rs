@@ -109,12 +109,9 @@ impl Webhook {
 
     async fn admit(&self, request: RequestIn) -> (Answer, &'static str) {
         let allow = Answer::allow(request.uid.clone());
-        let (Some(pod), "CREATE") = (&request.object, request.operation.as_str()) else {
+        let (Some(pod), "Pod") = (&request.object, request.kind.kind.as_str()) else {
             return (allow, "unchanged");
         };
-        if request.kind.kind != "Pod" {
-            return (allow, "unchanged");
-        }
         if !inject::opted_in(pod) {
             return (allow, "unchanged");
         }
@@ -136,6 +133,29 @@ impl Webhook {
                 "denied",
             )
         };
+        match request.operation.as_str() {
+            "CREATE" => {}
+            // A running pod (an update of its spec, labels or annotations, or an ephemeral
+            // container added) must still carry the injection whole; the broker checks the
+            // same before every exchange, so this only makes the refusal visible early.
+            "UPDATE" => {
+                let image = &self.settings.image;
+                // Only an update that breaks the injection is refused: a pod being deleted, or
+                // one that was already refused before this update, stays updatable (its
+                // finalizers, its labels), and the broker refuses it either way.
+                let already_broken = request.old_object.as_ref().is_some_and(|old| {
+                    inject::opted_in(old) && inject::verify_injected(old, image).is_err()
+                });
+                if pod.metadata.deletion_timestamp.is_some() || already_broken {
+                    return (allow, "unchanged");
+                }
+                return match inject::verify_injected(pod, image) {
+                    Ok(()) => (allow, "unchanged"),
+                    Err(denial) => deny(denial.to_string(), denial.reason()),
+                };
+            }
+            _ => return (allow, "unchanged"),
+        }
         if inject::claims_injection(pod) {
             // Re-invocation, or a pod that only looks injected: no lookups needed.
             return match inject::decide(pod, &namespace, &BTreeMap::new(), &self.settings) {
@@ -303,6 +323,8 @@ struct RequestIn {
     operation: String,
     #[serde(default)]
     object: Option<PodView>,
+    #[serde(default)]
+    old_object: Option<PodView>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -16,11 +16,28 @@ use super::{
 };
 use keybroker_sidecar::wire::AUDIENCE;
 
-/// Every container of the pod, app and init alike.
+/// Every container of the pod: app, init and ephemeral alike.
 fn all_containers(spec: &SpecView) -> impl Iterator<Item = &ContainerView> {
     spec.containers
         .iter()
         .chain(spec.init_containers.iter().flatten())
+        .chain(spec.ephemeral_containers.iter().flatten())
+}
+
+/// An image reference without its tag and digest: `registry/path/name`.
+fn image_repository(image: &str) -> &str {
+    let image = image.split_once('@').map_or(image, |(name, _)| name);
+    match image.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => name,
+        _ => image,
+    }
+}
+
+/// True when `image` comes from the repository of keybroker's sidecar image `ours`, whatever
+/// its tag or digest: pods injected before an upgrade of the operator keep working, and only
+/// whoever may push to that repository can put code where the token is.
+pub fn is_sidecar_image(image: &str, ours: &str) -> bool {
+    image_repository(image) == image_repository(ours)
 }
 
 /// True when the pod says it was injected (the annotation) or has a container named like the
@@ -110,7 +127,7 @@ fn check_foreign_tokens(spec: &SpecView, ours: Option<&str>) -> Result<(), Denia
 /// the token), the credentials volume (memory `emptyDir`) and the token volume (keybroker's
 /// audience), and app containers that mount the credentials read-only at most. This is what a
 /// re-invocation sees; anything else is a pod that would run without keybroker's checks.
-pub(super) fn check_injected(pod: &PodView, settings: &Settings) -> Result<(), Denial> {
+pub(super) fn check_injected(pod: &PodView, sidecar_image: &str) -> Result<(), Denial> {
     let forged = |what: &str| {
         Denial::Conflict(format!(
             "the pod carries the {INJECTED_ANNOTATION} annotation or a container named {SIDECAR_NAME}, but {what}: remove both (keybroker adds them) and create the pod again"
@@ -144,7 +161,11 @@ pub(super) fn check_injected(pod: &PodView, settings: &Settings) -> Result<(), D
             "its keybroker-sidecar is not a native sidecar (an init container with restartPolicy: Always)",
         ));
     }
-    if sidecar.image.as_deref() != Some(settings.image.as_str()) {
+    if !sidecar
+        .image
+        .as_deref()
+        .is_some_and(|image| is_sidecar_image(image, sidecar_image))
+    {
         return Err(forged(
             "its keybroker-sidecar does not run keybroker's image",
         ));

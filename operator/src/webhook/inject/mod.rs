@@ -144,6 +144,10 @@ pub enum Denial {
         "Windows pods cannot use keybroker: the sidecar is a Linux container; remove the {INJECT_LABEL} label"
     )]
     Windows,
+    #[error(
+        "the pod was not injected by keybroker when it was created (the {INJECT_LABEL} label came later, or the webhook did not run): keybroker adds its sidecar only at creation; delete the pod so that its controller creates it again with the label"
+    )]
+    NotInjectedAtCreation,
     #[error("{0}")]
     Conflict(String),
 }
@@ -160,6 +164,7 @@ impl Denial {
             Self::ServiceAccountNotAllowed { .. } => "ServiceAccountNotAllowed",
             Self::HostNetwork => "HostNetwork",
             Self::Windows => "Windows",
+            Self::NotInjectedAtCreation => "NotInjectedAtCreation",
             Self::Conflict(_) => "Conflict",
         }
     }
@@ -226,6 +231,52 @@ fn truncated(name: &str) -> String {
     }
 }
 
+/// `pod` as the apiserver stores it after this webhook: patched when injected, as it came
+/// otherwise. The harness stores pods through it where no webhook is registered.
+pub fn admitted(
+    pod: &Value,
+    namespace: &str,
+    keys: &BTreeMap<String, KeyFacts>,
+    settings: &Settings,
+) -> Result<Value, Denial> {
+    let view: PodView = serde_json::from_value(pod.clone())
+        .map_err(|e| Denial::Conflict(format!("the object is not a pod: {e}")))?;
+    match decide(&view, namespace, keys, settings) {
+        Decision::Unchanged => Ok(pod.clone()),
+        Decision::Deny(denial) => Err(denial),
+        Decision::Inject { patch, .. } => {
+            let mut patched = pod.clone();
+            serde_json::from_slice::<json_patch::Patch>(&patch)
+                .map_err(|e| e.to_string())
+                .and_then(|patch| {
+                    json_patch::patch(&mut patched, &patch).map_err(|e| e.to_string())
+                })
+                .map_err(|e| Denial::Conflict(format!("the patch does not apply: {e}")))?;
+            Ok(patched)
+        }
+    }
+}
+
+/// Whether `pod` carries keybroker's injection whole (see [`checks::check_injected`]) with a
+/// sidecar from the repository of `sidecar_image`, and none of the pod-level refusals of a
+/// fresh pod apply. What a re-invocation and an UPDATE check, and what the broker checks before
+/// every exchange: labels and annotations can be added after creation, images changed and
+/// ephemeral containers added, all without the webhook's CREATE checks.
+pub fn verify_injected(pod: &PodView, sidecar_image: &str) -> Result<(), Denial> {
+    if !claims_injection(pod) {
+        return Err(Denial::NotInjectedAtCreation);
+    }
+    let empty = SpecView::default();
+    let spec = pod.spec.as_ref().unwrap_or(&empty);
+    if spec.host_network == Some(true) {
+        return Err(Denial::HostNetwork);
+    }
+    if is_windows(spec) {
+        return Err(Denial::Windows);
+    }
+    checks::check_injected(pod, sidecar_image)
+}
+
 /// Decides the admission of `pod` in `namespace`. `keys` holds what is known of each ApiKey
 /// the pod names; a name missing from it does not exist.
 pub fn decide(
@@ -238,16 +289,8 @@ pub fn decide(
         return Decision::Unchanged;
     }
     if claims_injection(pod) {
-        // A re-invocation is a no-op; a pod that only looks injected is refused. Either way
-        // the pod-level refusals of a fresh pod apply.
-        let empty = SpecView::default();
-        let spec = pod.spec.as_ref().unwrap_or(&empty);
-        let checked = match () {
-            () if spec.host_network == Some(true) => Err(Denial::HostNetwork),
-            () if is_windows(spec) => Err(Denial::Windows),
-            () => checks::check_injected(pod, settings),
-        };
-        return match checked {
+        // A re-invocation is a no-op; a pod that only looks injected is refused.
+        return match verify_injected(pod, &settings.image) {
             Ok(()) => Decision::Unchanged,
             Err(denial) => Decision::Deny(denial),
         };

@@ -24,6 +24,8 @@ pub struct MetaView {
     pub namespace: Option<String>,
     pub labels: Option<BTreeMap<String, String>>,
     pub annotations: Option<BTreeMap<String, String>>,
+    /// Set once the pod is being deleted.
+    pub deletion_timestamp: Option<IgnoredAny>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -39,6 +41,9 @@ pub struct SpecView {
     pub volumes: Option<Vec<VolumeView>>,
     pub init_containers: Option<Vec<ContainerView>>,
     pub containers: Vec<ContainerView>,
+    /// Added to running pods through the `ephemeralcontainers` subresource (`kubectl debug`),
+    /// so only ever seen on UPDATE and by the broker.
+    pub ephemeral_containers: Option<Vec<ContainerView>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
