@@ -21,6 +21,7 @@ pub mod node;
 pub mod node_config;
 pub mod pki;
 pub mod process;
+pub mod server_thread;
 pub mod sidecar;
 pub mod tools;
 

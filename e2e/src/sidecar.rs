@@ -1,16 +1,12 @@
 //! Running `keybroker-sidecar` the way the kubelet would, for the e2e tests and the benchmark:
-//! the binary, a broker it can talk to (and that can really be stopped), and a real AWS SDK
-//! workload (boto3 from PyPI).
+//! the binary and a real AWS SDK workload (boto3 from PyPI). The broker it talks to is a
+//! [`crate::server_thread::ServerThread`].
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use keybroker_operator::broker::{Broker, server};
-use tokio::sync::{OnceCell, oneshot};
+use tokio::sync::OnceCell;
 
 /// The boto3 release the tests run (a pinned version keeps the cached venv reusable).
 pub const BOTO3_VERSION: &str = "1.44.5";
@@ -38,92 +34,6 @@ pub async fn binary() -> anyhow::Result<PathBuf> {
         .await
         .clone()
         .map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-/// The broker's HTTPS server on its own thread and runtime, so that [`BrokerThread::stop`]
-/// really stops it: the listener, the watch caches and every open connection (including the
-/// sidecar's revocation long-poll) go away, as when the broker's pod dies.
-#[derive(Debug)]
-pub struct BrokerThread {
-    pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl BrokerThread {
-    /// Starts a broker (admin client from `kubeconfig`) serving `tls` on `addr` (port 0: any)
-    /// and returns once its caches are filled and it listens.
-    pub async fn start(
-        kubeconfig: &Path,
-        addr: SocketAddr,
-        tls: Arc<rustls::ServerConfig>,
-    ) -> anyhow::Result<Self> {
-        let (ready_tx, ready_rx) = oneshot::channel::<anyhow::Result<SocketAddr>>();
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let kubeconfig = kubeconfig.to_owned();
-        let thread = std::thread::Builder::new()
-            .name("e2e-broker".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e.into()));
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    let started = async {
-                        let client = crate::cluster::client_from(&kubeconfig).await?;
-                        let listener = tokio::net::TcpListener::bind(addr).await?;
-                        let addr = listener.local_addr()?;
-                        let broker = Broker::start(client, crate::fixtures::SIDECAR_IMAGE).await;
-                        anyhow::Ok((listener, addr, broker))
-                    };
-                    match started.await {
-                        Ok((listener, addr, broker)) => {
-                            let _ = ready_tx.send(Ok(addr));
-                            tokio::select! {
-                                () = server::serve(listener, tls, broker) => {}
-                                _ = stop_rx => {}
-                            }
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                        }
-                    }
-                });
-                runtime.shutdown_timeout(Duration::from_secs(2));
-            })?;
-        let addr = tokio::time::timeout(Duration::from_secs(60), ready_rx)
-            .await
-            .context("the broker did not start within 60 s")?
-            .context("the broker thread died")??;
-        Ok(Self {
-            addr,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        })
-    }
-
-    /// Stops the broker and waits until its runtime is gone.
-    pub fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for BrokerThread {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// A Python interpreter with boto3 installed: a venv under `~/.cache/keybroker/`, created (from

@@ -15,29 +15,33 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, PostParams};
 
 use keybroker_e2e::attack::{self, percentiles};
+use keybroker_e2e::server_thread::ServerThread;
 use keybroker_e2e::{
     Cluster, eventually, fixtures, https, in_namespace, pki, shared, shared_with_crds,
 };
-use keybroker_operator::broker::{Broker, server as broker_server};
 use keybroker_operator::metrics::Metrics;
 use keybroker_operator::tls::ReloadingCert;
-use keybroker_operator::webhook::{Webhook, server as webhook_server};
 use keybroker_sidecar::wire::{AUDIENCE, ExchangeRequest};
 
 /// The apiserver gives a webhook call this long (timeoutSeconds in the registration).
 const APISERVER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A server certificate for 127.0.0.1 from a fresh CA: (TLS config, client trusting it).
+/// A server certificate for 127.0.0.1 from a fresh CA: (TLS config, CA file, CA PEM).
 fn serving_tls(
     name: &str,
-    addr: std::net::SocketAddr,
-) -> anyhow::Result<(rustls::ServerConfig, https::Client, String)> {
+) -> anyhow::Result<(Arc<rustls::ServerConfig>, std::path::PathBuf, String)> {
     let dir = keybroker_e2e::run_dir()?;
     let ca = pki::Ca::create(&dir, &format!("{name}-ca"))?;
     let serving = ca.issue_server(&dir, name, &["127.0.0.1"])?;
     let tls = ReloadingCert::new(&serving.cert, &serving.key)?.server_config();
     let ca_pem = std::fs::read_to_string(&ca.cert)?;
-    Ok((tls, https::Client::new(addr, &ca.cert)?, ca_pem))
+    Ok((Arc::new(tls), ca.cert, ca_pem))
+}
+
+/// The source address of attacking worker `n`: each its own peer, as pods on a real network
+/// are (the apiserver and the legitimate clients are 127.0.0.1).
+fn attacker(n: usize) -> std::net::IpAddr {
+    std::net::IpAddr::from([127, 0, 0, 10 + (n % 200) as u8])
 }
 
 async fn register(
@@ -89,13 +93,13 @@ async fn admissions_keep_answering_under_hostile_reviews() -> anyhow::Result<()>
     in_namespace(cluster, "atk-webhook", |client, ns| async move {
         let cluster = shared().await?;
         fixtures::uploader_key(cluster, &client, &ns).await?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (tls, direct, ca) = serving_tls("webhook", addr)?;
-        let settings = fixtures::inject_settings();
+        let (tls, ca_file, ca) = serving_tls("webhook")?;
         let metrics = Arc::new(Metrics::default());
-        let webhook = Webhook::start(client.clone(), settings, Arc::clone(&metrics)).await;
-        let server = tokio::spawn(webhook_server::serve(listener, Arc::new(tls), webhook));
+        let localhost = "127.0.0.1:0".parse()?;
+        let mut server =
+            ServerThread::webhook(&cluster.kubeconfig, localhost, tls, fixtures::inject_settings(), metrics).await?;
+        let addr = server.addr;
+        let direct = https::Client::new(addr, &ca_file)?;
         let config_name = format!("keybroker-{ns}");
         register(&client, &config_name, &ns, &format!("https://{addr}/mutate"), &ca).await?;
         let result = async {
@@ -127,8 +131,8 @@ async fn admissions_keep_answering_under_hostile_reviews() -> anyhow::Result<()>
             let mut tasks = Vec::new();
             let (names, t) = attack::flood(3, Arc::clone(&stop), {
                 let (direct, huge) = (direct.clone(), Arc::clone(&huge));
-                move |_, _| {
-                    let (direct, huge) = (direct.clone(), Arc::clone(&huge));
+                move |worker, _| {
+                    let (direct, huge) = (direct.from_source(attacker(worker)), Arc::clone(&huge));
                     async move { direct.send("POST", "/mutate", None, huge.to_vec()).await.is_ok() }
                 }
             });
@@ -138,7 +142,7 @@ async fn admissions_keep_answering_under_hostile_reviews() -> anyhow::Result<()>
             let (junk, t) = attack::flood(4, Arc::clone(&stop), {
                 let (direct, nonsense) = (direct.clone(), Arc::clone(&nonsense));
                 move |worker, _| {
-                    let (direct, nonsense) = (direct.clone(), Arc::clone(&nonsense));
+                    let (direct, nonsense) = (direct.from_source(attacker(10 + worker)), Arc::clone(&nonsense));
                     async move { direct.send("POST", "/mutate", None, nonsense[worker].clone()).await.is_ok() }
                 }
             });
@@ -186,7 +190,7 @@ async fn admissions_keep_answering_under_hostile_reviews() -> anyhow::Result<()>
         let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
             .delete(&config_name, &DeleteParams::default())
             .await;
-        server.abort();
+        server.stop();
         result
     })
     .await
@@ -206,11 +210,9 @@ async fn junk_tokens_never_reach_the_apiserver() -> anyhow::Result<()> {
         let cluster = shared().await?;
         fixtures::uploader(cluster, &client, &ns).await?;
         let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (tls, broker_client, _) = serving_tls("broker", addr)?;
-        let broker = Broker::start(client.clone(), fixtures::SIDECAR_IMAGE).await;
-        let server = tokio::spawn(broker_server::serve(listener, Arc::new(tls), broker));
+        let (tls, ca_file, _) = serving_tls("broker")?;
+        let server = ServerThread::broker(&cluster.kubeconfig, "127.0.0.1:0".parse()?, tls).await?;
+        let broker_client = https::Client::new(server.addr, &ca_file)?;
         let body = serde_json::to_vec(&ExchangeRequest { api_key: "uploader".into() })?;
         // Each attacking worker is its own peer (127.0.0.<10+n>), as pods are on a real network;
         // the legitimate client is 127.0.0.1.
@@ -303,7 +305,7 @@ async fn junk_tokens_never_reach_the_apiserver() -> anyhow::Result<()> {
             "{reviews} TokenReviews in {elapsed} s for junk and one forged token (at most {allowed})"
         );
         ensure!(max < APISERVER_TIMEOUT, "a legitimate exchange took {max:?}");
-        server.abort();
+        drop(server);
         Ok(())
     })
     .await
@@ -315,11 +317,12 @@ async fn a_draining_server_finishes_every_request_in_flight() -> anyhow::Result<
     use keybroker_operator::shutdown;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let (tls, client, _) = serving_tls("drain", addr)?;
+    let (tls, ca_file, _) = serving_tls("drain")?;
+    let client = https::Client::new(addr, &ca_file)?;
     let (trigger, stopping) = shutdown::channel();
     let served = tokio::spawn(operator_https::serve_until(
         listener,
-        Arc::new(tls),
+        tls,
         Limits::default(),
         stopping,
         |_req, _peer| async {

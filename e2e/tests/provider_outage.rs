@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::ensure;
 
-use keybroker_e2e::sidecar::BrokerThread;
+use keybroker_e2e::server_thread::ServerThread;
 use keybroker_e2e::{
     Cluster, Lifetime, Options, eventually, fixtures, https, install_crds, pki, run_dir,
 };
@@ -36,7 +36,7 @@ async fn a_stopped_provider_is_retryable_and_the_broker_recovers_when_it_returns
     let ca = pki::Ca::create(&dir, "broker-test-ca")?;
     let serving = ca.issue_server(&dir, "broker", &["127.0.0.1"])?;
     let tls = Arc::new(ReloadingCert::new(&serving.cert, &serving.key)?.server_config());
-    let broker = BrokerThread::start(&cluster.kubeconfig, "127.0.0.1:0".parse()?, tls).await?;
+    let broker = ServerThread::broker(&cluster.kubeconfig, "127.0.0.1:0".parse()?, tls).await?;
     let https = https::Client::new(broker.addr, &ca.cert)?;
     let token = fixtures::token(&client, ns, "uploader", AUDIENCE, Some("app")).await?;
     let body = serde_json::to_vec(&serde_json::json!({"apiKey": "uploader"}))?;

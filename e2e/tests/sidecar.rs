@@ -23,7 +23,8 @@ use kube::api::Api;
 use nix::sys::signal::Signal;
 
 use keybroker_e2e::process::Component;
-use keybroker_e2e::sidecar::{BrokerThread, binary, python_with_boto3};
+use keybroker_e2e::server_thread::ServerThread;
+use keybroker_e2e::sidecar::{binary, python_with_boto3};
 use keybroker_e2e::{Cluster, Lifetime, eventually, fixtures, in_namespace, pki, shared_with_crds};
 use keybroker_operator::tls::ReloadingCert;
 use keybroker_operator::webhook::inject;
@@ -147,7 +148,7 @@ fn rotate_token(path: &Path, token: &str) -> anyhow::Result<()> {
 /// (`KEYBROKER_BROKER_CA`) instead of a file.
 async fn start_sidecar(
     pod: &Pod,
-    broker: &BrokerThread,
+    broker: &ServerThread,
     ca_inline: bool,
 ) -> anyhow::Result<Component> {
     let mut env: Vec<(&str, String)> = pod
@@ -322,7 +323,8 @@ async fn boto3_works_through_refreshes_a_token_rotation_a_broker_outage_and_lose
         let cluster = keybroker_e2e::shared().await?;
         let pod = pod(cluster, &client, &ns).await?;
         let mut broker =
-            BrokerThread::start(&cluster.kubeconfig, pod.broker_addr, Arc::clone(&pod.tls)).await?;
+            ServerThread::broker(&cluster.kubeconfig, pod.broker_addr, Arc::clone(&pod.tls))
+                .await?;
         let sidecar = start_sidecar(&pod, &broker, true).await?;
         let mut secrets: Vec<String> = vec![std::fs::read_to_string(&pod.token_file)?];
         remember(&mut secrets, &pod.out);
@@ -436,7 +438,7 @@ async fn boto3_works_through_refreshes_a_token_rotation_a_broker_outage_and_lose
             "endpoint during the outage: {status}"
         );
         let mut broker =
-            BrokerThread::start(&cluster.kubeconfig, addr, Arc::clone(&pod.tls)).await?;
+            ServerThread::broker(&cluster.kubeconfig, addr, Arc::clone(&pod.tls)).await?;
         eventually(
             "fresh credentials after the broker returned",
             Duration::from_secs(60),
@@ -553,7 +555,8 @@ async fn sigterm_removes_the_credentials_and_exits_zero() -> anyhow::Result<()> 
         let cluster = keybroker_e2e::shared().await?;
         let pod = pod(cluster, &client, &ns).await?;
         let broker =
-            BrokerThread::start(&cluster.kubeconfig, pod.broker_addr, Arc::clone(&pod.tls)).await?;
+            ServerThread::broker(&cluster.kubeconfig, pod.broker_addr, Arc::clone(&pod.tls))
+                .await?;
         let mut sidecar = start_sidecar(&pod, &broker, false).await?;
         ensure!(pod.out.join("uploader/credentials").exists());
         sidecar.signal(Signal::SIGTERM);

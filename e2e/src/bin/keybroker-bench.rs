@@ -1026,7 +1026,7 @@ const USER_HZ: f64 = 100.0;
 async fn sidecar_bench(sidecar: &PathBuf, idle_seconds: u64, starts: usize) -> anyhow::Result<()> {
     use std::sync::Arc;
 
-    use keybroker_e2e::sidecar::BrokerThread;
+    use keybroker_e2e::server_thread::ServerThread;
     use keybroker_e2e::{fixtures, https, pki};
 
     let sidecar = std::path::absolute(sidecar)?;
@@ -1055,7 +1055,7 @@ async fn sidecar_bench(sidecar: &PathBuf, idle_seconds: u64, starts: usize) -> a
     let tls =
         keybroker_operator::tls::ReloadingCert::new(&serving.cert, &serving.key)?.server_config();
     let broker =
-        BrokerThread::start(&cluster.kubeconfig, "127.0.0.1:0".parse()?, Arc::new(tls)).await?;
+        ServerThread::broker(&cluster.kubeconfig, "127.0.0.1:0".parse()?, Arc::new(tls)).await?;
 
     // The broker's own latency, measured as the sidecar meets it: a new TLS connection and one
     // exchange.
