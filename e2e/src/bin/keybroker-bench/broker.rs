@@ -1,0 +1,199 @@
+//! `broker`: token exchanges through the release operator's broker vs. direct AssumeRole.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+
+use keybroker_e2e::{Lifetime, process::Component};
+use keybroker_operator::crd::ApiKey;
+
+use super::*;
+
+pub(crate) async fn broker(requests: usize, operator: &PathBuf) -> anyhow::Result<()> {
+    use keybroker_e2e::{fixtures, https, pki};
+    let operator = std::path::absolute(operator)?;
+    ensure!(
+        operator.exists(),
+        "{} missing: run `cargo build --release -p keybroker-operator`",
+        operator.display()
+    );
+    let (dir, cluster, client) = start_cluster().await?;
+    let ns = "bench";
+    create_namespace(&client, ns).await?;
+    fixtures::uploader(&cluster, &client, ns).await?;
+    let provider = format!("{ns}-s3");
+    Api::<keybroker_operator::crd::KeyProvider>::all(client.clone())
+        .patch(
+            &provider,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({
+                "spec": {"guardrails": {"maxIssuancesPerMinute": 100000}}
+            })),
+        )
+        .await?;
+    let token = fixtures::token(
+        &client,
+        ns,
+        "uploader",
+        keybroker_sidecar::wire::AUDIENCE,
+        Some("app"),
+    )
+    .await?;
+
+    let ca = pki::Ca::create(&dir, "bench-ca")?;
+    let serving = ca.issue_server(&dir, "broker", &["127.0.0.1"])?;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let mut component = Component::spawn(
+        "keybroker-operator",
+        &operator,
+        &[
+            "--roles=broker".into(),
+            format!("--broker-addr={addr}"),
+            "--metrics-addr=127.0.0.1:0".into(),
+            format!("--tls-cert-file={}", serving.cert.display()),
+            format!("--tls-key-file={}", serving.key.display()),
+        ],
+        &[
+            (
+                "KUBECONFIG",
+                cluster.kubeconfig.to_str().context("kubeconfig path")?,
+            ),
+            ("RUST_LOG", "warn"),
+        ],
+        &dir.join("broker.log"),
+        Lifetime::TiedToProcess,
+    )?;
+    let client_https = https::Client::new(addr, &ca.cert)?;
+    let body = serde_json::to_vec(&serde_json::json!({"apiKey": "uploader"}))?;
+    component
+        .wait_ready("the first exchange", Duration::from_secs(60), || async {
+            client_https
+                .send("POST", "/v1/exchange", Some(&token), body.clone())
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await?;
+
+    // Direct AssumeRole with the same session policy, as the floor.
+    let minio = cluster.minio.as_ref().context("no MinIO")?;
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get("broker-keys")
+        .await?;
+    let field = |k: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+            .unwrap_or_default()
+    };
+    let sts = aws_sdk_sts::Client::from_conf(
+        aws_sdk_sts::Config::builder()
+            .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
+            .region(aws_sdk_sts::config::Region::new("us-east-1"))
+            .endpoint_url(&minio.endpoint)
+            .credentials_provider(aws_sdk_sts::config::Credentials::new(
+                field("AWS_ACCESS_KEY_ID"),
+                field("AWS_SECRET_ACCESS_KEY"),
+                None,
+                None,
+                "bench",
+            ))
+            .build(),
+    );
+    let key: ApiKey = Api::namespaced(client.clone(), ns).get("uploader").await?;
+    let kp = Api::<keybroker_operator::crd::KeyProvider>::all(client.clone())
+        .get(&provider)
+        .await?;
+    let policy = keybroker_operator::policy::compile(&key.spec, &kp.spec.guardrails, ns)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .session_policy;
+
+    println!();
+    println!(
+        "| {:<22} | {:>5} | {:>9} | {:>10} | {:>10} | {:>10} |",
+        "path", "conc.", "requests", "req/s", "p50 ms", "p99 ms"
+    );
+    println!(
+        "|{:-<24}|{:->7}|{:->11}|{:->12}|{:->12}|{:->12}|",
+        "", "", "", "", "", ""
+    );
+    let mut summary = Vec::new();
+    for level in LEVELS {
+        let (sts_for_load, policy_for_load) = (sts.clone(), policy.clone());
+        let direct = load(level, requests, move |_| {
+            let (sts, policy) = (sts_for_load.clone(), policy_for_load.clone());
+            async move {
+                sts.assume_role()
+                    .role_arn("arn:aws:iam::000000000000:role/keybroker-e2e")
+                    .role_session_name("bench.direct")
+                    .policy(policy)
+                    .duration_seconds(900)
+                    .send()
+                    .await
+                    .map(drop)
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+            }
+        })
+        .await?;
+        let brokered = {
+            let connections =
+                futures::future::try_join_all((0..level).map(|_| client_https.connect())).await?;
+            let connections: Vec<_> = connections
+                .into_iter()
+                .map(tokio::sync::Mutex::new)
+                .collect();
+            let connections = std::sync::Arc::new(connections);
+            let (token, body) = (token.clone(), body.clone());
+            load(level, requests, move |worker| {
+                let (connections, token, body) = (
+                    std::sync::Arc::clone(&connections),
+                    token.clone(),
+                    body.clone(),
+                );
+                async move {
+                    let mut conn = connections[worker].lock().await;
+                    let reply = conn
+                        .send("POST", "/v1/exchange", Some(&token), body)
+                        .await?;
+                    ensure!(
+                        reply.status == 200,
+                        "exchange failed: {} {}",
+                        reply.status,
+                        String::from_utf8_lossy(&reply.body)
+                    );
+                    Ok(())
+                }
+            })
+            .await?
+        };
+        for (path, r) in [
+            ("direct AssumeRole", &direct),
+            ("broker exchange (TLS)", &brokered),
+        ] {
+            println!(
+                "| {:<22} | {:>5} | {:>9} | {:>10.0} | {:>10.2} | {:>10.2} |",
+                path, level, requests, r.rate, r.p50_ms, r.p99_ms
+            );
+        }
+        summary.push((
+            level,
+            brokered.p50_ms - direct.p50_ms,
+            brokered.rate / direct.rate,
+        ));
+    }
+    println!();
+    for (level, overhead, ratio) in summary {
+        println!(
+            "concurrency {level:>2}: broker overhead p50 {overhead:.2} ms (target < 1 ms), throughput {:.0}% of direct STS (target >= 90%)",
+            ratio * 100.0
+        );
+    }
+    component.stop(Duration::from_secs(5));
+    drop(cluster);
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
