@@ -23,7 +23,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Container, Pod, Secret};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, PostParams};
 use tokio::process::Command;
@@ -33,7 +33,6 @@ use crate::process::{Component, Lifetime};
 use crate::tools::Tools;
 use crate::{binaries, eventually, fixtures, https, sidecar};
 use keybroker_operator::crd::{ApiKey, KeyProvider};
-use keybroker_operator::webhook::inject;
 
 /// The release namespace and name the demo installs the chart as.
 pub const NAMESPACE: &str = "keybroker-system";
@@ -294,7 +293,7 @@ pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
     n.step(&format!(
         "Running pod {pod_name}'s sidecar as the kubelet would: its env, a pod-bound token, a tmpfs volume"
     ));
-    let node = Node::new(&dir.0, &pod_name)?;
+    let node = sidecar::HostPod::new(&dir.0, &pod_name)?;
     let sidecar_container =
         fixtures::injected_sidecar(pod).context("the report-uploader pod has no sidecar")?;
     let token = fixtures::token(
@@ -305,7 +304,7 @@ pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
         Some(&pod_name),
     )
     .await?;
-    std::fs::write(node.token_dir.join("token"), &token)?;
+    std::fs::write(node.token_file(), &token)?;
     let env = node.env(sidecar_container);
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut sidecar_process = Component::spawn(
@@ -628,58 +627,6 @@ where
     .await
 }
 
-/// What the kubelet provides a pod: its volumes as directories (the credentials volume on
-/// tmpfs where there is one) and its own loopback ports (here: free ones on this machine).
-#[derive(Debug)]
-struct Node {
-    out: PathBuf,
-    token_dir: PathBuf,
-    credentials: SocketAddr,
-    health: SocketAddr,
-    _dirs: Vec<TempDir>,
-}
-
-impl Node {
-    fn new(run_dir: &Path, pod: &str) -> anyhow::Result<Self> {
-        // /dev/shm is a tmpfs, like the memory-backed emptyDir.
-        let shm = Path::new("/dev/shm");
-        let base = match shm.is_dir() {
-            true => shm.to_owned(),
-            false => run_dir.to_owned(),
-        };
-        let out = base.join(format!("keybroker-demo-{}-{pod}", std::process::id()));
-        let token_dir = run_dir.join("token");
-        std::fs::create_dir_all(&out)?;
-        std::fs::create_dir_all(&token_dir)?;
-        Ok(Self {
-            _dirs: vec![TempDir(out.clone())],
-            out,
-            token_dir,
-            credentials: free_addr()?,
-            health: free_addr()?,
-        })
-    }
-
-    /// The container's environment with the pod's mount paths and loopback ports mapped to
-    /// this machine's.
-    fn env(&self, container: &Container) -> Vec<(String, String)> {
-        let credentials_port = format!("127.0.0.1:{}", self.credentials.port());
-        let map = |value: &str| {
-            value
-                .replace(inject::TOKEN_DIR, &self.token_dir.display().to_string())
-                .replace(inject::CREDENTIALS_DIR, &self.out.display().to_string())
-                .replace("127.0.0.1:9911", &credentials_port)
-                .replace("0.0.0.0:9912", &self.health.to_string())
-        };
-        container
-            .env
-            .iter()
-            .flatten()
-            .filter_map(|e| Some((e.name.clone(), map(e.value.as_deref()?))))
-            .collect()
-    }
-}
-
 /// boto3 run as the app container: its injected env only, plus MinIO's endpoint.
 struct Boto3<'a> {
     python: &'a Path,
@@ -811,48 +758,4 @@ async fn run_tool_with_input(cmd: &mut Command, input: &str) -> anyhow::Result<S
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_node_maps_mount_paths_and_loopback_ports() {
-        let node = Node {
-            out: "/dev/shm/kb".into(),
-            token_dir: "/tmp/kb/token".into(),
-            credentials: "127.0.0.1:40001".parse().unwrap(),
-            health: "127.0.0.1:40002".parse().unwrap(),
-            _dirs: Vec::new(),
-        };
-        let container: Container = serde_json::from_value(serde_json::json!({
-            "name": "keybroker-sidecar",
-            "env": [
-                {"name": "KEYBROKER_TOKEN_FILE", "value": "/var/run/secrets/keybroker/token"},
-                {"name": "KEYBROKER_OUTPUT_DIR", "value": "/var/run/keybroker"},
-                {"name": "KEYBROKER_CREDENTIALS_ADDR", "value": "127.0.0.1:9911"},
-                {"name": "KEYBROKER_HEALTH_ADDR", "value": "0.0.0.0:9912"},
-                {"name": "AWS_CONTAINER_CREDENTIALS_FULL_URI", "value": "http://127.0.0.1:9911/v1/credentials/a"},
-                {"name": "FROM_FIELD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                {"name": "KEPT", "value": "as is"},
-            ]
-        }))
-        .unwrap();
-        assert_eq!(
-            node.env(&container),
-            [
-                ("KEYBROKER_TOKEN_FILE", "/tmp/kb/token/token"),
-                ("KEYBROKER_OUTPUT_DIR", "/dev/shm/kb"),
-                ("KEYBROKER_CREDENTIALS_ADDR", "127.0.0.1:40001"),
-                ("KEYBROKER_HEALTH_ADDR", "127.0.0.1:40002"),
-                (
-                    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-                    "http://127.0.0.1:40001/v1/credentials/a"
-                ),
-                ("KEPT", "as is"),
-            ]
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        );
-    }
 }

@@ -10,10 +10,7 @@ use jiff::Timestamp;
 use keybroker_sidecar::wire::Credentials;
 use serde::Serialize;
 
-/// File names inside `<output-dir>/<apikey>/`.
-pub const CREDENTIALS: &str = "credentials";
-pub const CREDENTIALS_JSON: &str = "credentials.json";
-pub const EXPIRATION: &str = "expiration";
+pub use keybroker_sidecar::wire::{CREDENTIALS, CREDENTIALS_JSON, EXPIRATION};
 
 /// Upper bounds on what the broker may send: generous for AWS (session tokens reach ~2 KiB)
 /// and small enough that a broken broker cannot fill the pod's memory-backed volume.

@@ -9,6 +9,12 @@ use serde::{Deserialize, Serialize};
 /// The audience of the projected token the sidecar presents.
 pub const AUDIENCE: &str = "keybroker";
 
+/// File names the sidecar writes inside `<output-dir>/<apikey>/`: the AWS shared-credentials
+/// file, the `credential_process` JSON and the expiry (RFC 3339). Apps and tests read them.
+pub const CREDENTIALS: &str = "credentials";
+pub const CREDENTIALS_JSON: &str = "credentials.json";
+pub const EXPIRATION: &str = "expiration";
+
 /// Body of `POST /v1/exchange`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -27,6 +27,7 @@ use keybroker_e2e::{Cluster, Lifetime, Options, install_crds, run_dir};
 
 mod broker;
 mod controller;
+mod revocation;
 mod sidecar;
 mod webhook;
 
@@ -83,6 +84,22 @@ enum Bench {
         #[arg(long, default_value_t = 15)]
         starts: usize,
     },
+    /// The revocation drill: sidecars connected to the broker, ApiKeys revoked one by one; time
+    /// to the provider refusing a cached credential and to the files gone.
+    Revocation {
+        /// Sidecar processes (spread evenly over the ApiKeys).
+        #[arg(long, default_value_t = 1000)]
+        sidecars: usize,
+        /// ApiKeys, each revoked once.
+        #[arg(long, default_value_t = 100)]
+        revocations: usize,
+        /// The operator binary (built with `cargo build --release`).
+        #[arg(long, default_value = "target/release/keybroker-operator")]
+        operator: PathBuf,
+        /// The sidecar binary (`make sidecar-static` builds the static one).
+        #[arg(long, default_value = "target/release/keybroker-sidecar")]
+        sidecar: PathBuf,
+    },
     /// The floor of the webhook benchmark: answers every POST with a fixed AdmissionReview.
     #[command(hide = true)]
     FloorServer {
@@ -117,6 +134,12 @@ async fn main() -> anyhow::Result<()> {
             starts,
         } => sidecar::sidecar_bench(&sidecar, idle_seconds, starts).await,
         Bench::Webhook { requests, operator } => webhook::webhook(requests, &operator).await,
+        Bench::Revocation {
+            sidecars,
+            revocations,
+            operator,
+            sidecar,
+        } => revocation::revocation(sidecars, revocations, &operator, &sidecar).await,
         Bench::FloorServer { addr, cert, key } => webhook::floor_server(addr, &cert, &key).await,
     }
 }
@@ -212,6 +235,9 @@ where
         p99_ms: pct(0.99),
     })
 }
+
+/// Linux reports process CPU time in USER_HZ ticks, fixed at 100 per second for user space.
+const USER_HZ: f64 = 100.0;
 
 /// User + system CPU time of `pid`, in USER_HZ ticks.
 fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {

@@ -11,8 +11,6 @@ use super::*;
 
 /// What Vault Agent sidecars are observed to use (steady state), for comparison.
 const VAULT_AGENT_RSS_MIB: &str = "13-20";
-/// Linux reports process CPU time in USER_HZ ticks, fixed at 100 per second for user space.
-const USER_HZ: f64 = 100.0;
 
 pub(crate) async fn sidecar_bench(
     sidecar: &PathBuf,
