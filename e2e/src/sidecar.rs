@@ -54,6 +54,17 @@ pub struct HostPod {
 
 impl HostPod {
     pub fn new(run_dir: &Path, pod: &str) -> anyhow::Result<Self> {
+        Self::with_ports(run_dir, pod, free_addr()?, free_addr()?)
+    }
+
+    /// [`HostPod::new`] on given loopback ports: with many pods, ports picked free one by one
+    /// can be taken by someone's outgoing connection before the sidecar binds them.
+    pub fn with_ports(
+        run_dir: &Path,
+        pod: &str,
+        credentials: SocketAddr,
+        health: SocketAddr,
+    ) -> anyhow::Result<Self> {
         let shm = Path::new("/dev/shm");
         let base = match shm.is_dir() {
             true => shm.to_owned(),
@@ -66,8 +77,8 @@ impl HostPod {
         Ok(Self {
             out,
             token_dir,
-            credentials: free_addr()?,
-            health: free_addr()?,
+            credentials,
+            health,
             remove_out: true,
         })
     }
@@ -86,8 +97,14 @@ impl HostPod {
             value
                 .replace(inject::TOKEN_DIR, &self.token_dir.display().to_string())
                 .replace(inject::CREDENTIALS_DIR, &self.out.display().to_string())
-                .replace(&format!("127.0.0.1:{}", settings.credentials_port), &credentials_port)
-                .replace(&format!("0.0.0.0:{}", settings.health_port), &self.health.to_string())
+                .replace(
+                    &format!("127.0.0.1:{}", settings.credentials_port),
+                    &credentials_port,
+                )
+                .replace(
+                    &format!("0.0.0.0:{}", settings.health_port),
+                    &self.health.to_string(),
+                )
         };
         container
             .env

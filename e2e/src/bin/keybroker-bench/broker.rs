@@ -1,7 +1,7 @@
 //! `broker`: token exchanges through the release operator's broker vs. direct AssumeRole.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use k8s_openapi::api::core::v1::Secret;
@@ -192,6 +192,59 @@ pub(crate) async fn broker(requests: usize, operator: &PathBuf) -> anyhow::Resul
             ratio * 100.0
         );
     }
+    // Exchanges one after another (a sidecar's pace is far slower), alone and under the attack
+    // tests' hostile load against the same broker.
+    println!();
+    let pid = component.pid();
+    let one_by_one = |n: usize| {
+        let (client_https, token, body) = (client_https.clone(), token.clone(), body.clone());
+        async move {
+            let mut conn = client_https.connect().await?;
+            let mut samples = Vec::with_capacity(n);
+            let started = Instant::now();
+            for _ in 0..n {
+                let at = Instant::now();
+                let reply = conn
+                    .send("POST", "/v1/exchange", Some(&token), body.clone())
+                    .await?;
+                ensure!(reply.status == 200, "exchange failed: {}", reply.status);
+                samples.push(at.elapsed());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let (p50, p99) = keybroker_e2e::attack::percentiles(&mut samples);
+            anyhow::Ok((n as f64 / started.elapsed().as_secs_f64(), p50, p99))
+        }
+    };
+    let quiet = one_by_one(300).await?;
+    let quiet_rss = rss_kib(pid)? / 1024;
+    let attack = hostile::on_broker(addr, &client_https, &token).await;
+    let attacked = one_by_one(300).await?;
+    let attacked_rss = rss_kib(pid)? / 1024;
+    let what = attack.what.clone();
+    drop(attack);
+    println!(
+        "| {:<44} | {:>8} | {:>8} | {:>8} | {:>8} |",
+        "exchanges one by one (20 ms apart)", "req/s", "p50 ms", "p99 ms", "RSS MiB"
+    );
+    println!(
+        "|{:-<46}|{:->10}|{:->10}|{:->10}|{:->10}|",
+        "", "", "", "", ""
+    );
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    for (when, (rate, p50, p99), rss) in [
+        ("alone".to_owned(), quiet, quiet_rss),
+        (format!("under attack ({what})"), attacked, attacked_rss),
+    ] {
+        println!(
+            "| {:<44} | {:>8.0} | {:>8.2} | {:>8.2} | {:>8} |",
+            when,
+            rate,
+            ms(p50),
+            ms(p99),
+            rss
+        );
+    }
+    println!("(target under attack: p99 < 100 ms)");
     component.stop(Duration::from_secs(5));
     drop(cluster);
     std::fs::remove_dir_all(&dir).ok();

@@ -27,6 +27,7 @@ use keybroker_e2e::{Cluster, Lifetime, Options, install_crds, run_dir};
 
 mod broker;
 mod controller;
+mod hostile;
 mod revocation;
 mod sidecar;
 mod webhook;

@@ -52,8 +52,8 @@ pub(crate) async fn revocation(
     sidecar: &Path,
 ) -> anyhow::Result<()> {
     ensure!(
-        revocations > 0 && sidecars >= revocations,
-        "--sidecars must be at least --revocations (> 0)"
+        revocations > 0 && sidecars >= revocations && sidecars <= 6000,
+        "--sidecars must be at least --revocations (> 0), and at most 6,000 (ports 20000-31999)"
     );
     let operator = std::path::absolute(operator)?;
     let sidecar_bin = std::path::absolute(sidecar)?;
@@ -130,8 +130,12 @@ pub(crate) async fn revocation(
     std::fs::create_dir_all(&sidecar_dir)?;
     let running: Vec<RunningSidecar> = futures::stream::iter(0..sidecars)
         .map(|j| {
-            let (client, settings, sidecar_dir, sidecar_bin) =
-                (client.clone(), settings.clone(), sidecar_dir.clone(), sidecar_bin.clone());
+            let (client, settings, sidecar_dir, sidecar_bin) = (
+                client.clone(),
+                settings.clone(),
+                sidecar_dir.clone(),
+                sidecar_bin.clone(),
+            );
             async move {
                 let key = j % revocations;
                 let name = format!("p-{j:04}");
@@ -143,11 +147,19 @@ pub(crate) async fn revocation(
                              "containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
                 });
                 let stored = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), ns)
-                    .create(&Default::default(), &fixtures::as_injected(written, ns, &settings)?)
+                    .create(
+                        &Default::default(),
+                        &fixtures::as_injected(written, ns, &settings)?,
+                    )
                     .await?;
                 let container =
                     fixtures::injected_sidecar(&stored).context("the stored pod has no sidecar")?;
-                let pod = HostPod::new(&sidecar_dir, &name)?;
+                // Below Linux's ephemeral range (32768-60999), so that no outgoing connection
+                // takes a sidecar's port between choosing and binding it.
+                let port = |n: usize| -> anyhow::Result<std::net::SocketAddr> {
+                    Ok(format!("127.0.0.1:{}", 20_000 + 2 * j + n).parse()?)
+                };
+                let pod = HostPod::with_ports(&sidecar_dir, &name, port(0)?, port(1)?)?;
                 let token = fixtures::token(
                     &client,
                     ns,
@@ -200,7 +212,8 @@ pub(crate) async fn revocation(
     let rss_waiting_mib = rss_kib(pid)? as f64 / 1024.0;
 
     let minio = cluster.minio.as_ref().context("no MinIO")?;
-    let floor = direct_revocation_floor(&cluster, &client, &provider, ns, revocations.min(20)).await?;
+    let floor =
+        direct_revocation_floor(&cluster, &client, &provider, ns, revocations.min(20)).await?;
     let mut to_refused = Vec::with_capacity(revocations);
     let mut to_files_gone = Vec::with_capacity(revocations);
     let keys = Api::<ApiKey>::namespaced(client.clone(), ns);
@@ -225,7 +238,10 @@ pub(crate) async fn revocation(
         .await?;
         let refused = async {
             while fixtures::put_object(&cached, &object).await.is_none() {
-                ensure!(patched.elapsed() < GIVE_UP, "still accepted after {GIVE_UP:?}");
+                ensure!(
+                    patched.elapsed() < GIVE_UP,
+                    "still accepted after {GIVE_UP:?}"
+                );
             }
             anyhow::Ok(patched.elapsed())
         };
@@ -236,7 +252,10 @@ pub(crate) async fn revocation(
                 .map(RunningSidecar::credentials_file)
                 .collect();
             while files.iter().any(|f| f.exists()) {
-                ensure!(patched.elapsed() < GIVE_UP, "files still there after {GIVE_UP:?}");
+                ensure!(
+                    patched.elapsed() < GIVE_UP,
+                    "files still there after {GIVE_UP:?}"
+                );
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             anyhow::Ok(patched.elapsed())
@@ -334,7 +353,9 @@ async fn direct_revocation_floor(
     use keybroker_operator::providers::aws::{mint, revoke, sts_client};
     use keybroker_operator::revocation::revoke_tag;
     let minio = cluster.minio.as_ref().context("no MinIO")?;
-    let kp = Api::<KeyProvider>::all(client.clone()).get(provider).await?;
+    let kp = Api::<KeyProvider>::all(client.clone())
+        .get(provider)
+        .await?;
     let aws = kp.spec.aws;
     let sts = sts_client(client, &aws)
         .await
@@ -377,7 +398,10 @@ async fn direct_revocation_floor(
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         while fixtures::put_object(&cached, &object).await.is_none() {
-            ensure!(called.elapsed() < GIVE_UP, "the floor's session still accepted");
+            ensure!(
+                called.elapsed() < GIVE_UP,
+                "the floor's session still accepted"
+            );
         }
         samples.push(called.elapsed());
     }

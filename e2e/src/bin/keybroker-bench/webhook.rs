@@ -220,6 +220,36 @@ pub(crate) async fn webhook(requests: usize, operator: &PathBuf) -> anyhow::Resu
             paced.rate, paced.p50_ms, paced.p99_ms
         );
     }
+    // The same steady load, the apiserver's pace for a busy cluster, without and with the
+    // attack tests' hostile load running against the same webhook.
+    println!();
+    let rss = |pid| rss_kib(pid).map(|k| k / 1024).unwrap_or_default();
+    let pid = operator.pid();
+    let quiet = open_loop(&webhook_https, 100.0, Duration::from_secs(10), &small).await?;
+    let quiet_rss = rss(pid);
+    let attack = hostile::on_webhook(webhook_addr, &webhook_https).await;
+    let attacked = open_loop(&webhook_https, 100.0, Duration::from_secs(10), &small).await?;
+    let attacked_rss = rss(pid);
+    let what = attack.what.clone();
+    drop(attack);
+    println!(
+        "| {:<44} | {:>8} | {:>8} | {:>8} | {:>8} |",
+        "1-container review at 100 req/s", "req/s", "p50 ms", "p99 ms", "RSS MiB"
+    );
+    println!(
+        "|{:-<46}|{:->10}|{:->10}|{:->10}|{:->10}|",
+        "", "", "", "", ""
+    );
+    for (when, r, rss) in [
+        ("alone".to_owned(), &quiet, quiet_rss),
+        (format!("under attack ({what})"), &attacked, attacked_rss),
+    ] {
+        println!(
+            "| {:<44} | {:>8.0} | {:>8.3} | {:>8.3} | {:>8} |",
+            when, r.rate, r.p50_ms, r.p99_ms, rss
+        );
+    }
+    println!("(target under attack: p99 < 100 ms)");
     operator.stop(Duration::from_secs(5));
     floor.stop(Duration::from_secs(5));
     drop(cluster);
