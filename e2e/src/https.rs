@@ -107,6 +107,19 @@ impl Client {
     }
 }
 
+/// Why [`Connection::try_send`] got no reply.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The connection was closed before the request was written: the server never saw it, so
+    /// the client may send it again (elsewhere), as an HTTP client does with a stale
+    /// kept-alive connection.
+    #[error("the connection was closed before the request was sent: {0}")]
+    NotSent(#[source] hyper::Error),
+    /// The request went out and no complete response came back.
+    #[error("the request was sent but no complete response came back: {0}")]
+    Failed(#[source] anyhow::Error),
+}
+
 /// One HTTP/1.1 connection over TLS.
 #[derive(Debug)]
 pub struct Connection {
@@ -141,6 +154,57 @@ impl Connection {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let body = response.into_body().collect().await?.to_bytes();
+        Ok(Reply {
+            status,
+            retry_after,
+            body,
+        })
+    }
+
+    /// Whether the connection is known to be closed (by either side).
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    /// [`Connection::send`], telling a request the server never saw ([`SendError::NotSent`])
+    /// from one that failed after it went out.
+    pub async fn try_send(
+        &mut self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<Reply, SendError> {
+        self.sender.ready().await.map_err(SendError::NotSent)?;
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.host);
+        if let Some(token) = bearer {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| SendError::Failed(e.into()))?;
+        let response = match self.sender.try_send_request(req).await {
+            Ok(response) => response,
+            Err(e) if e.message().is_some() => {
+                return Err(SendError::NotSent(e.into_error()));
+            }
+            Err(e) => return Err(SendError::Failed(e.into_error().into())),
+        };
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| SendError::Failed(e.into()))?
+            .to_bytes();
         Ok(Reply {
             status,
             retry_after,
