@@ -147,11 +147,17 @@ async fn a_sigtermed_replica_loses_no_admission_and_no_exchange() -> anyhow::Res
             .await;
         if outcome.is_err() {
             for r in &replicas {
+                // The audit lines of the exchanges would hide everything else.
+                let log = std::fs::read_to_string(r.process.log_path()).unwrap_or_default();
+                let lines: Vec<&str> = log
+                    .lines()
+                    .filter(|l| !l.contains("keybroker::audit"))
+                    .collect();
                 eprintln!(
-                    "=== {} ({}) ===\n{}",
+                    "=== {} ({}, without audit lines) ===\n{}",
                     r.name,
                     r.process.log_path().display(),
-                    r.process.log_tail(40)
+                    lines[lines.len().saturating_sub(40)..].join("\n")
                 );
             }
         }
