@@ -76,7 +76,9 @@ struct Timeline {
     /// First refused connection to the victim's broker and webhook ports.
     broker_refused: Option<Duration>,
     webhook_refused: Option<Duration>,
-    /// The victim's admissions counter at SIGTERM and at its last scrape.
+    /// The victim's admissions counter when the stream started, at SIGTERM and at its last
+    /// scrape.
+    admissions_at_start: Option<u64>,
     admissions_at_signal: Option<u64>,
     admissions_last: Option<u64>,
 }
@@ -140,8 +142,9 @@ async fn a_sigtermed_replica_loses_no_admission_and_no_exchange() -> anyhow::Res
             );
         }
         let config = format!("keybroker-{ns}");
-        register(&client, &ns, &config, &replicas, &ca.cert).await?;
-        let outcome = scenario(&client, &ns, &mut replicas).await;
+        let victim = non_leader(&client, &ns, &replicas).await?;
+        register(&client, &ns, &config, &replicas, victim, &ca.cert).await?;
+        let outcome = scenario(&client, &ns, &mut replicas, victim).await;
         let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
             .delete(&config, &DeleteParams::default())
             .await;
@@ -225,12 +228,14 @@ async fn start_replica(
 }
 
 /// The webhook Service, one EndpointSlice per replica (their ports differ; a slice has one
-/// port list), and the MutatingWebhookConfiguration calling the Service, as the chart has it.
+/// port list; only replica `ready` is ready so far), and the MutatingWebhookConfiguration
+/// calling the Service, as the chart has it.
 async fn register(
     client: &Client,
     ns: &str,
     config: &str,
     replicas: &[Replica],
+    ready: usize,
     ca: &Path,
 ) -> anyhow::Result<()> {
     use base64::Engine;
@@ -242,11 +247,11 @@ async fn register(
         .create(&PostParams::default(), &service)
         .await?;
     let slices = Api::<EndpointSlice>::namespaced(client.clone(), ns);
-    for r in replicas {
+    for (i, r) in replicas.iter().enumerate() {
         let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
             "metadata": {"name": slice_name(r), "labels": {"kubernetes.io/service-name": SERVICE}},
             "addressType": "IPv4",
-            "endpoints": [endpoint(r, true)],
+            "endpoints": [endpoint(r, i == ready)],
             "ports": [{"name": "https", "port": r.webhook.port(), "protocol": "TCP"}],
         }))?;
         slices.create(&PostParams::default(), &slice).await?;
@@ -290,8 +295,32 @@ fn endpoint(r: &Replica, ready: bool) -> serde_json::Value {
     })
 }
 
-async fn scenario(client: &Client, ns: &str, replicas: &mut [Replica]) -> anyhow::Result<()> {
+/// The replica to stop: the one not leading, so it also shows a non-leader exits.
+async fn non_leader(client: &Client, ns: &str, replicas: &[Replica]) -> anyhow::Result<usize> {
+    let leases = Api::<Lease>::namespaced(client.clone(), ns);
+    let leader = eventually("a controller leader", Duration::from_secs(60), || async {
+        leases.get(LEASE).await.ok()?.spec?.holder_identity
+    })
+    .await?;
+    let victim = replicas
+        .iter()
+        .position(|r| r.name != leader)
+        .context("no replica other than the leader")?;
+    println!("leader {leader}; SIGTERM goes to {}", replicas[victim].name);
+    Ok(victim)
+}
+
+async fn scenario(
+    client: &Client,
+    ns: &str,
+    replicas: &mut [Replica],
+    victim: usize,
+) -> anyhow::Result<()> {
+    let survivor = 1 - victim;
     // The apiserver calls the webhook once its configuration and the slices reached its caches.
+    // Only the victim's endpoint is ready yet, so the apiserver's kept-alive connections go
+    // to the replica that will be stopped (else its pool may hold connections to the other
+    // one only, and the victim would see no admission at all).
     let mut n = 0;
     eventually(
         "the webhook to inject a probe pod",
@@ -314,6 +343,13 @@ async fn scenario(client: &Client, ns: &str, replicas: &mut [Replica]) -> anyhow
         },
     )
     .await?;
+    Api::<EndpointSlice>::namespaced(client.clone(), ns)
+        .patch(
+            &slice_name(&replicas[survivor]),
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"endpoints": [endpoint(&replicas[survivor], true)]})),
+        )
+        .await?;
     let app = fixtures::pod(client, ns, "app", "uploader", Some("uploader")).await?;
     ensure!(
         fixtures::injected_sidecar(&app).is_some(),
@@ -338,22 +374,6 @@ async fn scenario(client: &Client, ns: &str, replicas: &mut [Replica]) -> anyhow
         )
         .await?;
     }
-
-    // The replica to stop: the one not leading, so it also shows a non-leader exits.
-    let leases = Api::<Lease>::namespaced(client.clone(), ns);
-    let leader = eventually("a controller leader", Duration::from_secs(60), || async {
-        leases.get(LEASE).await.ok()?.spec?.holder_identity
-    })
-    .await?;
-    let victim = replicas
-        .iter()
-        .position(|r| r.name != leader)
-        .context("no replica other than the leader")?;
-    let survivor = 1 - victim;
-    println!(
-        "leader {leader}; SIGTERM goes to {} (survivor {})",
-        replicas[victim].name, replicas[survivor].name
-    );
 
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -385,6 +405,9 @@ async fn scenario(client: &Client, ns: &str, replicas: &mut [Replica]) -> anyhow
                         let admissions = admissions_served(*metrics).await;
                         let mut t = lock(&timeline);
                         if admissions.is_some() {
+                            if t.admissions_at_start.is_none() {
+                                t.admissions_at_start = admissions;
+                            }
                             t.admissions_last = admissions;
                             if !signalled.load(Ordering::Relaxed) {
                                 t.admissions_at_signal = admissions;
@@ -484,8 +507,18 @@ async fn scenario(client: &Client, ns: &str, replicas: &mut [Replica]) -> anyhow
         }));
     }
 
-    // Both replicas serve for a while, then one is sent SIGTERM.
+    // Both replicas serve for a while (the victim admitting some of the stream), then one is
+    // sent SIGTERM.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    eventually(
+        "the replica to stop to admit pods of the stream",
+        Duration::from_secs(30),
+        || async {
+            let t = lock(&timeline);
+            (t.admissions_at_signal > t.admissions_at_start).then_some(())
+        },
+    )
+    .await?;
     let signalled_at = started.elapsed();
     signalled.store(true, Ordering::Relaxed);
     replicas[victim].process.signal(Signal::SIGTERM);
@@ -579,8 +612,13 @@ async fn scenario(client: &Client, ns: &str, replicas: &mut [Replica]) -> anyhow
     let mut admissions: Vec<Duration> = tally.admissions.iter().map(|a| a.1).collect();
     report("admissions (pods created and injected)", &mut admissions);
     println!(
-        "  the stopped replica admitted {:?} reviews before SIGTERM, {:?} in all",
-        t.admissions_at_signal, t.admissions_last
+        "  the stopped replica admitted {} reviews of the stream before SIGTERM and {} after",
+        t.admissions_at_signal
+            .unwrap_or_default()
+            .saturating_sub(t.admissions_at_start.unwrap_or_default()),
+        t.admissions_last
+            .unwrap_or_default()
+            .saturating_sub(t.admissions_at_signal.unwrap_or_default())
     );
     println!(
         "  requests sent again after their kept-alive connection closed: {}; connections refused before sending: {}",
