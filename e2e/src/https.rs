@@ -11,11 +11,13 @@ use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 
-/// A response: status, `Retry-After` (if any) and body.
+/// A response: status, `Retry-After` (if any), whether it closes the connection, and body.
 #[derive(Debug)]
 pub struct Reply {
     pub status: StatusCode,
     pub retry_after: Option<String>,
+    /// The server said `Connection: close`: this connection takes no further request.
+    pub closes: bool,
     pub body: Bytes,
 }
 
@@ -153,10 +155,12 @@ impl Connection {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let closes = closes(response.headers());
         let body = response.into_body().collect().await?.to_bytes();
         Ok(Reply {
             status,
             retry_after,
+            closes,
             body,
         })
     }
@@ -199,6 +203,7 @@ impl Connection {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let closes = closes(response.headers());
         let body = response
             .into_body()
             .collect()
@@ -208,7 +213,18 @@ impl Connection {
         Ok(Reply {
             status,
             retry_after,
+            closes,
             body,
         })
     }
+}
+
+/// Whether `Connection` lists `close`.
+fn closes(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("close"))
 }

@@ -83,11 +83,23 @@ struct Timeline {
     admissions_last: Option<u64>,
 }
 
+/// A successful exchange.
+#[derive(Debug)]
+struct Exchanged {
+    replica: usize,
+    /// When this attempt went out and when its answer was complete.
+    sent: Duration,
+    done: Duration,
+    /// Since the first attempt of this exchange.
+    latency: Duration,
+    /// The answer said `Connection: close`.
+    closes: bool,
+}
+
 /// Outcomes of the two streams.
 #[derive(Debug, Default)]
 struct Tally {
-    /// Successful exchanges: (replica, completed at, latency).
-    exchanges: Vec<(usize, Duration, Duration)>,
+    exchanges: Vec<Exchanged>,
     /// Successful admissions: (completed at, latency).
     admissions: Vec<(Duration, Duration)>,
     /// Requests sent again because their connection was closed before they went out.
@@ -578,36 +590,20 @@ async fn scenario(
         );
     };
     for (i, r) in replicas.iter().enumerate() {
-        let mut before: Vec<Duration> = tally
-            .exchanges
-            .iter()
-            .filter(|(at_r, at, _)| *at_r == i && *at < signalled_at)
-            .map(|e| e.2)
-            .collect();
-        let mut draining: Vec<Duration> = tally
-            .exchanges
-            .iter()
-            .filter(|(at_r, at, _)| *at_r == i && *at >= signalled_at && *at < exit_at)
-            .map(|e| e.2)
-            .collect();
-        let mut later: Vec<Duration> = tally
-            .exchanges
-            .iter()
-            .filter(|(at_r, at, _)| *at_r == i && *at >= exit_at)
-            .map(|e| e.2)
-            .collect();
-        report(
-            &format!("exchanges at {} before SIGTERM", r.name),
-            &mut before,
-        );
-        report(
-            &format!("exchanges at {} from SIGTERM to exit", r.name),
-            &mut draining,
-        );
-        report(
-            &format!("exchanges at {} after the exit", r.name),
-            &mut later,
-        );
+        let phases = [
+            ("before SIGTERM", Duration::ZERO, signalled_at),
+            ("from SIGTERM to exit", signalled_at, exit_at),
+            ("after the exit", exit_at, Duration::MAX),
+        ];
+        for (phase, from, to) in phases {
+            let mut samples: Vec<Duration> = tally
+                .exchanges
+                .iter()
+                .filter(|e| e.replica == i && e.done >= from && e.done < to)
+                .map(|e| e.latency)
+                .collect();
+            report(&format!("exchanges at {} {phase}", r.name), &mut samples);
+        }
     }
     let mut admissions: Vec<Duration> = tally.admissions.iter().map(|a| a.1).collect();
     report("admissions (pods created and injected)", &mut admissions);
@@ -623,6 +619,16 @@ async fn scenario(
     println!(
         "  requests sent again after their kept-alive connection closed: {}; connections refused before sending: {}",
         tally.resent, tally.connect_failures
+    );
+    let late: Vec<&Exchanged> = tally
+        .exchanges
+        .iter()
+        .filter(|e| e.replica == victim && e.done >= signalled_at)
+        .collect();
+    println!(
+        "  answers of the stopped replica after SIGTERM: {}, {} of them with Connection: close",
+        late.len(),
+        late.iter().filter(|e| e.closes).count()
     );
     for failure in tally.failures.iter().take(20) {
         println!("  FAILED: {failure}");
@@ -666,12 +672,26 @@ async fn scenario(
             after(unready_at)
         );
     }
+    // Requests sent once /readyz said 503 were answered after the signal: each answer must
+    // tell its client to leave the connection (else busy clients stay until the stop, and
+    // closing their connections then races their next request).
+    let kept: Vec<&Exchanged> = tally
+        .exchanges
+        .iter()
+        .filter(|e| e.replica == victim && e.sent > unready_at && !e.closes)
+        .collect();
+    ensure!(
+        kept.is_empty(),
+        "{} answers of the stopped replica after /readyz said 503 kept their connection open, first sent {:?} after SIGTERM",
+        kept.len(),
+        kept.first().map(|e| after(e.sent))
+    );
     ensure!(survivor_running, "{} exited too", replicas[survivor].name);
     ensure!(
         tally
             .exchanges
             .iter()
-            .any(|(r, at, _)| *r == survivor && *at > exit_at),
+            .any(|e| e.replica == survivor && e.done > exit_at),
         "no exchange at {} after the other replica exited",
         replicas[survivor].name
     );
@@ -735,14 +755,19 @@ async fn exchange_worker(
             };
             *used += 1;
             let replica = *replica;
+            let attempt = started.elapsed();
             match c
                 .try_send("POST", "/v1/exchange", Some(token), body.to_vec())
                 .await
             {
                 Ok(reply) if reply.status == 200 => {
-                    lock(&tally)
-                        .exchanges
-                        .push((replica, started.elapsed(), sent.elapsed()));
+                    lock(&tally).exchanges.push(Exchanged {
+                        replica,
+                        sent: attempt,
+                        done: started.elapsed(),
+                        latency: sent.elapsed(),
+                        closes: reply.closes,
+                    });
                 }
                 Ok(reply) => {
                     let text = String::from_utf8_lossy(&reply.body).into_owned();
