@@ -731,11 +731,11 @@ async fn exchange_worker(
                 .is_none_or(|(_, c, used)| c.is_closed() || *used >= 25)
             {
                 let choices: Vec<usize> = {
-                    let ready = lock(&ready);
+                    let ready = lock(ready);
                     (0..clients.len()).filter(|i| ready[*i]).collect()
                 };
                 if choices.is_empty() {
-                    lock(&tally).failures.push("no ready replica".into());
+                    lock(tally).failures.push("no ready replica".into());
                     return;
                 }
                 let replica = choices[picks % choices.len()];
@@ -744,7 +744,7 @@ async fn exchange_worker(
                     Ok(c) => conn = Some((replica, c, 0)),
                     Err(_) => {
                         conn = None;
-                        lock(&tally).connect_failures += 1;
+                        lock(tally).connect_failures += 1;
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
@@ -761,7 +761,7 @@ async fn exchange_worker(
                 .await
             {
                 Ok(reply) if reply.status == 200 => {
-                    lock(&tally).exchanges.push(Exchanged {
+                    lock(tally).exchanges.push(Exchanged {
                         replica,
                         sent: attempt,
                         done: started.elapsed(),
@@ -771,7 +771,7 @@ async fn exchange_worker(
                 }
                 Ok(reply) => {
                     let text = String::from_utf8_lossy(&reply.body).into_owned();
-                    lock(&tally).failures.push(format!(
+                    lock(tally).failures.push(format!(
                         "exchange at replica {replica} at {:?}: {} {text}",
                         started.elapsed(),
                         reply.status
@@ -779,12 +779,12 @@ async fn exchange_worker(
                 }
                 Err(SendError::NotSent(_)) => {
                     conn = None;
-                    lock(&tally).resent += 1;
+                    lock(tally).resent += 1;
                     continue;
                 }
                 Err(e @ SendError::Failed(_)) => {
                     conn = None;
-                    lock(&tally).failures.push(format!(
+                    lock(tally).failures.push(format!(
                         "exchange at replica {replica} at {:?}: {e:#}",
                         started.elapsed()
                     ));
