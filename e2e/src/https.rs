@@ -11,11 +11,13 @@ use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 
-/// A response: status, `Retry-After` (if any) and body.
+/// A response: status, `Retry-After` (if any), whether it closes the connection, and body.
 #[derive(Debug)]
 pub struct Reply {
     pub status: StatusCode,
     pub retry_after: Option<String>,
+    /// The server said `Connection: close`: this connection takes no further request.
+    pub closes: bool,
     pub body: Bytes,
 }
 
@@ -107,6 +109,19 @@ impl Client {
     }
 }
 
+/// Why [`Connection::try_send`] got no reply.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The connection was closed before the request was written: the server never saw it, so
+    /// the client may send it again (elsewhere), as an HTTP client does with a stale
+    /// kept-alive connection.
+    #[error("the connection was closed before the request was sent: {0}")]
+    NotSent(#[source] hyper::Error),
+    /// The request went out and no complete response came back.
+    #[error("the request was sent but no complete response came back: {0}")]
+    Failed(#[source] anyhow::Error),
+}
+
 /// One HTTP/1.1 connection over TLS.
 #[derive(Debug)]
 pub struct Connection {
@@ -140,11 +155,76 @@ impl Connection {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let closes = closes(response.headers());
         let body = response.into_body().collect().await?.to_bytes();
         Ok(Reply {
             status,
             retry_after,
+            closes,
             body,
         })
     }
+
+    /// Whether the connection is known to be closed (by either side).
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    /// [`Connection::send`], telling a request the server never saw ([`SendError::NotSent`])
+    /// from one that failed after it went out.
+    pub async fn try_send(
+        &mut self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<Reply, SendError> {
+        self.sender.ready().await.map_err(SendError::NotSent)?;
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.host);
+        if let Some(token) = bearer {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| SendError::Failed(e.into()))?;
+        let response = match self.sender.try_send_request(req).await {
+            Ok(response) => response,
+            Err(e) if e.message().is_some() => {
+                return Err(SendError::NotSent(e.into_error()));
+            }
+            Err(e) => return Err(SendError::Failed(e.into_error().into())),
+        };
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let closes = closes(response.headers());
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| SendError::Failed(e.into()))?
+            .to_bytes();
+        Ok(Reply {
+            status,
+            retry_after,
+            closes,
+            body,
+        })
+    }
+}
+
+/// Whether `Connection` lists `close`.
+fn closes(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("close"))
 }

@@ -9,8 +9,10 @@
 //!   after the header timeout.
 //! - Handlers bound their own work with a [`Gate`] (in-flight requests, waiting at most a short
 //!   time for a slot) and [`PeerLimit`] (requests per client address).
-//! - [`serve_until`] drains: once shutdown is requested it stops accepting, lets every
-//!   in-flight request finish (up to [`Limits::drain_timeout`]) and closes idle connections.
+//! - [`serve_until`] drains in two steps (see [`Stopping`]): once the replica is closing, every
+//!   answer says `Connection: close`, so clients leave their kept-alive connections for other
+//!   replicas; once it stops, it stops accepting, lets every in-flight request finish (up to
+//!   [`Limits::drain_timeout`]) and closes the connections still idle.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,7 +22,7 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::CONTENT_TYPE;
+use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -60,6 +62,33 @@ impl Default for Limits {
     }
 }
 
+/// How a server winds down.
+///
+/// - `closing` (the process got SIGTERM; readiness is already 503): the server still accepts and
+///   answers, but every answer carries `Connection: close`, so a client leaves its kept-alive
+///   connection after its next answer and reconnects through the endpoints, which drop this
+///   replica meanwhile. Endpoints only steer new connections; without this, a busy client
+///   (the apiserver, a node's sidecars) would keep sending on its old connection until `stop`.
+/// - `stop`: stop accepting, finish what is in flight, close the connections still idle.
+///   Closing an idle connection races a request its client may be sending on it at that very
+///   moment (which fails: a POST is not resent); after `closing` only connections that stayed
+///   idle all along are left.
+#[derive(Clone, Debug)]
+pub struct Stopping {
+    pub closing: Shutdown,
+    pub stop: Shutdown,
+}
+
+impl From<Shutdown> for Stopping {
+    /// Closing and stopping at once (no delay between them).
+    fn from(stop: Shutdown) -> Self {
+        Self {
+            closing: stop.clone(),
+            stop,
+        }
+    }
+}
+
 /// Serves `handler` on `listener` until the future is dropped. The handler answers every
 /// request itself (errors included), so it returns a response, never an error.
 pub async fn serve<H, F>(listener: TcpListener, tls: Arc<rustls::ServerConfig>, handler: H)
@@ -70,21 +99,23 @@ where
     serve_until(listener, tls, Limits::default(), Shutdown::never(), handler).await
 }
 
-/// [`serve`] with explicit limits, returning once `shutdown` was requested and every
-/// connection finished (or [`Limits::drain_timeout`] passed).
+/// [`serve`] with explicit limits, answering with `Connection: close` once `shutdown.closing`
+/// was requested and returning once `shutdown.stop` was and every connection finished (or
+/// [`Limits::drain_timeout`] passed).
 pub async fn serve_until<H, F>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     limits: Limits,
-    shutdown: Shutdown,
+    shutdown: impl Into<Stopping>,
     handler: H,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
+    let shutdown: Stopping = shutdown.into();
     let acceptor = TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let stopping = shutdown.clone().requested();
+    let stopping = shutdown.stop.clone().requested();
     tokio::pin!(stopping);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -132,7 +163,7 @@ async fn connection<H, F>(
     acceptor: TlsAcceptor,
     handler: H,
     limits: Limits,
-    shutdown: Shutdown,
+    shutdown: Stopping,
     permit: OwnedSemaphorePermit,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
@@ -149,9 +180,21 @@ async fn connection<H, F>(
         Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => return debug!(%peer, "TLS handshake timed out"),
     };
+    let closing = shutdown.closing;
     let service = service_fn(move |req| {
         let response = handler(req, peer);
-        async move { Ok::<_, std::convert::Infallible>(response.await) }
+        let closing = closing.clone();
+        async move {
+            let mut response = response.await;
+            // Checked once the answer is ready, so a request that was in flight at the signal
+            // also ends its connection.
+            if closing.is_requested() {
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -159,7 +202,7 @@ async fn connection<H, F>(
         .max_buf_size(MAX_HEADER_BYTES)
         .serve_connection(TokioIo::new(tls), service);
     tokio::pin!(conn);
-    let stopping = shutdown.requested();
+    let stopping = shutdown.stop.requested();
     tokio::pin!(stopping);
     let result = tokio::select! {
         result = conn.as_mut() => result,

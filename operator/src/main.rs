@@ -3,8 +3,10 @@
 //! Startup: the health server comes first, so the kubelet's probes answer (readiness 503,
 //! naming what is missing) while the caches fill. Shutdown has one path: the first SIGTERM or
 //! SIGINT turns readiness 503, the servers keep answering for `--shutdown-delay` (endpoints
-//! take that long to drop this replica), then stop accepting and finish every admission and
-//! exchange in flight; the controller stops, leading or not; then the process exits.
+//! take that long to drop this replica), each answer with `Connection: close` so clients move
+//! their kept-alive connections elsewhere, then stop accepting, finish every admission and
+//! exchange in flight and close idle connections; the controller stops at the signal, leading
+//! or not, without cutting the delay short; then the process exits.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,10 +16,11 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use keybroker_operator::broker::{self, Broker};
 use keybroker_operator::controller::{self, Scope};
+use keybroker_operator::https::Stopping;
 use keybroker_operator::leader::LeaseConfig;
 use keybroker_operator::metrics::Metrics;
 use keybroker_operator::server;
-use keybroker_operator::shutdown::{self, Shutdown};
+use keybroker_operator::shutdown;
 use keybroker_operator::tls::{MemoryCert, ReloadingCert};
 use keybroker_operator::webhook::certs::{self, CertConfig, Timing};
 use keybroker_operator::webhook::inject::Settings;
@@ -222,9 +225,13 @@ async fn main() -> anyhow::Result<()> {
         Arc::clone(&metrics),
         Arc::clone(&readiness),
     ));
-    // The servers stop accepting `--shutdown-delay` after the signal, or at once when a role
-    // stops by itself.
-    let (stop_serving, serving_stops) = shutdown::channel();
+    // The servers answer with `Connection: close` from the signal on and stop accepting
+    // `--shutdown-delay` after it, or at once when a role stops by itself.
+    let (stop_serving, stops) = shutdown::channel();
+    let serving_stops = Stopping {
+        closing: signalled.clone(),
+        stop: stops,
+    };
     let stop_serving = Arc::new(stop_serving);
     {
         let (stop_serving, delay) = (Arc::clone(&stop_serving), args.shutdown_delay);
@@ -291,7 +298,12 @@ async fn main() -> anyhow::Result<()> {
     }
     // The first role to stop decides the outcome; the others drain before the process exits.
     let (result, _, rest) = futures::future::select_all(roles).await;
-    stop_serving.trigger();
+    // A role that stopped because of the signal (the controller does at once, leading or not)
+    // leaves the servers their `--shutdown-delay`: stopping them now would refuse connections
+    // while the endpoints still name this replica. One that stopped by itself stops them now.
+    if !signalled.is_requested() {
+        stop_serving.trigger();
+    }
     for outcome in futures::future::join_all(rest).await {
         if let Err(e) = outcome {
             tracing::warn!(error = %e, "a role failed while stopping");
@@ -308,7 +320,7 @@ async fn webhook_role(
     args: WebhookArgs,
     metrics: Arc<Metrics>,
     readiness: &server::Readiness,
-    shutdown: Shutdown,
+    shutdown: Stopping,
 ) -> anyhow::Result<futures::future::BoxFuture<'static, anyhow::Result<()>>> {
     let broker_ca = std::fs::read_to_string(&args.broker_ca_file).with_context(|| {
         format!(

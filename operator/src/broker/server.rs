@@ -54,12 +54,13 @@ struct Caps {
     per_client: PeerLimit,
 }
 
-/// Serves until `shutdown` is requested, then finishes the exchanges in flight.
+/// Serves until `shutdown` says stop (see [`https::Stopping`]), then finishes the exchanges in
+/// flight.
 pub async fn serve_until(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     broker: Arc<Broker>,
-    shutdown: Shutdown,
+    shutdown: impl Into<https::Stopping>,
 ) {
     let caps = Arc::new(Caps {
         exchanges: Gate::new(MAX_EXCHANGES, QUEUE_WAIT),

@@ -34,12 +34,13 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, webhoo
     serve_until(listener, tls, webhook, Shutdown::never()).await
 }
 
-/// Serves until `shutdown` is requested, then finishes the reviews in flight.
+/// Serves until `shutdown` says stop (see [`https::Stopping`]), then finishes the reviews in
+/// flight.
 pub async fn serve_until(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     webhook: Arc<Webhook>,
-    shutdown: Shutdown,
+    shutdown: impl Into<https::Stopping>,
 ) {
     let gate = Arc::new(Gate::new(MAX_IN_FLIGHT, QUEUE_WAIT));
     https::serve_until(
