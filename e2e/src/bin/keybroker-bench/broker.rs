@@ -53,6 +53,8 @@ pub(crate) async fn broker(requests: usize, operator: &PathBuf) -> anyhow::Resul
             "--roles=broker".into(),
             format!("--broker-addr={addr}"),
             "--metrics-addr=127.0.0.1:0".into(),
+            // The image the stored pods' sidecar runs: the broker serves only injected pods.
+            format!("--sidecar-image={}", fixtures::SIDECAR_IMAGE),
             format!("--tls-cert-file={}", serving.cert.display()),
             format!("--tls-key-file={}", serving.key.display()),
         ],
@@ -140,8 +142,14 @@ pub(crate) async fn broker(requests: usize, operator: &PathBuf) -> anyhow::Resul
         })
         .await?;
         let brokered = {
-            let connections =
-                futures::future::try_join_all((0..level).map(|_| client_https.connect())).await?;
+            let connections = futures::future::try_join_all((0..level).map(|worker| {
+                // One pod per worker, each with its own address (the broker caps
+                // exchanges in flight per client).
+                let client =
+                    client_https.from_source(std::net::IpAddr::from([127, 0, 1, 1 + worker as u8]));
+                async move { client.connect().await }
+            }))
+            .await?;
             let connections: Vec<_> = connections
                 .into_iter()
                 .map(tokio::sync::Mutex::new)
