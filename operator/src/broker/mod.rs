@@ -158,8 +158,8 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
-    /// Starts the watch caches (ApiKeys, KeyProviders, Namespaces, and the metadata of opted-in
-    /// Pods) and returns once they are filled, so every exchange is decided without an API
+    /// Starts the watch caches (ApiKeys, KeyProviders, Namespaces, and opted-in Pods) and
+    /// returns once they are filled, so every exchange is decided without an API
     /// read. Changes reach the caches within milliseconds; revocation pollers are woken then.
     /// `sidecar_image` is the image the webhook injects (`--sidecar-image`).
     pub async fn start(client: kube::Client, sidecar_image: &str) -> Arc<Self> {
