@@ -228,6 +228,24 @@ impl Cluster {
         let sa_pub = pki_dir.join("service-account.pub");
         pki::write_signing_key(&sa_key, &sa_pub)?;
         copy(&ca.cert, &dir.join("minio/certs/CAs/ca.crt"))?;
+        // With a node, MinIO is reached by pods and the in-cluster operator under its Service
+        // name, and KeyProviders accept plain http only on loopback: it serves TLS.
+        let minio_tls = sandbox.is_some() && opts.with_minio;
+        if minio_tls {
+            let cert = ca.issue_server(
+                &pki_dir,
+                "minio",
+                &[
+                    &host,
+                    "127.0.0.1",
+                    "minio.minio.svc",
+                    "minio.minio.svc.cluster.local",
+                    "localhost",
+                ],
+            )?;
+            copy(&cert.cert, &dir.join("minio/certs/public.crt"))?;
+            copy(&cert.key, &dir.join("minio/certs/private.key"))?;
+        }
 
         let [
             etcd_port,
@@ -384,19 +402,20 @@ impl Cluster {
             .await?;
 
         if let Some(index) = minio {
-            let endpoint = format!("http://{host}:{minio_port}");
-            let ready = format!("{endpoint}/minio/health/ready");
-            self.components[index]
-                .wait_ready("GET /minio/health/ready", Duration::from_secs(60), || {
-                    http_ok(&http, &ready, None)
-                })
-                .await?;
-            self.minio = Some(Minio {
-                endpoint,
+            let scheme = if minio_tls { "https" } else { "http" };
+            let minio = Minio {
+                endpoint: format!("{scheme}://{host}:{minio_port}"),
+                ca: minio_tls.then(|| ca.cert.clone()),
                 root,
                 iam_helper: tools.minio_iam.clone(),
                 dir: dir.join("minio"),
-            });
+            };
+            self.components[index]
+                .wait_ready("GET /minio/health/ready", Duration::from_secs(60), || {
+                    minio_ready(&http, &minio)
+                })
+                .await?;
+            self.minio = Some(minio);
         }
         if sandbox.is_some() {
             self.parts = Some(node::ControlPlane {
@@ -495,10 +514,9 @@ impl Cluster {
             launch.join,
         )?;
         let http = HttpClient::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-        let ready = format!("{}/minio/health/ready", minio.endpoint);
         component
             .wait_ready("GET /minio/health/ready", Duration::from_secs(60), || {
-                http_ok(&http, &ready, None)
+                minio_ready(&http, minio)
             })
             .await?;
         self.components[launch.index] = component;
@@ -569,6 +587,36 @@ async fn allow_anonymous_issuer_discovery(client: &kube::Client) -> Result<(), E
         )
         .await?;
     Ok(())
+}
+
+/// True when MinIO's readiness endpoint answers 200 (over TLS when MinIO serves it).
+async fn minio_ready(
+    http: &HttpClient<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    minio: &Minio,
+) -> bool {
+    let Some(ca) = &minio.ca else {
+        return http_ok(
+            http,
+            &format!("{}/minio/health/ready", minio.endpoint),
+            None,
+        )
+        .await;
+    };
+    let Some(addr) = minio
+        .endpoint
+        .strip_prefix("https://")
+        .and_then(|a| a.parse().ok())
+    else {
+        return false;
+    };
+    let Ok(client) = crate::https::Client::new(addr, ca) else {
+        return false;
+    };
+    let probe = client.send("GET", "/minio/health/ready", None, Vec::new());
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), probe).await,
+        Ok(Ok(reply)) if reply.status.as_u16() == 200
+    )
 }
 
 /// True when GET `url` answers 200 (and the body contains `needle`, if given).

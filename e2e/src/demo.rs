@@ -1,69 +1,68 @@
-//! `make demo`, narrated: a local control plane and MinIO, the Helm chart installed, the operator
-//! running with the chart ServiceAccount's own identity, the examples applied, a Deployment's
-//! pod injected, its sidecar run the way the kubelet would, and boto3 uploading inside its
-//! scope, denied outside it, and cut off by a revocation.
+//! `make demo`, narrated, on a real one-node cluster: a control plane, MinIO and a node
+//! (kubelet, containerd, runc, kube-proxy, kube-scheduler, CoreDNS); keybroker's images
+//! imported into the node; `helm install` of the chart (two operator replicas, the webhook
+//! called through its Service); the examples applied, their pods scheduled and run with the
+//! sidecar; the report-uploader's own log showing its uploads, a call outside its scope denied,
+//! and a revocation that empties the pod and makes MinIO refuse a copy of the credentials taken
+//! before it.
 //!
 //! The e2e test `demo` runs this same code and checks the [`Report`], so the demo cannot rot.
-//!
-//! What stands in for a node (there is no kubelet, kube-proxy or cluster DNS here): the
-//! operator is the chart Deployment's command line run as a local process, with the chart's
-//! broker Secret as files and a TokenRequest token of the chart ServiceAccount as its
-//! kubeconfig; the apiserver (with `--enable-aggregator-routing`) calls it through the chart's
-//! own webhook configuration and Service, resolved by an EndpointSlice naming this machine's
-//! address as a Ready pod would be named; the sidecar gets the stored pod's own environment, a
-//! pod-bound token file and a tmpfs directory.
 
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, WebhookClientConfig,
-};
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Secret};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ListParams, PostParams};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, LogParams};
 use tokio::process::Command;
 
 use crate::cluster::Cluster;
-use crate::process::{Component, Lifetime};
+use crate::install::{self, APP_IMAGE, EXAMPLE_IMAGE, Images, NAMESPACE, RELEASE};
+use crate::process::Lifetime;
 use crate::tools::Tools;
-use crate::{binaries, eventually, fixtures, https, sidecar};
+use crate::{eventually, fixtures, sidecar};
 use keybroker_operator::crd::{ApiKey, KeyProvider};
 
-/// The release namespace and name the demo installs the chart as.
-pub const NAMESPACE: &str = "keybroker-system";
-const RELEASE: &str = "keybroker";
 /// The chart's ServiceAccount, as the apiserver names its user.
 pub const IDENTITY: &str = "system:serviceaccount:keybroker-system:keybroker";
 const TEAM: &str = "team-a";
 const APIKEY: &str = "invoice-uploader";
-/// The endpoint line of examples/10-keyprovider-minio.yaml, replaced by the demo's MinIO.
-const EXAMPLE_ENDPOINT: &str = "http://minio.minio.svc:9000";
+/// The object the analytics Job reads.
+const SUMMARY: &str = "invoices/2026/summary.csv";
 
 /// What happened, for the e2e test to check.
 #[derive(Debug)]
 pub struct Report {
     /// `kubectl auth can-i --list` as the chart ServiceAccount, in its namespace.
     pub can_i: String,
-    /// Whether the apiserver called the webhook through the chart's own Service (else by URL).
-    pub webhook_by_service: bool,
-    /// Pods kube-controller-manager created for the examples, and how many have the sidecar.
+    /// Operator pods Ready, and the Lease's holder (one of them).
+    pub operators_ready: usize,
+    pub lease_holder: String,
+    /// Pods kube-controller-manager created for the examples, how many have the sidecar, and
+    /// how many of the Deployments' pods are Running.
     pub pods: usize,
     pub injected: usize,
+    pub running: usize,
+    /// The analytics Job's completion, and what its pod printed.
+    pub job_completed: bool,
+    pub job_output: String,
     /// Reason of the over-guardrail ApiKey's Ready=False.
     pub greedy_reason: String,
-    /// boto3's PutObject outcomes: inside the scope, outside it, after the revocation.
+    /// The report-uploader app's own upload line (inside its scope).
     pub inside: String,
+    /// `aws s3 cp` outside the scope, run in the app container.
     pub outside: String,
+    /// The app's log line after the revocation, and a boto3 client holding a copy of the
+    /// credentials taken before it: before and after.
     pub after_revocation: String,
-    /// From `spec.revoked: true` to the files gone, and to the broker refusing (with its reason).
+    pub copy_before: String,
+    pub copy_after: String,
+    /// From `spec.revoked: true` to the files gone in the pod, and to the copy refused by MinIO.
     pub files_gone: Duration,
-    pub broker_refused: Duration,
-    pub refusal_reason: String,
+    pub copy_refused: Duration,
     /// Operator log lines about API calls RBAC refused (the chart's RBAC must make this empty).
     pub forbidden: Vec<String>,
 }
@@ -129,23 +128,22 @@ impl Drop for TempDir {
 /// the future is dropped (Ctrl-C).
 pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    n.step("Building keybroker-operator and keybroker-sidecar, and a Python venv with boto3");
-    let (operator_bin, sidecar_bin, python) = n
+    n.step("Images: keybroker-operator and keybroker-sidecar from dist/ (make release-static), an app image (AWS CLI + boto3), as OCI archives written by crane");
+    let (images, python) = n
         .progress("building", async {
-            let operator = binaries::cargo_bin("keybroker-operator", "keybroker-operator").await?;
-            let sidecar = sidecar::binary().await?;
+            let images = tokio::task::spawn_blocking(Images::build).await??;
             let python = tokio::task::spawn_blocking(sidecar::python_with_boto3).await??;
-            anyhow::Ok((operator, sidecar, python))
+            anyhow::Ok((images, python))
         })
         .await?;
     let tools = Tools::locate()?;
 
-    n.step("Starting a control plane (etcd, kube-apiserver, kube-controller-manager) and MinIO");
+    n.step("Starting a control plane, MinIO and a node (kubelet, containerd, runc, kube-proxy, kube-scheduler, CoreDNS)");
     let dir = TempDir(crate::run_dir()?);
     let cluster = n
         .progress(
             "starting",
-            Cluster::start(crate::Options {
+            Cluster::start_with_node(crate::Options {
                 dir: dir.0.join("cluster"),
                 lifetime: Lifetime::TiedToProcess,
                 with_minio: true,
@@ -153,58 +151,57 @@ pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
         )
         .await?;
     let admin = cluster.client().await?;
-    let minio = cluster.minio.as_ref().context("no MinIO")?;
-    n.say(&format!(
-        "apiserver {}, MinIO {}",
-        cluster.server, minio.endpoint
-    ));
-
-    let broker_addr = free_addr()?;
-    // The apiserver reaches the webhook through the chart's Service, resolved by an
-    // EndpointSlice whose address may not be loopback: this machine's own address.
-    let webhook_addr = match host_ip() {
-        Some(ip) => SocketAddr::new(ip, TcpListener::bind((ip, 0))?.local_addr()?.port()),
-        None => free_addr()?,
+    let kubectl = Kubectl {
+        program: &tools.kubectl,
+        kubeconfig: &cluster.kubeconfig,
     };
-    n.step("helm install keybroker charts/keybroker (CRDs, RBAC, Deployment, Services, webhook)");
-    let kubeconfig = cluster.kubeconfig.display().to_string();
-    let helm = run_tool(
-        Command::new(&tools.helm)
-            .args(["install", RELEASE])
-            .arg(repo.join("charts/keybroker"))
-            .args(["--namespace", NAMESPACE, "--create-namespace"])
-            .arg(format!("--kubeconfig={kubeconfig}"))
-            // No cluster DNS here: sidecars reach the broker on this machine.
-            .arg(format!("--set=broker.url=https://{broker_addr}"))
-            .arg("--set=broker.extraIPs={127.0.0.1}"),
-    )
-    .await?;
-    n.say(helm.lines().take(6).collect::<Vec<_>>().join("\n").as_str());
+    n.say(&kubectl.run(&["get", "nodes", "-o", "wide"]).await?);
 
-    n.step(&format!(
-        "Running the operator as {IDENTITY} (a TokenRequest token, not an admin)"
+    n.step("helm install keybroker charts/keybroker (local images, imagePullPolicy Never)");
+    let helm = n
+        .progress(
+            "installing; waiting for both replicas' /readyz",
+            install::install(&cluster, &images, &[]),
+        )
+        .await?;
+    n.say(helm.lines().take(6).collect::<Vec<_>>().join("\n").as_str());
+    n.say(
+        &kubectl
+            .run(&["get", "pods", "-n", NAMESPACE, "-o", "wide"])
+            .await?,
+    );
+    let operators = Api::<Pod>::namespaced(admin.clone(), NAMESPACE)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=keybroker"))
+        .await?
+        .items;
+    let operators_ready = operators.iter().filter(|p| pod_ready(p)).count();
+    let lease_holder = Api::<Lease>::namespaced(admin.clone(), NAMESPACE)
+        .get("keybroker-controller")
+        .await
+        .ok()
+        .and_then(|l| l.spec?.holder_identity)
+        .unwrap_or_default();
+    n.say(&format!(
+        "MinIO is Service minio.minio.svc:9000 ({}); the controller Lease is held by {lease_holder}",
+        cluster.minio.as_ref().map_or("", |m| m.endpoint.as_str())
     ));
-    let operator = start_operator(
-        n,
-        &cluster,
-        &admin,
-        &operator_bin,
-        &dir.0,
-        broker_addr,
-        webhook_addr,
-    )
+
+    let sa_kubeconfig = dir.0.join("operator-kubeconfig");
+    let token = fixtures::token(&admin, NAMESPACE, RELEASE, &cluster.server, None).await?;
+    write_token_kubeconfig(&sa_kubeconfig, &cluster.server, &cluster.ca_cert, &token)?;
+    let can_i = Kubectl {
+        program: &tools.kubectl,
+        kubeconfig: &sa_kubeconfig,
+    }
+    .run(&["auth", "can-i", "--list", "--namespace", NAMESPACE])
     .await?;
-    let sa_kubeconfig = dir.0.join("operator/kubeconfig");
-    let can_i = run_tool(
-        Command::new(&tools.kubectl)
-            .arg(format!("--kubeconfig={}", sa_kubeconfig.display()))
-            .args(["auth", "can-i", "--list", "--namespace", NAMESPACE]),
-    )
-    .await?;
-    n.say("Everything it may do (kubectl auth can-i --list):");
+    n.say(&format!(
+        "Everything {IDENTITY} may do (kubectl auth can-i --list):"
+    ));
     n.say(&can_i);
 
     n.step("Applying examples/: tenants, KeyProviders, ApiKeys, two Deployments and a Job");
+    let minio = cluster.minio.as_ref().context("no MinIO")?;
     let keys = minio.create_s3_user("keybroker-broker")?;
     fixtures::secret(
         &admin,
@@ -214,12 +211,7 @@ pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
         &keys.secret_access_key,
     )
     .await?;
-    let root = fixtures::s3_client(
-        &minio.endpoint,
-        &minio.root.access_key_id,
-        &minio.root.secret_access_key,
-        None,
-    );
+    let root = minio.root_client();
     for bucket in ["corp-data", "photos"] {
         root.create_bucket()
             .bucket(bucket)
@@ -227,9 +219,31 @@ pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
             .await
             .with_context(|| format!("creating bucket {bucket}"))?;
     }
-    n.say("MinIO user keybroker-broker in Secret keybroker-system/broker-keys; buckets corp-data, photos");
-    let applied = apply_examples(&tools, &cluster, &repo.join("examples"), &minio.endpoint).await?;
+    root.put_object()
+        .bucket("corp-data")
+        .key(format!("{TEAM}/{SUMMARY}"))
+        .body(b"month,total\n2026-11,1234.50\n".to_vec().into())
+        .send()
+        .await
+        .context("uploading the Job's summary.csv")?;
+    n.say(&format!(
+        "MinIO user keybroker-broker in Secret {NAMESPACE}/broker-keys; buckets corp-data, photos; corp-data/{TEAM}/{SUMMARY}"
+    ));
+    n.say(&format!(
+        "{EXAMPLE_IMAGE} → {APP_IMAGE} (nothing is pulled here); corp-s3 gets caBundle: MinIO's CA"
+    ));
+    let minio_ca = minio.ca_pem().context("MinIO has no CA")?;
+    let files = example_files(&repo.join("examples"))?;
+    let (namespaces, rest) = files.split_first().context("examples/ is empty")?;
+    let mut applied = apply_examples(&kubectl, std::slice::from_ref(namespaces), &minio_ca).await?;
+    install::publish_minio_ca(&cluster, &admin, TEAM).await?;
+    applied.push('\n');
+    applied.push_str(&apply_examples(&kubectl, rest, &minio_ca).await?);
     n.say(&applied);
+    n.say(&format!(
+        "ConfigMap {TEAM}/{} holds MinIO's CA for the apps (AWS_CA_BUNDLE)",
+        install::MINIO_CA_CONFIGMAP
+    ));
 
     n.step("Waiting for the controller: KeyProvider corp-s3 and the ApiKeys");
     let apikeys = Api::<ApiKey>::namespaced(admin.clone(), TEAM);
@@ -253,348 +267,355 @@ pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
         greedy.0, greedy.1
     ));
 
-    n.step("kube-controller-manager creates the pods; the webhook injects the sidecar");
+    n.step("The pods: injected by the webhook, scheduled, the sidecar started before each app");
     let pods_api = Api::<Pod>::namespaced(admin.clone(), TEAM);
+    let jobs = Api::<Job>::namespaced(admin.clone(), TEAM);
     let pods = n
         .progress(
-            "waiting for 4 pods",
-            eventually("the examples' 4 pods", Duration::from_secs(60), || async {
-                let list = pods_api.list(&ListParams::default()).await.ok()?;
-                (list.items.len() >= 4).then_some(list.items)
-            }),
+            "waiting for 3 Running pods and the Job",
+            eventually(
+                "the examples' Deployments Running and the Job complete",
+                Duration::from_secs(120),
+                || async {
+                    let list = pods_api.list(&ListParams::default()).await.ok()?;
+                    let running = list.items.iter().filter(|p| app_running(p)).count();
+                    let done = jobs
+                        .get("monthly-report")
+                        .await
+                        .ok()?
+                        .status?
+                        .succeeded
+                        .unwrap_or(0);
+                    (running >= 3 && done >= 1).then_some(list.items)
+                },
+            ),
         )
         .await?;
+    n.say(
+        &kubectl
+            .run(&["get", "pods", "-n", TEAM, "-o", "wide"])
+            .await?,
+    );
     let injected = pods
         .iter()
         .filter(|p| fixtures::injected_sidecar(p).is_some())
         .count();
-    for pod in &pods {
-        n.say(&format!(
-            "pod {:<40} init containers {:?}",
-            pod.metadata.name.as_deref().unwrap_or("?"),
-            pod.spec
-                .iter()
-                .flat_map(|s| s.init_containers.iter().flatten())
-                .map(|c| c.name.as_str())
-                .collect::<Vec<_>>()
-        ));
-    }
+    let running = pods.iter().filter(|p| app_running(p)).count();
+    let job_pod = pods
+        .iter()
+        .find(|p| label(p, "job-name") == Some("monthly-report"))
+        .context("no monthly-report pod")?;
+    let job_output = pod_logs(&pods_api, job_pod, "report").await?;
+    n.say(&format!(
+        "Job monthly-report Completed; its pod printed: {}",
+        job_output.trim()
+    ));
+
     let pod = pods
         .iter()
-        .find(|p| {
-            p.metadata
-                .labels
-                .as_ref()
-                .is_some_and(|l| l.get("app").map(String::as_str) == Some("report-uploader"))
-        })
+        .find(|p| label(p, "app") == Some("report-uploader"))
         .context("no report-uploader pod")?;
     let pod_name = pod.metadata.name.clone().unwrap_or_default();
-
     n.step(&format!(
-        "Running pod {pod_name}'s sidecar as the kubelet would: its env, a pod-bound token, a tmpfs volume"
+        "kubectl logs {pod_name} -c app: the AWS CLI, no keys, no code change"
     ));
-    let node = sidecar::HostPod::new(&dir.0, &pod_name)?;
-    let sidecar_container =
-        fixtures::injected_sidecar(pod).context("the report-uploader pod has no sidecar")?;
-    let token = fixtures::token(
-        &admin,
-        TEAM,
-        "report-uploader",
-        keybroker_sidecar::wire::AUDIENCE,
-        Some(&pod_name),
+    let inside = eventually(
+        "the report-uploader's first upload",
+        Duration::from_secs(60),
+        || async {
+            let log = pod_logs(&pods_api, pod, "app").await.ok()?;
+            log.lines()
+                .find(|l| l.starts_with("upload:"))
+                .map(str::to_owned)
+        },
     )
     .await?;
-    std::fs::write(node.token_file(), &token)?;
-    let env = node.env(sidecar_container);
-    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut sidecar_process = Component::spawn(
-        "keybroker-sidecar",
-        &sidecar_bin,
-        &[],
-        &env_refs,
-        &dir.0.join("sidecar.log"),
-        Lifetime::TiedToProcess,
-    )?;
-    let startup = format!("http://{}/startupz", node.health);
-    n.progress(
-        "waiting for the startupProbe",
-        sidecar_process.wait_ready("GET /startupz", Duration::from_secs(30), || {
-            http_ok(&startup)
-        }),
-    )
-    .await?;
-    let files: Vec<String> = std::fs::read_dir(node.out.join(APIKEY))?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .collect();
-    n.say(&format!(
-        "startupProbe passed; {}/{APIKEY}/ holds {files:?}",
-        node.out.display()
-    ));
-
-    n.step("boto3 in the app container (only the injected env: no keys, no code change)");
-    let app = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.containers.first())
-        .context("no app container")?;
-    let app_env = node.env(app);
-    let boto3 = Boto3 {
-        python: &python,
-        env: &app_env,
-        endpoint: &minio.endpoint,
-        home: &dir.0,
-    };
-    let inside = boto3
-        .put(&format!("corp-data/{TEAM}/invoices/2026/demo.csv"))
-        .await?;
-    let outside = boto3
-        .put(&format!("corp-data/{TEAM}/payroll/demo.csv"))
+    n.say(&inside);
+    let outside = kubectl
+        .output(&[
+            "exec",
+            "-n",
+            TEAM,
+            &pod_name,
+            "-c",
+            "app",
+            "--",
+            "sh",
+            "-c",
+            &format!("date | aws s3 cp - s3://corp-data/{TEAM}/payroll/demo.csv 2>&1"),
+        ])
         .await?;
     n.say(&format!(
-        "PUT corp-data/{TEAM}/invoices/2026/demo.csv → {inside}   (inside the scope)"
+        "kubectl exec {pod_name} -c app -- aws s3 cp - s3://corp-data/{TEAM}/payroll/demo.csv (outside the scope):"
     ));
-    n.say(&format!(
-        "PUT corp-data/{TEAM}/payroll/demo.csv       → {outside}   (outside: MinIO enforces the session policy)"
-    ));
+    n.say(outside.trim());
 
     n.step(&format!(
         "Revocation drill: kubectl patch apikey {APIKEY} spec.revoked=true"
     ));
-    // The sidecar's revocation long-poll is open once its first credentials are in place.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let ca = dir.0.join("operator/tls/ca.crt");
-    let broker = https::Client::new(broker_addr, &ca)?;
+    // A copy of the credentials, as someone who read the files before the revocation holds it.
+    let copied = kubectl
+        .run(&[
+            "exec",
+            "-n",
+            TEAM,
+            &pod_name,
+            "-c",
+            "app",
+            "--",
+            "cat",
+            &format!("/var/run/keybroker/{APIKEY}/credentials"),
+        ])
+        .await?;
+    let mut copy_env = shared_credentials_env(&copied)?;
+    if let Some(ca) = &minio.ca {
+        copy_env.push(("AWS_CA_BUNDLE".into(), ca.display().to_string()));
+    }
+    let copy = Boto3 {
+        python: &python,
+        env: &copy_env,
+        endpoint: &minio.endpoint,
+        home: &dir.0,
+    };
+    let copy_before = copy
+        .put(&format!("corp-data/{TEAM}/invoices/2026/copy.csv"))
+        .await?;
+    n.say(&format!(
+        "a boto3 client outside the cluster holding a copy of the pod's credentials: PUT → {copy_before}"
+    ));
+    let volume = format!(
+        "{}/kubelet/pods/{}/volumes/kubernetes.io~empty-dir/keybroker-credentials/{APIKEY}",
+        cluster.node().context("no node")?.dir().display(),
+        pod.metadata.uid.as_deref().unwrap_or_default()
+    );
+    let node = cluster.node().context("no node")?;
     let revoked_at = Instant::now();
     fixtures::revoke(&admin, TEAM, APIKEY).await?;
     let files_gone = async {
         loop {
-            if std::fs::symlink_metadata(node.out.join(APIKEY)).is_err() {
+            let gone = node
+                .sandbox()
+                .run(
+                    true,
+                    "sh",
+                    &["-c", &format!("test -e {volume} || echo gone")],
+                )
+                .is_ok_and(|out| out.trim() == "gone");
+            if gone {
                 return revoked_at.elapsed();
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
-    let body = serde_json::json!({ "apiKey": APIKEY })
-        .to_string()
-        .into_bytes();
     let refused = async {
         loop {
-            if let Ok(reply) = broker
-                .send("POST", "/v1/exchange", Some(&token), body.clone())
+            let outcome = copy
+                .put(&format!("corp-data/{TEAM}/invoices/2026/copy.csv"))
                 .await
-                && reply.status.as_u16() == 403
-            {
-                let reason = reply
-                    .json::<serde_json::Value>()
-                    .ok()
-                    .and_then(|v| v["reason"].as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                return (revoked_at.elapsed(), reason);
+                .unwrap_or_default();
+            if outcome != "ok" && !outcome.is_empty() {
+                return (revoked_at.elapsed(), outcome);
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    let (files_gone, (broker_refused, refusal_reason)) = tokio::time::timeout(
+    let (files_gone, (copy_refused, copy_after)) = tokio::time::timeout(
         Duration::from_secs(20),
         futures::future::join(files_gone, refused),
     )
     .await
     .context("still not revoked 20 s after spec.revoked: true")?;
-    let after_revocation = boto3
-        .put(&format!("corp-data/{TEAM}/invoices/2026/late.csv"))
+    n.say(&format!(
+        "credentials files gone from the pod's volume after {} ms; the copy refused by MinIO after {} ms ({copy_after})",
+        files_gone.as_millis(),
+        copy_refused.as_millis()
+    ));
+    let uploads_before = pod_logs(&pods_api, pod, "app").await?.lines().count();
+    let after_revocation = n
+        .progress(
+            "waiting for the app's next upload",
+            eventually(
+                "the app's first line after the revocation",
+                Duration::from_secs(40),
+                || async {
+                    let log = pod_logs(&pods_api, pod, "app").await.ok()?;
+                    log.lines()
+                        .skip(uploads_before)
+                        .find(|l| !l.trim().is_empty())
+                        .map(str::to_owned)
+                },
+            ),
+        )
         .await?;
     n.say(&format!(
-        "credentials files gone after {} ms; broker refuses after {} ms ({refusal_reason})",
-        files_gone.as_millis(),
-        broker_refused.as_millis()
+        "kubectl logs {pod_name} -c app: {after_revocation}"
     ));
-    n.say(&format!("boto3 PUT now → {after_revocation}"));
+    let sidecar_log = pod_logs(
+        &pods_api,
+        pod,
+        keybroker_operator::webhook::inject::SIDECAR_NAME,
+    )
+    .await?;
+    if let Some(line) = sidecar_log.lines().find(|l| l.contains("withdrew access")) {
+        n.say(&format!(
+            "kubectl logs {pod_name} -c {}: {line}",
+            keybroker_operator::webhook::inject::SIDECAR_NAME
+        ));
+    }
 
     // An RBAC gap shows as a 403 in the operator's log even where no scenario notices it.
-    let forbidden: Vec<String> = std::fs::read_to_string(operator.log_path())?
-        .lines()
-        .filter(|l| l.contains("is forbidden: User"))
-        .map(str::to_owned)
-        .collect();
+    let operator_pods = Api::<Pod>::namespaced(admin.clone(), NAMESPACE);
+    let mut forbidden = Vec::new();
+    for p in &operators {
+        let log = pod_logs(&operator_pods, p, "operator")
+            .await
+            .unwrap_or_default();
+        forbidden.extend(
+            log.lines()
+                .filter(|l| l.contains("is forbidden: User"))
+                .map(str::to_owned),
+        );
+    }
     n.say(&format!(
-        "operator log: {} API calls refused by RBAC",
+        "operator logs (both replicas): {} API calls refused by RBAC",
         forbidden.len()
     ));
 
-    n.step("Tearing down: sidecar, operator, control plane, MinIO, temporary files");
-    drop(sidecar_process);
-    drop(operator);
+    n.step("Tearing down: the node and its pods, the control plane, MinIO, temporary files");
     drop(cluster);
-    drop(node);
     drop(dir);
     n.say(&format!("done in {:.0}s", n.elapsed().as_secs_f64()));
     Ok(Report {
-        webhook_by_service: !webhook_addr.ip().is_loopback(),
         can_i,
+        operators_ready,
+        lease_holder,
         pods: pods.len(),
         injected,
+        running,
+        job_completed: true,
+        job_output,
         greedy_reason: greedy.0,
         inside,
-        outside,
+        outside: outside.trim().to_owned(),
         after_revocation,
+        copy_before,
+        copy_after,
         files_gone,
-        broker_refused,
-        refusal_reason,
+        copy_refused,
         forbidden,
     })
 }
 
-/// Starts the chart Deployment's own command line as a local process authenticated as the
-/// chart ServiceAccount, after pointing the chart's webhook configuration at it.
-async fn start_operator(
-    n: &Narrator,
-    cluster: &Cluster,
-    admin: &kube::Client,
-    binary: &Path,
-    dir: &Path,
-    broker_addr: SocketAddr,
-    webhook_addr: SocketAddr,
-) -> anyhow::Result<Component> {
-    let home = dir.join("operator");
-    let tls = home.join("tls");
-    std::fs::create_dir_all(&tls)?;
-    // The Secret volume, as the kubelet would mount it.
-    let secret = Api::<Secret>::namespaced(admin.clone(), NAMESPACE)
-        .get(&format!("{RELEASE}-broker-tls"))
-        .await?;
-    for (key, value) in secret.data.iter().flatten() {
-        std::fs::write(tls.join(key), &value.0)?;
-    }
-    // The projected service-account token, as its kubeconfig.
-    let token = fixtures::token(admin, NAMESPACE, RELEASE, &cluster.server, None).await?;
-    let kubeconfig = home.join("kubeconfig");
-    write_token_kubeconfig(&kubeconfig, &cluster.server, &cluster.ca_cert, &token)?;
-
-    let deployment = Api::<Deployment>::namespaced(admin.clone(), NAMESPACE)
-        .get(RELEASE)
-        .await?;
-    let mut args: Vec<String> = deployment
-        .spec
-        .and_then(|s| s.template.spec)
-        .and_then(|s| s.containers.into_iter().next())
-        .and_then(|c| c.args)
-        .context("the chart's Deployment has no args")?;
-    let metrics = free_addr()?;
-    args.extend([
-        format!("--metrics-addr={metrics}"),
-        format!("--broker-addr={broker_addr}"),
-        format!("--webhook-addr={webhook_addr}"),
-        format!("--tls-cert-file={}", tls.join("tls.crt").display()),
-        format!("--tls-key-file={}", tls.join("tls.key").display()),
-        format!("--broker-ca-file={}", tls.join("ca.crt").display()),
-    ]);
-    n.say(&format!(
-        "args from the chart's Deployment: {}",
-        args[..4].join(" ")
-    ));
-
-    let configs = Api::<MutatingWebhookConfiguration>::all(admin.clone());
-    if webhook_addr.ip().is_loopback() {
-        // No address but loopback, which an EndpointSlice may not name: the apiserver calls
-        // the webhook by URL instead of through the chart's Service.
-        let url = format!("https://{webhook_addr}/mutate");
-        let mut config = configs.get(RELEASE).await?;
-        let webhook = config
-            .webhooks
-            .iter_mut()
-            .flatten()
-            .find(|w| w.name == "inject.keybroker.dev")
-            .context("the chart's webhook configuration has no inject.keybroker.dev")?;
-        webhook.client_config = WebhookClientConfig {
-            url: Some(url.clone()),
-            ..WebhookClientConfig::default()
-        };
-        configs
-            .replace(RELEASE, &PostParams::default(), &config)
-            .await?;
-        args.push("--webhook-hosts=127.0.0.1".into());
-        n.say(&format!(
-            "webhook {RELEASE}: clientConfig.url={url} (no non-loopback address here)"
-        ));
-    } else {
-        // What the endpoint controllers would publish for a Ready operator pod.
-        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
-            "metadata": {
-                "name": format!("{RELEASE}-webhook-demo"),
-                "labels": {"kubernetes.io/service-name": format!("{RELEASE}-webhook")},
-            },
-            "addressType": if webhook_addr.is_ipv4() { "IPv4" } else { "IPv6" },
-            "endpoints": [{"addresses": [webhook_addr.ip().to_string()], "conditions": {"ready": true}}],
-            "ports": [{"name": "https", "port": webhook_addr.port(), "protocol": "TCP"}],
-        }))?;
-        Api::<EndpointSlice>::namespaced(admin.clone(), NAMESPACE)
-            .create(&PostParams::default(), &slice)
-            .await?;
-        n.say(&format!(
-            "webhook: the chart's own configuration and Service {RELEASE}-webhook, with an EndpointSlice for {webhook_addr} in place of a pod"
-        ));
-    }
-
-    let kubeconfig_path = kubeconfig.display().to_string();
-    let mut operator = Component::spawn(
-        "keybroker-operator",
-        binary,
-        &args,
-        &[
-            ("KUBECONFIG", kubeconfig_path.as_str()),
-            ("POD_NAMESPACE", NAMESPACE),
-            ("POD_NAME", "keybroker-demo-0"),
-            ("RUST_LOG", "info"),
-        ],
-        &dir.join("operator.log"),
-        Lifetime::TiedToProcess,
-    )?;
-    let readyz = format!("http://{metrics}/readyz");
-    operator
-        .wait_ready("GET /readyz", Duration::from_secs(60), || http_ok(&readyz))
-        .await?;
-    n.progress(
-        "waiting for the webhook's CA bundle",
-        eventually("the caBundle", Duration::from_secs(30), || async {
-            let config = configs.get(RELEASE).await.ok()?;
-            config
-                .webhooks?
-                .first()?
-                .client_config
-                .ca_bundle
-                .as_ref()
-                .map(drop)
-        }),
-    )
-    .await?;
-    n.say(&format!(
-        "controller, webhook and broker up (log: {}); caBundle published",
-        operator.log_path().display()
-    ));
-    Ok(operator)
+fn label<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata.labels.as_ref()?.get(key).map(String::as_str)
 }
 
-/// Applies every file in `examples/` with kubectl (the MinIO endpoint substituted), so the
-/// apiserver validates them against the CRDs.
-async fn apply_examples(
-    tools: &Tools,
-    cluster: &Cluster,
-    dir: &Path,
-    endpoint: &str,
-) -> anyhow::Result<String> {
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The pod's app container (its first container) is running.
+fn app_running(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.first())
+        .and_then(|c| c.state.as_ref())
+        .is_some_and(|s| s.running.is_some())
+}
+
+async fn pod_logs(api: &Api<Pod>, pod: &Pod, container: &str) -> anyhow::Result<String> {
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    api.logs(
+        name,
+        &LogParams {
+            container: Some(container.into()),
+            ..LogParams::default()
+        },
+    )
+    .await
+    .with_context(|| format!("kubectl logs {name} -c {container}"))
+}
+
+/// The env of a client using a copy of an AWS shared-credentials file.
+fn shared_credentials_env(ini: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let value = |key: &str| {
+        ini.lines()
+            .filter_map(|l| l.split_once('='))
+            .find(|(k, _)| k.trim() == key)
+            .map(|(_, v)| v.trim().to_owned())
+            .with_context(|| format!("the credentials file has no {key}"))
+    };
+    Ok(vec![
+        ("AWS_ACCESS_KEY_ID".into(), value("aws_access_key_id")?),
+        (
+            "AWS_SECRET_ACCESS_KEY".into(),
+            value("aws_secret_access_key")?,
+        ),
+        ("AWS_SESSION_TOKEN".into(), value("aws_session_token")?),
+        ("AWS_REGION".into(), "us-east-1".into()),
+    ])
+}
+
+/// kubectl with one kubeconfig.
+struct Kubectl<'a> {
+    program: &'a Path,
+    kubeconfig: &'a Path,
+}
+
+impl Kubectl<'_> {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(self.program);
+        cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args);
+        cmd
+    }
+
+    /// Its stdout, or an error with its output.
+    async fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        run_tool_with_input(&mut self.command(args), "").await
+    }
+
+    /// Its stdout and stderr whether it succeeded or not (a command that is meant to fail).
+    async fn output(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self
+            .command(args)
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .kill_on_drop(true)
+            .output()
+            .await?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// The files of `examples/`, in order.
+pub fn example_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
+    Ok(files)
+}
+
+/// Applies `files` with kubectl, so the apiserver validates them against the CRDs and the
+/// webhook injects their pods, edited for this cluster ([`install::localize_example`]).
+async fn apply_examples(
+    kubectl: &Kubectl<'_>,
+    files: &[PathBuf],
+    minio_ca: &str,
+) -> anyhow::Result<String> {
     let mut out = String::new();
     for file in files {
-        let text = std::fs::read_to_string(&file)?.replace(EXAMPLE_ENDPOINT, endpoint);
-        let mut cmd = Command::new(&tools.kubectl);
-        cmd.arg(format!("--kubeconfig={}", cluster.kubeconfig.display()))
-            .args(["apply", "-f", "-"]);
+        let text = install::localize_example(&std::fs::read_to_string(file)?, minio_ca);
         out.push_str(
-            &run_tool_with_input(&mut cmd, &text)
+            &run_tool_with_input(&mut kubectl.command(&["apply", "-f", "-"]), &text)
                 .await
                 .with_context(|| format!("kubectl apply -f {}", file.display()))?,
         );
@@ -691,49 +712,6 @@ fn write_token_kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) -> 
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(())
-}
-
-/// This machine's address on its default route (no packet is sent), if it has one.
-fn host_ip() -> Option<std::net::IpAddr> {
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
-    socket.connect("192.0.2.1:9").ok()?;
-    Some(socket.local_addr().ok()?.ip()).filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
-}
-
-fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-async fn http_ok(url: &str) -> bool {
-    let Ok(uri) = url.parse::<hyper::Uri>() else {
-        return false;
-    };
-    let Some(authority) = uri.authority().map(|a| a.to_string()) else {
-        return false;
-    };
-    let Ok(tcp) = tokio::net::TcpStream::connect(&authority).await else {
-        return false;
-    };
-    let Ok((mut sender, conn)) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await
-    else {
-        return false;
-    };
-    tokio::spawn(conn);
-    let Ok(request) = hyper::Request::get(uri.path())
-        .header("host", authority)
-        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
-    else {
-        return false;
-    };
-    sender
-        .send_request(request)
-        .await
-        .is_ok_and(|r| r.status() == 200)
-}
-
-async fn run_tool(cmd: &mut Command) -> anyhow::Result<String> {
-    run_tool_with_input(cmd, "").await
 }
 
 /// Runs a tool to completion (killed if the demo is interrupted); its stdout, or an error with

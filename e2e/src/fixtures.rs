@@ -20,34 +20,47 @@ const FIELD_MANAGER: &str = "keybroker-e2e";
 /// `broker-keys` in `ns`, and creates KeyProvider `<ns>-s3` (labelled `e2e-scope=<ns>`) that lets
 /// the namespace Get/Put under `corp-data/<ns>/`. Returns the provider's name.
 pub async fn tenant(cluster: &Cluster, client: &Client, ns: &str) -> anyhow::Result<String> {
+    let minio = cluster.minio.as_ref().context("no MinIO")?;
+    tenant_with(cluster, client, ns, &minio.endpoint, (ns, "broker-keys")).await
+}
+
+/// [`tenant`] with the provider's STS `endpoint` and the broker keys' Secret (namespace, name)
+/// given: an operator installed by the chart reads Secrets of its own namespace only, and
+/// reaches MinIO by its in-cluster name.
+pub async fn tenant_with(
+    cluster: &Cluster,
+    client: &Client,
+    ns: &str,
+    endpoint: &str,
+    keys_secret: (&str, &str),
+) -> anyhow::Result<String> {
     label_namespace(client, ns, "true").await?;
     let minio = cluster.minio.as_ref().context("no MinIO")?;
     let keys = minio.create_s3_user(&format!("broker-{ns}"))?;
     secret(
         client,
-        ns,
-        "broker-keys",
+        keys_secret.0,
+        keys_secret.1,
         &keys.access_key_id,
         &keys.secret_access_key,
     )
     .await?;
     let name = format!("{ns}-s3");
-    provider(
+    let ca_bundle = minio.ca_pem().filter(|_| endpoint.starts_with("https://"));
+    provider_at(
         client,
         ns,
         &name,
-        &minio.endpoint,
-        "broker-keys",
+        Sts {
+            endpoint,
+            ca_bundle: ca_bundle.as_deref(),
+            keys_secret,
+        },
         &["s3:GetObject", "s3:PutObject"],
         ("keybroker.dev/tenant", "true"),
     )
     .await?;
-    let root = s3_client(
-        &minio.endpoint,
-        &minio.root.access_key_id,
-        &minio.root.secret_access_key,
-        None,
-    );
+    let root = minio.root_client();
     if let Err(e) = root.create_bucket().bucket(BUCKET).send().await {
         let code = e.into_service_error().meta().code().map(str::to_owned);
         anyhow::ensure!(
@@ -152,30 +165,66 @@ pub async fn provider(
     actions: &[&str],
     selector: (&str, &str),
 ) -> anyhow::Result<()> {
+    let sts = Sts {
+        endpoint,
+        ca_bundle: None,
+        keys_secret: (ns, secret),
+    };
+    provider_at(client, ns, name, sts, actions, selector).await
+}
+
+/// Where a KeyProvider's STS service is, and the broker's keys for it.
+#[derive(Clone, Copy, Debug)]
+pub struct Sts<'a> {
+    pub endpoint: &'a str,
+    /// `spec.aws.caBundle`: the CA of an https endpoint with a private CA.
+    pub ca_bundle: Option<&'a str>,
+    /// The Secret (namespace, name) with the broker's keys.
+    pub keys_secret: (&'a str, &'a str),
+}
+
+/// [`provider`] at `sts`.
+pub async fn provider_at(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    sts: Sts<'_>,
+    actions: &[&str],
+    selector: (&str, &str),
+) -> anyhow::Result<()> {
+    let Sts {
+        endpoint,
+        ca_bundle,
+        keys_secret,
+    } = sts;
+    let mut object = serde_json::json!({
+        "apiVersion": "keybroker.dev/v1alpha1", "kind": "KeyProvider",
+        "metadata": {"name": name, "labels": {"e2e-scope": ns}},
+        "spec": {
+            "aws": {
+                "roleArn": "arn:aws:iam::000000000000:role/keybroker-e2e",
+                "region": "us-east-1",
+                "endpoint": endpoint,
+                "credentialsSecretRef": {"namespace": keys_secret.0, "name": keys_secret.1},
+                "revocation": "MinIO"
+            },
+            "namespaceSelector": {"matchLabels": {selector.0: selector.1}},
+            "guardrails": {
+                "allowedActions": actions,
+                "allowedResources": [format!("arn:aws:s3:::{BUCKET}/{{namespace}}/*")],
+                "defaultTTL": "30m",
+                "maxTTL": "1h"
+            }
+        }
+    });
+    if let Some(pem) = ca_bundle {
+        object["spec"]["aws"]["caBundle"] = pem.into();
+    }
     Api::<keybroker_operator::crd::KeyProvider>::all(client.clone())
         .patch(
             name,
             &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(serde_json::json!({
-                "apiVersion": "keybroker.dev/v1alpha1", "kind": "KeyProvider",
-                "metadata": {"name": name, "labels": {"e2e-scope": ns}},
-                "spec": {
-                    "aws": {
-                        "roleArn": "arn:aws:iam::000000000000:role/keybroker-e2e",
-                        "region": "us-east-1",
-                        "endpoint": endpoint,
-                        "credentialsSecretRef": {"namespace": ns, "name": secret},
-                        "revocation": "MinIO"
-                    },
-                    "namespaceSelector": {"matchLabels": {selector.0: selector.1}},
-                    "guardrails": {
-                        "allowedActions": actions,
-                        "allowedResources": [format!("arn:aws:s3:::{BUCKET}/{{namespace}}/*")],
-                        "defaultTTL": "30m",
-                        "maxTTL": "1h"
-                    }
-                }
-            })),
+            &Patch::Apply(object),
         )
         .await?;
     Ok(())
@@ -339,21 +388,47 @@ pub fn s3_client(
     secret_key: &str,
     session_token: Option<&str>,
 ) -> aws_sdk_s3::Client {
-    aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::Config::builder()
-            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-            .region(aws_sdk_s3::config::Region::new("us-east-1"))
-            .endpoint_url(endpoint)
-            .force_path_style(true)
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                access_key,
-                secret_key,
-                session_token.map(str::to_owned),
-                None,
-                "e2e",
-            ))
-            .build(),
-    )
+    s3_client_trusting(endpoint, access_key, secret_key, session_token, None)
+}
+
+/// [`s3_client`] for an endpoint whose TLS certificate chains to the CA in `ca` (MinIO with a
+/// node), instead of the system's roots.
+pub fn s3_client_trusting(
+    endpoint: &str,
+    access_key: &str,
+    secret_key: &str,
+    session_token: Option<&str>,
+    ca: Option<&std::path::Path>,
+) -> aws_sdk_s3::Client {
+    let mut config = aws_sdk_s3::Config::builder()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            access_key,
+            secret_key,
+            session_token.map(str::to_owned),
+            None,
+            "e2e",
+        ));
+    if let Some(pem) = ca.and_then(|ca| std::fs::read(ca).ok()) {
+        use aws_smithy_http_client::tls;
+        let trust = tls::TrustStore::empty()
+            .with_native_roots(false)
+            .with_pem_certificate(pem);
+        if let Ok(context) = tls::TlsContext::builder().with_trust_store(trust).build() {
+            config = config.http_client(
+                aws_smithy_http_client::Builder::new()
+                    .tls_provider(tls::Provider::Rustls(
+                        tls::rustls_provider::CryptoMode::AwsLc,
+                    ))
+                    .tls_context(context)
+                    .build_https(),
+            );
+        }
+    }
+    aws_sdk_s3::Client::from_conf(config.build())
 }
 
 /// The S3 error code of putting `key` into the bucket, or `None` when it succeeded.

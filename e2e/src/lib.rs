@@ -14,6 +14,7 @@ pub mod dns;
 pub mod fixtures;
 pub mod https;
 pub mod images;
+pub mod install;
 pub mod logs;
 pub mod minio;
 pub mod netns;

@@ -56,8 +56,11 @@ impl fmt::Debug for Keys {
 /// A running MinIO server reached over plain HTTP on loopback.
 #[derive(Clone, Debug)]
 pub struct Minio {
-    /// `http://127.0.0.1:<port>`: the S3 and STS endpoint.
+    /// `http://127.0.0.1:<port>`, or with a node `https://<node address>:<port>`: the S3 and
+    /// STS endpoint.
     pub endpoint: String,
+    /// The CA MinIO's TLS certificate chains to, when it serves TLS.
+    pub ca: Option<PathBuf>,
     /// The root user's keys (admin API and bucket setup only; never the broker's identity).
     pub root: Keys,
     pub(crate) iam_helper: PathBuf,
@@ -78,6 +81,22 @@ impl Minio {
             dir.join("certs").display().to_string(),
             "--quiet".into(),
         ]
+    }
+
+    /// An S3 client with the root user's keys (bucket setup), trusting MinIO's CA.
+    pub fn root_client(&self) -> aws_sdk_s3::Client {
+        crate::fixtures::s3_client_trusting(
+            &self.endpoint,
+            &self.root.access_key_id,
+            &self.root.secret_access_key,
+            None,
+            self.ca.as_deref(),
+        )
+    }
+
+    /// The CA's PEM, for a KeyProvider's `spec.aws.caBundle` and apps' `AWS_CA_BUNDLE`.
+    pub fn ca_pem(&self) -> Option<String> {
+        std::fs::read_to_string(self.ca.as_ref()?).ok()
     }
 
     /// Creates user `name` with full S3 rights, as the broker's identity is set up: the
@@ -103,8 +122,15 @@ impl Minio {
             path: policy_file.clone(),
             source,
         })?;
-        let host = self.endpoint.trim_start_matches("http://");
-        let out = Command::new(&self.iam_helper)
+        let host = self
+            .endpoint
+            .trim_start_matches("http://")
+            .trim_start_matches("https://");
+        let mut command = Command::new(&self.iam_helper);
+        if let Some(ca) = &self.ca {
+            command.arg("-ca").arg(ca);
+        }
+        let out = command
             .args(["-endpoint", host, "-user", name, "-policy-name"])
             .arg(format!("{name}-policy"))
             .arg("-policy-file")

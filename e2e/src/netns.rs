@@ -234,6 +234,20 @@ impl Sandbox {
             ],
         )?;
         self.run(false, "ip", &["link", "set", &node, "up"])?;
+        // Processes of the namespace itself (the apiserver calling a webhook's Service) need a
+        // route to Service addresses for kube-proxy's DNAT to apply: with no default route,
+        // connect() fails first ("network is unreachable"). A blackhole route is found, the
+        // packet is DNATed to a pod and re-routed, and an address no Service has goes nowhere.
+        self.run(
+            false,
+            "ip",
+            &[
+                "route",
+                "add",
+                "blackhole",
+                crate::node_config::SERVICE_CIDR,
+            ],
+        )?;
         // Pods are forwarded by the namespace; nothing they send may leave through the veth.
         self.run(false, "nft", &["add", "table", "inet", "keybroker-e2e"])?;
         self.run(

@@ -1,7 +1,7 @@
-//! `make demo`, run as a test so it cannot rot, and the proof that the chart's RBAC is enough:
-//! the chart is installed into a real apiserver (which validates every object), the operator
-//! runs with the chart ServiceAccount's own token (not system:masters), and every scenario
-//! passes under it. `kubectl auth can-i --list` for that identity must equal the README's list.
+//! `make demo`, run as a test so it cannot rot, and the proof that the chart works as installed:
+//! `helm install` on a real node, both operator replicas Ready and running as the chart's
+//! ServiceAccount, the examples' pods injected and Running, the Job Completed, and every
+//! scenario passing. `kubectl auth can-i --list` for that identity must equal the README's list.
 
 use std::time::Duration;
 
@@ -55,27 +55,50 @@ async fn make_demo_passes_with_the_chart_identity() -> anyhow::Result<()> {
         report.can_i
     );
     ensure!(
-        report.pods >= 4 && report.injected == report.pods,
+        report.operators_ready == 2 && report.lease_holder.starts_with("keybroker-"),
+        "operator replicas: {report:?}"
+    );
+    ensure!(
+        report.pods >= 4 && report.injected == report.pods && report.running >= 3,
         "{report:?}"
+    );
+    ensure!(
+        report.job_completed && report.job_output.contains("1234.50"),
+        "the analytics Job: {report:?}"
     );
     ensure!(
         report.greedy_reason == "ScopeExceedsGuardrails",
         "{report:?}"
     );
-    ensure!(report.inside == "ok", "PUT inside the scope: {report:?}");
     ensure!(
-        report.outside == "AccessDenied",
-        "PUT outside the scope: {report:?}"
+        report.inside.starts_with("upload:"),
+        "the app's upload inside the scope: {report:?}"
     );
     ensure!(
-        report.after_revocation != "ok",
-        "PUT after the revocation: {report:?}"
+        report.outside.contains("AccessDenied"),
+        "aws s3 cp outside the scope: {report:?}"
+    );
+    ensure!(
+        report.copy_before == "ok",
+        "the copy before the revocation: {report:?}"
+    );
+    ensure!(
+        report.copy_after == "InvalidAccessKeyId" || report.copy_after == "AccessDenied",
+        "the copy after the revocation: {report:?}"
+    );
+    ensure!(
+        !report.after_revocation.starts_with("upload:"),
+        "the app uploaded after the revocation: {report:?}"
     );
     ensure!(
         report.files_gone < Duration::from_secs(1),
         "files gone only {:?} after the revocation",
         report.files_gone
     );
-    ensure!(report.refusal_reason == "ApiKeyRevoked", "{report:?}");
+    ensure!(
+        report.forbidden.is_empty(),
+        "RBAC refused the operator: {:?}",
+        report.forbidden
+    );
     Ok(())
 }

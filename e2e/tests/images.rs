@@ -3,73 +3,15 @@
 //! `e2e/tools/keybroker-images.sh` and imported into the node's containerd, run as pods with
 //! the user and entrypoint the images declare.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, LogParams, PostParams};
 use serde_json::json;
 
+use keybroker_e2e::install::{APP_IMAGE, Images, OPERATOR_IMAGE, SIDECAR_IMAGE};
 use keybroker_e2e::{Cluster, Lifetime, Options, eventually, run_dir};
-
-const OPERATOR_IMAGE: &str = "keybroker.local/keybroker-operator:dev";
-const SIDECAR_IMAGE: &str = "keybroker.local/keybroker-sidecar:dev";
-const APP_IMAGE: &str = "keybroker.local/app-boto3:1";
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Runs the image script on `dist/`'s binaries and returns the directory of the archives.
-fn build_images() -> anyhow::Result<PathBuf> {
-    let root = workspace();
-    let dist = root.join("dist");
-    for bin in ["keybroker-operator", "keybroker-sidecar"] {
-        ensure!(
-            dist.join(bin).is_file(),
-            "{} is missing: run 'make release-static' first",
-            dist.join(bin).display()
-        );
-    }
-    let locate = Command::new("bash")
-        .arg(root.join("e2e/tools/build.sh"))
-        .arg("--locate")
-        .output()
-        .context("running e2e/tools/build.sh --locate")?;
-    let crane = String::from_utf8_lossy(&locate.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("KEYBROKER_BIN_CRANE=").map(str::to_owned))
-        .context("build.sh --locate names no crane: run 'make tools'")?;
-    let cache = match std::env::var_os("KEYBROKER_TOOLS_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
-            .join(".cache/keybroker/tools"),
-    };
-    let started = Instant::now();
-    let out = Command::new("bash")
-        .arg(root.join("e2e/tools/keybroker-images.sh"))
-        .arg(&cache)
-        .arg(&crane)
-        .arg(dist.join("keybroker-operator"))
-        .arg(dist.join("keybroker-sidecar"))
-        .output()
-        .context("running e2e/tools/keybroker-images.sh")?;
-    ensure!(
-        out.status.success(),
-        "keybroker-images.sh failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    eprintln!(
-        "measured: images ready in {:?} ({})",
-        started.elapsed(),
-        dir.display()
-    );
-    Ok(dir)
-}
 
 fn container(name: &str, image: &str, args: &[&str]) -> serde_json::Value {
     json!({
@@ -81,13 +23,11 @@ fn container(name: &str, image: &str, args: &[&str]) -> serde_json::Value {
     })
 }
 
-// Needs the static release binaries (a 10-minute musl build on 2 cores), so it is not part of
-// `make test` yet: `make images-test` builds them and runs it.
+// Needs the static release binaries: `make e2e` builds them first (`make release-static`).
 #[tokio::test]
-#[ignore = "needs `make release-static`; run with `make images-test`"]
 async fn operator_sidecar_and_app_images_run_on_the_node_as_their_declared_users()
 -> anyhow::Result<()> {
-    let images = build_images()?;
+    let images = tokio::task::spawn_blocking(Images::build).await??;
     let cluster = Cluster::start_with_node(Options {
         dir: run_dir()?,
         lifetime: Lifetime::TiedToProcess,
@@ -95,14 +35,7 @@ async fn operator_sidecar_and_app_images_run_on_the_node_as_their_declared_users
     })
     .await
     .context("starting the control plane and node")?;
-    let node = cluster.node().context("the cluster has no node")?;
-    for (archive, name) in [
-        ("operator.oci.tar", OPERATOR_IMAGE),
-        ("sidecar.oci.tar", SIDECAR_IMAGE),
-        ("app.oci.tar", APP_IMAGE),
-    ] {
-        node.import_image(&images.join(archive), name)?;
-    }
+    images.import(cluster.node().context("the cluster has no node")?)?;
 
     let client = cluster.client().await?;
     let pods: Api<Pod> = Api::namespaced(client, "default");
@@ -116,9 +49,11 @@ async fn operator_sidecar_and_app_images_run_on_the_node_as_their_declared_users
                 container("operator", OPERATOR_IMAGE, &["--version"]),
                 container("sidecar", SIDECAR_IMAGE, &["--version"]),
                 container("app", APP_IMAGE, &["-c",
-                    "import os, boto3, botocore.session; \
+                    "import os, subprocess, boto3, botocore.session; \
                      botocore.session.get_session().get_service_model('s3'); \
-                     print('uid', os.getuid(), 'boto3', boto3.__version__)"]),
+                     aws = subprocess.run(['aws', '--version'], capture_output=True, text=True); \
+                     sh = subprocess.run(['sh', '-c', 'echo $HOME'], capture_output=True, text=True); \
+                     print('uid', os.getuid(), 'boto3', boto3.__version__, 'home', sh.stdout.strip(), aws.stdout.strip() or aws.stderr.strip())"]),
             ],
         },
     }))?;
@@ -160,6 +95,9 @@ async fn operator_sidecar_and_app_images_run_on_the_node_as_their_declared_users
         "sidecar: {sidecar}"
     );
     let app = logs("app").await?;
-    ensure!(app.starts_with("uid 1000 boto3 "), "app: {app}");
+    ensure!(
+        app.starts_with("uid 1000 boto3 1.44.5 home /home aws-cli/1."),
+        "app: {app}"
+    );
     Ok(())
 }

@@ -7,9 +7,10 @@
 #                     ENTRYPOINT), plus CA certificates and /etc/passwd with nonroot like
 #                     distroless static
 #   sidecar.oci.tar   keybroker.local/keybroker-sidecar:dev   the same for the sidecar stage
-#   app.oci.tar       keybroker.local/app-boto3:1             Debian's python3 and python3-boto3
-#                     with their dependency closure (as installed on this machine: dpkg's file
-#                     lists), entrypoint python3; an unmodified boto3 application
+#   app.oci.tar       keybroker.local/app-boto3:1             Debian's python3 with its dependency
+#                     closure (as installed on this machine: dpkg's file lists), boto3 and the AWS
+#                     CLI from PyPI (images/app-requirements.txt, pinned), busybox for a shell;
+#                     entrypoint python3, user app (1000); an unmodified boto3 application
 # The Dockerfile stays the release path: when it changes user or entrypoint, change them here.
 # crane edits image configs only in a registry, so its in-memory registry serves on loopback
 # for the length of this script (as in images/build-images.sh).
@@ -19,7 +20,8 @@
 set -euo pipefail
 cache_root=$1 crane=$2 operator=$3 sidecar=$4
 
-app_packages=(python3-boto3 python3 python3.11 python3-minimal python3.11-minimal libpython3.11-stdlib)
+requirements=$(dirname "$0")/images/app-requirements.txt
+app_packages=(python3 python3.11 python3-minimal python3.11-minimal libpython3.11-stdlib)
 missing=()
 for p in "${app_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -35,9 +37,13 @@ closure=$(apt-cache depends --recurse --installed --no-recommends --no-suggests 
 # Packages a Python process never touches (maintainer tooling).
 closure=$(echo "$closure" | grep -vxE 'debconf|dpkg|tar|readline-common|openssl')
 
-hash=$( (cat "$0" "$operator" "$sidecar"
+hash=$( (cat "$0" "$operator" "$sidecar" "$requirements" /bin/busybox
   for p in $closure; do dpkg-query -W -f='${Package}=${Version}\n' "$p"; done) | sha256sum | cut -c1-12)
 dir=$cache_root/keybroker-images-$hash
+mkdir -p "$cache_root"
+# One build at a time across processes (parallel test binaries); the others then find it.
+exec 9>"$cache_root/.keybroker-images.lock"
+flock 9
 if [ -f "$dir/app.oci.tar" ]; then echo "$dir"; exit 0; fi
 
 work=$(mktemp -d)
@@ -96,7 +102,28 @@ done
 # cp --parents creates directories with mode 0700; images need them readable by any user.
 find "$root" -type d -exec chmod 0755 {} +
 [ -e "$root/usr/bin/python3" ] || { echo "keybroker-images: python3 missing from the app root" >&2; exit 1; }
+# boto3 and the AWS CLI from PyPI, where Debian's python3 looks first (/usr/local/lib/python3.11/
+# dist-packages); the CLI's script with the image's own interpreter.
+python3 -m venv "$work/venv" >&2
+site=$root/usr/local/lib/python3.11/dist-packages
+"$work/venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-compile \
+  --target "$site" -r "$requirements" >&2
+mkdir -p "$root/usr/local/bin"
+{ echo '#!/usr/bin/python3'; tail -n +2 "$site/bin/aws"; } >"$root/usr/local/bin/aws"
+chmod 0755 "$root/usr/local/bin/aws"
+rm -rf "$site/bin"
+# A shell and coreutils (examples/ run `sh -c`): Debian's static busybox, a link per applet that
+# the closure does not already have.
+install -m 0755 /bin/busybox "$root/usr/bin/busybox"
+for applet in $(/bin/busybox --list); do
+  [ -e "$root/usr/bin/$applet" ] || [ -L "$root/usr/bin/$applet" ] || ln -s busybox "$root/usr/bin/$applet"
+done
 base_files "$root"
+# MinIO behind a cluster DNS name serves path-style requests only (bucket.minio.minio.svc does
+# not resolve): what `aws configure set default.s3.addressing_style path` writes, in the app
+# user's home (HOME comes from /etc/passwd: /home).
+mkdir -p "$root/home/.aws"
+printf '[default]\ns3 =\n    addressing_style = path\n' >"$root/home/.aws/config"
 layer "$root" "$work/app.tar"
 
 "$crane" registry serve --address 127.0.0.1:0 2>"$work/registry.log" &

@@ -57,6 +57,13 @@ pub struct AwsProvider {
     #[schemars(length(max = 2048))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// PEM certificates (CAs) that `endpoint`'s TLS certificate must chain to, instead of the
+    /// system's roots: an STS service with a private CA, such as an in-cluster MinIO. Used for
+    /// every call to `endpoint` (AssumeRole, the readiness check, MinIO's revocation).
+    #[x_kube(validation = Rule::new("self.contains('-----BEGIN CERTIFICATE-----')").message("must hold PEM certificates (-----BEGIN CERTIFICATE-----)"))]
+    #[schemars(length(max = 65536))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
     /// Secret with the broker's own keys (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`). Omit to
     /// use the standard AWS credential chain, i.e. the broker's own workload identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]

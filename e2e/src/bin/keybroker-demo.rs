@@ -24,10 +24,11 @@ async fn main() {
         }
     };
     println!(
-        "\nkeybroker: PUT inside the scope → {}, outside → {}, after revocation → {}; files gone {} ms after the revocation.",
+        "\nkeybroker: the app's upload → {}; outside its scope → {}; after the revocation → {} (a copy of the keys: {}); files gone {} ms after the revocation.",
         report.inside,
-        report.outside,
+        report.outside.lines().last().unwrap_or_default(),
         report.after_revocation,
+        report.copy_after,
         report.files_gone.as_millis()
     );
 }

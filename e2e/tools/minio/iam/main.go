@@ -7,8 +7,11 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"flag"
 	"fmt"
+	"net/http"
 	"os"
 	"time"
 
@@ -16,18 +19,19 @@ import (
 )
 
 func main() {
-	endpoint := flag.String("endpoint", "", "MinIO host:port (plain HTTP on loopback)")
+	endpoint := flag.String("endpoint", "", "MinIO host:port (plain HTTP unless -ca is given)")
+	ca := flag.String("ca", "", "PEM file of the CA MinIO's TLS certificate chains to (HTTPS)")
 	user := flag.String("user", "", "access key of the user to create")
 	policyName := flag.String("policy-name", "", "name of the canned policy to create and attach")
 	policyFile := flag.String("policy-file", "", "path of the IAM policy JSON")
 	flag.Parse()
-	if err := run(*endpoint, *user, *policyName, *policyFile); err != nil {
+	if err := run(*endpoint, *ca, *user, *policyName, *policyFile); err != nil {
 		fmt.Fprintf(os.Stderr, "minio-iam: %v\n", err)
 		os.Exit(1)
 	}
 }
 
-func run(endpoint, user, policyName, policyFile string) error {
+func run(endpoint, ca, user, policyName, policyFile string) error {
 	if endpoint == "" || user == "" || policyName == "" || policyFile == "" {
 		return fmt.Errorf("-endpoint, -user, -policy-name and -policy-file are all required")
 	}
@@ -39,9 +43,20 @@ func run(endpoint, user, policyName, policyFile string) error {
 	if err != nil {
 		return fmt.Errorf("reading policy: %w", err)
 	}
-	admin, err := madmin.New(endpoint, os.Getenv("MINIO_ROOT_USER"), os.Getenv("MINIO_ROOT_PASSWORD"), false)
+	admin, err := madmin.New(endpoint, os.Getenv("MINIO_ROOT_USER"), os.Getenv("MINIO_ROOT_PASSWORD"), ca != "")
 	if err != nil {
 		return fmt.Errorf("admin client: %w", err)
+	}
+	if ca != "" {
+		pem, err := os.ReadFile(ca)
+		if err != nil {
+			return fmt.Errorf("reading -ca: %w", err)
+		}
+		roots := x509.NewCertPool()
+		if !roots.AppendCertsFromPEM(pem) {
+			return fmt.Errorf("-ca %s holds no PEM certificate", ca)
+		}
+		admin.SetCustomTransport(&http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}})
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

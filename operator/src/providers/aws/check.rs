@@ -32,6 +32,8 @@ pub enum Problem {
     CredentialsRejected { code: String, message: String },
     #[error("STS at {endpoint} did not answer: {detail}")]
     Unreachable { endpoint: String, detail: String },
+    #[error("spec.aws.caBundle: {detail}")]
+    CaBundle { detail: String },
 }
 
 impl Problem {
@@ -58,6 +60,7 @@ impl Problem {
             Problem::Unreachable { endpoint, .. } => format!(
                 "STS at {endpoint} did not answer; check the endpoint and the network path (the operator's log has the error)"
             ),
+            Problem::CaBundle { detail } => format!("spec.aws.caBundle: {detail}"),
         }
     }
 
@@ -66,6 +69,7 @@ impl Problem {
             Problem::CredentialsSecret { .. } => "CredentialsSecretInvalid",
             Problem::CredentialsRejected { .. } => "CredentialsRejected",
             Problem::Unreachable { .. } => "ProviderUnreachable",
+            Problem::CaBundle { .. } => "CABundleInvalid",
         }
     }
 }
@@ -77,14 +81,14 @@ pub async fn sts_client(
     aws: &AwsProvider,
 ) -> Result<aws_sdk_sts::Client, Problem> {
     let credentials = broker_credentials(kube, aws).await?;
-    Ok(sts_client_with(aws, credentials))
+    sts_client_with(aws, credentials)
 }
 
 /// [`sts_client`] with credentials already loaded.
 pub fn sts_client_with(
     aws: &AwsProvider,
     credentials: SharedCredentialsProvider,
-) -> aws_sdk_sts::Client {
+) -> Result<aws_sdk_sts::Client, Problem> {
     let mut config = aws_sdk_sts::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new(aws.region.clone()))
@@ -92,7 +96,51 @@ pub fn sts_client_with(
     if let Some(endpoint) = &aws.endpoint {
         config = config.endpoint_url(endpoint);
     }
-    aws_sdk_sts::Client::from_conf(config.build())
+    if let Some(bundle) = &aws.ca_bundle {
+        use aws_smithy_http_client::tls;
+        ca_certificates(bundle)?;
+        let trust = tls::TrustStore::empty()
+            .with_native_roots(false)
+            .with_pem_certificate(bundle.as_bytes());
+        let context = tls::TlsContext::builder()
+            .with_trust_store(trust)
+            .build()
+            .map_err(|e| Problem::CaBundle {
+                detail: format!("not usable as a trust store: {e}"),
+            })?;
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::AwsLc,
+            ))
+            .tls_context(context)
+            .build_https();
+        config = config.http_client(http);
+    }
+    Ok(aws_sdk_sts::Client::from_conf(config.build()))
+}
+
+/// The certificates of a `caBundle`: at least one, every PEM block a well-formed certificate.
+pub fn ca_certificates(
+    bundle: &str,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, Problem> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let certificates = CertificateDer::pem_slice_iter(bundle.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Problem::CaBundle {
+            detail: format!("not PEM certificates ({e}); paste the CA's PEM, -----BEGIN CERTIFICATE----- included"),
+        })?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (_, unusable) = roots.add_parsable_certificates(certificates.iter().cloned());
+    if certificates.is_empty() || unusable > 0 {
+        return Err(Problem::CaBundle {
+            detail: format!(
+                "{} certificate(s), {unusable} of them not parsable as X.509; paste the CA's PEM, -----BEGIN CERTIFICATE----- included",
+                certificates.len()
+            ),
+        });
+    }
+    Ok(certificates)
 }
 
 /// The broker's own credentials for `aws`: from `credentialsSecretRef`, else the default AWS
@@ -275,5 +323,43 @@ pub fn desired_status(
         )],
         observed_generation: generation,
         revocation: Some(super::revoke::describe(revocation).to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca_pem() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn a_ca_bundle_must_hold_parsable_certificates_and_says_what_to_paste() {
+        let one = ca_pem();
+        assert_eq!(ca_certificates(&one).unwrap().len(), 1);
+        assert_eq!(
+            ca_certificates(&format!("{one}\n{}", ca_pem()))
+                .unwrap()
+                .len(),
+            2
+        );
+        for bad in [
+            String::new(),
+            "not a certificate".to_owned(),
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_owned(),
+            one.replace("-----END CERTIFICATE-----", ""),
+        ] {
+            let problem = ca_certificates(&bad).unwrap_err();
+            assert_eq!(problem.reason(), "CABundleInvalid", "{bad:?}");
+            assert!(
+                problem.summary().starts_with("spec.aws.caBundle: ")
+                    && problem.summary().contains("paste the CA's PEM"),
+                "{problem}"
+            );
+        }
     }
 }

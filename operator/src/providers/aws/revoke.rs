@@ -68,9 +68,18 @@ pub async fn revoke(
             let credentials = super::check::broker_credentials(kube, aws)
                 .await
                 .map_err(|p| p.to_string())?;
+            let roots = aws
+                .ca_bundle
+                .as_deref()
+                .map(super::check::ca_certificates)
+                .transpose()
+                .map_err(|p| p.to_string())?;
             let answer = signed::post(
                 &credentials,
-                &url,
+                signed::Target {
+                    url: &url,
+                    roots: roots.as_deref(),
+                },
                 "s3",
                 &aws.region,
                 None,
@@ -104,7 +113,10 @@ pub async fn revoke(
                 .map_err(|p| p.to_string())?;
             let answer = signed::post(
                 &credentials,
-                IAM_ENDPOINT,
+                signed::Target {
+                    url: IAM_ENDPOINT,
+                    roots: None,
+                },
                 "iam",
                 "us-east-1",
                 Some("application/x-www-form-urlencoded; charset=utf-8"),

@@ -2,6 +2,7 @@
 //! IAM's `PutRolePolicy` (one form POST, not worth compiling the whole IAM SDK for). They are
 //! signed with the same broker credentials the STS client uses.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_sts::config::{ProvideCredentials, SharedCredentialsProvider};
@@ -14,6 +15,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::CertificateDer;
 
 /// Longest answer body kept (only for the operator's log).
 const MAX_ANSWER_BYTES: usize = 4096;
@@ -25,17 +27,26 @@ pub struct Answer {
     pub body: String,
 }
 
-/// POSTs `body` to `url`, signed for `service` in `region` with the broker's `credentials`,
+/// Where a signed call goes: the URL, and the CAs its TLS certificate must chain to (`None`:
+/// the system's roots).
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    pub url: &'a str,
+    pub roots: Option<&'a [CertificateDer<'static>]>,
+}
+
+/// POSTs `body` to `target`, signed for `service` in `region` with the broker's `credentials`,
 /// within `timeout`. Errors are for the operator's log (they may name the endpoint).
 pub async fn post(
     credentials: &SharedCredentialsProvider,
-    url: &str,
+    target: Target<'_>,
     service: &str,
     region: &str,
     content_type: Option<&str>,
     body: Vec<u8>,
     timeout: Duration,
 ) -> Result<Answer, String> {
+    let url = target.url;
     let credentials = credentials
         .provide_credentials()
         .await
@@ -75,12 +86,26 @@ pub async fn post(
         .map_err(|e| format!("request: {e}"))?;
     instructions.apply_to_request_http1x(&mut request);
 
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_native_roots()
-        .map_err(|e| format!("TLS roots: {e}"))?
-        .https_or_http()
-        .enable_http1()
-        .build();
+    let https = match target.roots {
+        None => hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()
+            .map_err(|e| format!("TLS roots: {e}"))?,
+        Some(roots) => {
+            let mut store = rustls::RootCertStore::empty();
+            store.add_parsable_certificates(roots.iter().cloned());
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(store)
+            .with_no_client_auth();
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
+        }
+    }
+    .https_or_http()
+    .enable_http1()
+    .build();
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
     let call = async {
         let response = client
