@@ -271,22 +271,36 @@ pub fn stop_pid(pid: u32, marker: &str, grace: Duration) -> bool {
     true
 }
 
-/// Pids of live processes other than this one whose command line contains `marker`.
+/// Pids of live processes whose command line contains `marker`, other than this one and its
+/// ancestors (`make cluster-down CLUSTER_DIR=<dir>` and its `cargo run` name the directory too).
 pub fn pids_with_marker(marker: &str) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let me = std::process::id();
+    let mut mine = vec![std::process::id()];
+    while let Some(parent) = mine.last().and_then(|pid| parent_of(*pid)) {
+        if parent <= 1 || mine.contains(&parent) {
+            break;
+        }
+        mine.push(parent);
+    }
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            *pid != me
+            !mine.contains(pid)
                 && std::fs::read(format!("/proc/{pid}/cmdline"))
                     .map(|c| String::from_utf8_lossy(&c).contains(marker))
                     .unwrap_or(false)
                 && !is_zombie(*pid)
         })
         .collect()
+}
+
+/// The parent pid, from `/proc/<pid>/stat` (the field after the state).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn is_zombie(pid: u32) -> bool {
@@ -398,6 +412,21 @@ fn spawn_with_parent_death_signal(cmd: &mut Command) -> io::Result<Child> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn marker_search_finds_children_and_parents_are_read_from_proc() {
+        let me = std::process::id();
+        assert_eq!(parent_of(me), Some(std::os::unix::process::parent_id()));
+        let marker = format!("kb-marker-{me}");
+        let mut child = Command::new("sh")
+            .args(["-c", "sleep 30; true", &marker])
+            .spawn()
+            .unwrap();
+        let found = pids_with_marker(&marker);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(found, [child.id()]);
+    }
 
     #[test]
     fn log_tail_returns_the_last_lines() {

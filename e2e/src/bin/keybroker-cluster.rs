@@ -340,6 +340,15 @@ fn summary(cluster: &Cluster) -> anyhow::Result<String> {
     let mut out = String::new();
     writeln!(out, "kube-apiserver: {}", cluster.server)?;
     writeln!(out, "export KUBECONFIG={}", cluster.kubeconfig.display())?;
+    // The pinned kubectl and helm of `make tools`, for a machine that has none of its own.
+    if let Ok(tools) = keybroker_e2e::tools::Tools::locate() {
+        writeln!(
+            out,
+            "alias kubectl={} helm={}",
+            tools.kubectl.display(),
+            tools.helm.display()
+        )?;
+    }
     if let Some(minio) = &cluster.minio {
         let env_file = cluster.dir().join("minio.env");
         write_private(
