@@ -422,7 +422,13 @@ mod tests {
             .args(["-c", "sleep 30; true", &marker])
             .spawn()
             .unwrap();
-        let found = pids_with_marker(&marker);
+        // Until the child has exec'd, its command line is still this process's.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut found = pids_with_marker(&marker);
+        while found.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            found = pids_with_marker(&marker);
+        }
         child.kill().unwrap();
         child.wait().unwrap();
         assert_eq!(found, [child.id()]);
