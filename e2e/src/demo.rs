@@ -30,8 +30,6 @@ use keybroker_operator::crd::{ApiKey, KeyProvider};
 pub const IDENTITY: &str = "system:serviceaccount:keybroker-system:keybroker";
 const TEAM: &str = "team-a";
 const APIKEY: &str = "invoice-uploader";
-/// The object the analytics Job reads.
-const SUMMARY: &str = "invoices/2026/summary.csv";
 
 /// What happened, for the e2e test to check.
 #[derive(Debug)]
@@ -202,32 +200,10 @@ pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
 
     n.step("Applying examples/: tenants, KeyProviders, ApiKeys, two Deployments and a Job");
     let minio = cluster.minio.as_ref().context("no MinIO")?;
-    let keys = minio.create_s3_user("keybroker-broker")?;
-    fixtures::secret(
-        &admin,
-        NAMESPACE,
-        "broker-keys",
-        &keys.access_key_id,
-        &keys.secret_access_key,
-    )
-    .await?;
-    let root = minio.root_client();
-    for bucket in ["corp-data", "photos"] {
-        root.create_bucket()
-            .bucket(bucket)
-            .send()
-            .await
-            .with_context(|| format!("creating bucket {bucket}"))?;
-    }
-    root.put_object()
-        .bucket("corp-data")
-        .key(format!("{TEAM}/{SUMMARY}"))
-        .body(b"month,total\n2026-11,1234.50\n".to_vec().into())
-        .send()
-        .await
-        .context("uploading the Job's summary.csv")?;
+    install::prepare_examples(&cluster, &admin).await?;
     n.say(&format!(
-        "MinIO user keybroker-broker in Secret {NAMESPACE}/broker-keys; buckets corp-data, photos; corp-data/{TEAM}/{SUMMARY}"
+        "MinIO user keybroker-broker in Secret {NAMESPACE}/broker-keys; buckets corp-data, photos; corp-data/{}",
+        install::EXAMPLE_SUMMARY
     ));
     n.say(&format!(
         "{EXAMPLE_IMAGE} → {APP_IMAGE} (nothing is pulled here); corp-s3 gets caBundle: MinIO's CA"

@@ -289,6 +289,41 @@ pub async fn shared() -> anyhow::Result<&'static Cluster> {
         .map_err(|e| anyhow::anyhow!("starting the cluster with keybroker installed: {e}"))
 }
 
+/// The object the analytics Job of `examples/` reads.
+pub const EXAMPLE_SUMMARY: &str = "team-a/invoices/2026/summary.csv";
+
+/// What `examples/` expect of the platform team before they are applied: a MinIO user for the
+/// broker in Secret `broker-keys` of the release namespace, the buckets `corp-data` and
+/// `photos`, and the analytics Job's [`EXAMPLE_SUMMARY`].
+pub async fn prepare_examples(cluster: &Cluster, client: &kube::Client) -> anyhow::Result<()> {
+    let minio = cluster.minio.as_ref().context("the examples need MinIO")?;
+    let keys = minio.create_s3_user("keybroker-broker")?;
+    fixtures::secret(
+        client,
+        NAMESPACE,
+        "broker-keys",
+        &keys.access_key_id,
+        &keys.secret_access_key,
+    )
+    .await?;
+    let root = minio.root_client();
+    for bucket in ["corp-data", "photos"] {
+        root.create_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .with_context(|| format!("creating bucket {bucket}"))?;
+    }
+    root.put_object()
+        .bucket("corp-data")
+        .key(EXAMPLE_SUMMARY)
+        .body(b"month,total\n2026-11,1234.50\n".to_vec().into())
+        .send()
+        .await
+        .context("uploading the analytics Job's summary.csv")?;
+    Ok(())
+}
+
 /// ConfigMap [`MINIO_CA_CONFIGMAP`] in `ns`: MinIO's CA, for apps (`AWS_CA_BUNDLE`).
 pub async fn publish_minio_ca(
     cluster: &Cluster,

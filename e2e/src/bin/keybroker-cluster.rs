@@ -247,32 +247,8 @@ async fn install_keybroker(cluster: &Cluster) -> anyhow::Result<String> {
     eprintln!("building keybroker's images and installing the chart");
     let images = tokio::task::spawn_blocking(Images::build).await??;
     install::install(cluster, &images, &[]).await?;
-    let client = cluster.client().await?;
+    install::prepare_examples(cluster, &cluster.client().await?).await?;
     let minio = cluster.minio.as_ref().context("--keybroker needs MinIO")?;
-    let keys = minio.create_s3_user("keybroker-broker")?;
-    keybroker_e2e::fixtures::secret(
-        &client,
-        NAMESPACE,
-        "broker-keys",
-        &keys.access_key_id,
-        &keys.secret_access_key,
-    )
-    .await?;
-    let root = minio.root_client();
-    for bucket in ["corp-data", "photos"] {
-        root.create_bucket()
-            .bucket(bucket)
-            .send()
-            .await
-            .with_context(|| format!("creating bucket {bucket}"))?;
-    }
-    root.put_object()
-        .bucket("corp-data")
-        .key("team-a/invoices/2026/summary.csv")
-        .body(b"month,total\n2026-11,1234.50\n".to_vec().into())
-        .send()
-        .await
-        .context("uploading the analytics Job's summary.csv")?;
     // examples/ as this cluster needs them, and MinIO's CA for their apps.
     let examples = cluster.dir().join("examples");
     std::fs::create_dir_all(&examples)?;
