@@ -425,13 +425,14 @@ mod tests {
         // Until the child has exec'd, its command line is still this process's.
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut found = pids_with_marker(&marker);
-        while found.is_empty() && Instant::now() < deadline {
+        while !found.contains(&child.id()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
             found = pids_with_marker(&marker);
         }
         child.kill().unwrap();
         child.wait().unwrap();
-        assert_eq!(found, [child.id()]);
+        // The shell's own child, forked but not yet exec'd, may briefly carry the marker too.
+        assert!(found.contains(&child.id()), "{found:?}");
     }
 
     #[test]
