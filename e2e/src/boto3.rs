@@ -9,7 +9,7 @@ use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use keybroker_sidecar::wire::Credentials;
+use keybroker_contract::wire::Credentials;
 
 const SCRIPT: &str = r#"
 import sys, boto3, botocore.config, botocore.exceptions

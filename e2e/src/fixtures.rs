@@ -302,6 +302,7 @@ pub fn as_injected(
         ready: true,
         revoked: false,
         region: Some("us-east-1".into()),
+        gateway: None,
     };
     let listed = pod["metadata"]["annotations"][APIKEYS_ANNOTATION]
         .as_str()

@@ -14,6 +14,7 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::Client;
 use kube::api::{Api, DeleteParams, PostParams};
 
+use keybroker_contract::wire::{AUDIENCE, ExchangeRequest};
 use keybroker_e2e::attack::{self, percentiles};
 use keybroker_e2e::server_thread::ServerThread;
 use keybroker_e2e::{
@@ -21,7 +22,6 @@ use keybroker_e2e::{
 };
 use keybroker_operator::metrics::Metrics;
 use keybroker_operator::tls::ReloadingCert;
-use keybroker_sidecar::wire::{AUDIENCE, ExchangeRequest};
 
 /// The apiserver gives a webhook call this long (timeoutSeconds in the registration).
 const APISERVER_TIMEOUT: Duration = Duration::from_secs(5);

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use anyhow::ensure;
 
+use keybroker_contract::wire::{AUDIENCE, Refusal};
 use keybroker_e2e::server_thread::ServerThread;
 use keybroker_e2e::{
     Cluster, Lifetime, Options, eventually, fixtures, https, install_crds, pki, run_dir,
 };
 use keybroker_operator::tls::ReloadingCert;
-use keybroker_sidecar::wire::{AUDIENCE, Refusal};
 
 #[tokio::test]
 async fn a_stopped_provider_is_retryable_and_the_broker_recovers_when_it_returns()

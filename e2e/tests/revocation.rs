@@ -13,13 +13,13 @@ use anyhow::{Context, ensure};
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
+use keybroker_contract::wire::{AUDIENCE, ExchangeRequest, ExchangeResponse, RevocationStatus};
 use keybroker_e2e::boto3::CachedClient;
 use keybroker_e2e::fixtures::{self, BUCKET, Controller};
 use keybroker_e2e::{eventually, https, in_namespace, logs, pki, shared, shared_with_crds};
 use keybroker_operator::broker::{Broker, PollAnswer, server};
 use keybroker_operator::crd::{ApiKey, KeyProvider};
 use keybroker_operator::tls::ReloadingCert;
-use keybroker_sidecar::wire::{AUDIENCE, ExchangeRequest, ExchangeResponse, RevocationStatus};
 
 /// The functional bound of these tests (the promise is 1 s; the benchmark measures it). Kept
 /// generous so that a loaded CI machine does not fail a working revocation.
@@ -70,14 +70,17 @@ async fn refused_after(
 }
 
 /// A Rust S3 client with a copy of `creds`: the leaked copy used from elsewhere.
-fn copy(minio: &str, creds: &ExchangeResponse) -> aws_sdk_s3::Client {
-    let c = &creds.credentials;
-    fixtures::s3_client(
+fn copy(minio: &str, creds: &ExchangeResponse) -> anyhow::Result<aws_sdk_s3::Client> {
+    let c = creds
+        .credentials
+        .as_ref()
+        .context("no AWS credentials in the answer")?;
+    Ok(fixtures::s3_client(
         minio,
         &c.access_key_id,
         &c.secret_access_key,
         Some(&c.session_token),
-    )
+    ))
 }
 
 struct Setup {
@@ -116,12 +119,16 @@ async fn revocation_refuses_a_cached_client_and_a_copy_at_minio() -> anyhow::Res
         let s = setup(client, ns).await?;
         let issued = exchange(&s.broker, &s.token, "uploader").await?;
         let inside = format!("{}/reports/a.csv", s.ns);
-        let mut boto3 = CachedClient::start(&s.minio, &issued.credentials).await?;
+        let mut boto3 = CachedClient::start(
+            &s.minio,
+            issued.credentials.as_ref().context("no AWS credentials")?,
+        )
+        .await?;
         ensure!(
             boto3.put(BUCKET, &inside).await? == "OK",
             "PUT before revocation"
         );
-        let leaked = copy(&s.minio, &issued);
+        let leaked = copy(&s.minio, &issued)?;
         ensure!(fixtures::put_object(&leaked, &inside).await.is_none());
 
         let patched = Instant::now();
@@ -161,7 +168,10 @@ async fn revocation_refuses_a_cached_client_and_a_copy_at_minio() -> anyhow::Res
                 "audit record lacks {field}: {record}"
             );
         }
-        let c = &issued.credentials;
+        let c = issued
+            .credentials
+            .as_ref()
+            .context("no AWS credentials in the answer")?;
         for secret in [&c.secret_access_key, &c.session_token, &s.token] {
             ensure!(!logs.contains(secret.as_str()), "a secret reached the logs");
         }
@@ -181,7 +191,7 @@ async fn revocation_refuses_a_cached_client_and_a_copy_at_minio() -> anyhow::Res
         )
         .await?;
         ensure!(
-            fixtures::put_object(&copy(&s.minio, &again), &inside)
+            fixtures::put_object(&copy(&s.minio, &again)?, &inside)
                 .await
                 .is_none(),
             "credentials minted after the restore do not work"
@@ -228,7 +238,11 @@ async fn a_narrowed_scope_revokes_the_wide_credentials_and_renews_the_pod() -> a
         .await?;
         let invoices = format!("{}/invoices/a.csv", s.ns);
         let reports = format!("{}/reports/a.csv", s.ns);
-        let mut boto3 = CachedClient::start(&s.minio, &issued.credentials).await?;
+        let mut boto3 = CachedClient::start(
+            &s.minio,
+            issued.credentials.as_ref().context("no AWS credentials")?,
+        )
+        .await?;
         ensure!(boto3.put(BUCKET, &invoices).await? == "OK");
 
         // The pod's sidecar waits in a revocation poll with the grant it holds.
@@ -257,7 +271,7 @@ async fn a_narrowed_scope_revokes_the_wide_credentials_and_renews_the_pod() -> a
 
         let narrow = exchange(&s.broker, &s.token, "uploader").await?;
         ensure!(narrow.grant != issued.grant, "renewed under the old grant");
-        let narrow = copy(&s.minio, &narrow);
+        let narrow = copy(&s.minio, &narrow)?;
         ensure!(fixtures::put_object(&narrow, &reports).await.is_none());
         let code = fixtures::put_object(&narrow, &invoices).await;
         ensure!(code.as_deref() == Some("AccessDenied"), "{code:?}");
@@ -287,7 +301,7 @@ where
     })
     .await?;
     let inside = format!("{}/reports/a.csv", s.ns);
-    let leaked = copy(&s.minio, &issued);
+    let leaked = copy(&s.minio, &issued)?;
     ensure!(fixtures::put_object(&leaked, &inside).await.is_none());
     let started = Instant::now();
     withdraw().await?;

@@ -22,13 +22,13 @@ use kube::Client;
 use kube::api::Api;
 use nix::sys::signal::Signal;
 
+use keybroker_contract::wire::AUDIENCE;
 use keybroker_e2e::process::Component;
 use keybroker_e2e::server_thread::ServerThread;
 use keybroker_e2e::sidecar::{binary, python_with_boto3};
 use keybroker_e2e::{Cluster, Lifetime, eventually, fixtures, in_namespace, pki, shared_with_crds};
 use keybroker_operator::tls::ReloadingCert;
 use keybroker_operator::webhook::inject;
-use keybroker_sidecar::wire::AUDIENCE;
 
 /// Refresh after 1 % of the 15-minute lifetime (about 9 s), so refreshes happen in the test.
 const REFRESH_FRACTION: &str = "0.01";

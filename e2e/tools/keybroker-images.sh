@@ -44,7 +44,8 @@ mkdir -p "$cache_root"
 # One build at a time across processes (parallel test binaries); the others then find it.
 exec 9>"$cache_root/.keybroker-images.lock"
 flock 9
-if [ -f "$dir/app.oci.tar" ]; then echo "$dir"; exit 0; fi
+# A hit marks the entry as in use (its mtime), so the pruning below keeps it.
+if [ -f "$dir/app.oci.tar" ]; then touch "$dir"; echo "$dir"; exit 0; fi
 
 work=$(mktemp -d)
 registry_pid=
@@ -156,5 +157,8 @@ mkdir -p "$cache_root"
 rm -rf "$dir.tmp"
 mv "$work/out" "$dir.tmp"
 mv "$dir.tmp" "$dir"
+# The operator and sidecar binaries are inputs, so every commit makes a new entry (~130 MB):
+# drop the ones no run has used for an hour.
+find "$cache_root" -maxdepth 1 -name 'keybroker-images-*' ! -path "$dir" -mmin +60 -exec rm -rf {} + 2>/dev/null || true
 echo "keybroker-images: built in $(( $(date +%s) - started ))s ($(du -sh "$dir" | cut -f1))" >&2
 echo "$dir"

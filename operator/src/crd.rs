@@ -20,20 +20,30 @@ const TTL_MESSAGE: &str = "must be a duration such as 15m, 1h or 1h30m, between 
     group = "keybroker.dev",
     version = "v1alpha1",
     kind = "KeyProvider",
-    doc = "A way to mint short-lived credentials (an STS role) and the guardrails that bound every ApiKey using it. Cluster-scoped; owned by the platform team.",
+    doc = "A way to give pods short-lived, narrowly scoped access (STS sessions of a role, or calls through keybroker's gateway to an upstream whose key never leaves the broker) and the guardrails that bound every ApiKey using it. Cluster-scoped; owned by the platform team.",
     shortname = "kp",
     status = "KeyProviderStatus",
     printcolumn = r#"{"name":"Role","type":"string","jsonPath":".spec.aws.roleArn"}"#,
+    printcolumn = r#"{"name":"Upstream","type":"string","jsonPath":".spec.gateway.upstream"}"#,
     printcolumn = r#"{"name":"Max TTL","type":"string","jsonPath":".spec.guardrails.maxTTL"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new("!has(self.guardrails.defaultTTL) || !has(self.guardrails.maxTTL) || duration(self.guardrails.defaultTTL) <= duration(self.guardrails.maxTTL)").message("guardrails.defaultTTL must not exceed guardrails.maxTTL"))]
+#[x_kube(validation = Rule::new("[has(self.aws), has(self.gateway)].filter(k, k).size() == 1").message("set exactly one provider kind: aws or gateway"))]
+#[x_kube(validation = Rule::new("!has(self.gateway) || self.guardrails.allowedActions.all(a, a.matches('^[A-Z*?]+$'))").message("a gateway's guardrails.allowedActions are HTTP methods such as GET or POST, or * for all"))]
+#[x_kube(validation = Rule::new("!has(self.gateway) || self.guardrails.allowedResources.all(r, r.startsWith('/'))").message("a gateway's guardrails.allowedResources are URL path patterns starting with /, e.g. /api/v1/repos/{namespace}/*"))]
 #[serde(rename_all = "camelCase")]
 pub struct KeyProviderSpec {
     /// Mint AWS credentials with STS AssumeRole (AWS, or any STS-compatible service such as
     /// MinIO or Ceph RGW).
-    pub aws: AwsProvider,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws: Option<AwsProvider>,
+    /// Forward the pods' calls to an upstream API through keybroker's gateway, which adds the
+    /// upstream's key: for keys the upstream cannot mint short-lived (LLM, payment, SaaS,
+    /// source-forge tokens). The key never reaches a pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayProvider>,
     /// Namespaces whose ApiKeys may use this provider. `{}` selects every namespace.
     pub namespace_selector: LabelSelector,
     /// Upper bounds for every ApiKey that uses this provider.
@@ -79,6 +89,84 @@ pub struct AwsProvider {
     /// files are removed; a leaked credential keeps working until it expires.
     #[serde(default)]
     pub revocation: Revocation,
+}
+
+/// An upstream API reached through keybroker's gateway, and the key the gateway adds.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayProvider {
+    /// The upstream's origin, e.g. `https://api.example.com` or `https://gitea.corp:3000`:
+    /// scheme, host and port only, the one place the gateway forwards to. `https://` except on
+    /// loopback.
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://127.0.0.1') || self.startsWith('http://localhost')").message("must be an https:// origin (plain http only on loopback)"))]
+    #[x_kube(validation = Rule::new("self.split('://')[1].indexOf('/') == -1 && !self.contains('?') && !self.contains('#') && !self.contains('@')").message("must be an origin only (scheme, host, port): no path, query, fragment or user info; ApiKeys name the paths"))]
+    #[schemars(length(min = 8, max = 2048))]
+    pub upstream: String,
+    /// PEM certificates (CAs) the upstream's TLS certificate must chain to, instead of the
+    /// system's roots: an upstream with a private CA.
+    #[x_kube(validation = Rule::new("self.contains('-----BEGIN CERTIFICATE-----')").message("must hold PEM certificates (-----BEGIN CERTIFICATE-----)"))]
+    #[schemars(length(max = 65536))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+    /// Secret holding the upstream's key: data key `key`, and optionally `previousKey` during a
+    /// rotation (tried once when the upstream answers 401 to `key`). Updates are picked up
+    /// without a restart.
+    pub key_secret_ref: SecretRef,
+    /// How the gateway presents the key to the upstream.
+    pub presentation: KeyPresentation,
+    /// The environment variable set in the pod's app containers to the gateway's local URL for
+    /// the ApiKey (the sidecar, on loopback), e.g. `OPENAI_BASE_URL`, so SDKs that read their
+    /// base URL from the environment need no change. Default `KEYBROKER_<APIKEY>_URL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_env: Option<AppEnv>,
+    /// How long the gateway waits for the upstream's response headers, e.g. `30s`; the app
+    /// gets a 504 after it. Default 30s, at most 10m.
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('10m')").message("must be a duration between 1s and 10m, such as 30s"))]
+    #[schemars(length(min = 2, max = 16), regex(pattern = r"^([0-9]+m)?([0-9]+s)?$"))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+/// How the key is presented: exactly one of a header or a query parameter.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("[has(self.header), has(self.queryParameter)].filter(k, k).size() == 1").message("set exactly one of header or queryParameter"))]
+#[serde(rename_all = "camelCase")]
+pub struct KeyPresentation {
+    /// A request header, e.g. `Authorization` with prefix `Bearer `.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<HeaderPresentation>,
+    /// A query parameter name, e.g. `key`.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_.-]+$"))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_parameter: Option<String>,
+}
+
+/// The key in a request header.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+pub struct HeaderPresentation {
+    /// Header name, e.g. `Authorization`, `X-Api-Key`.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9-]+$"))]
+    pub name: String,
+    /// Text before the key, e.g. `Bearer ` or `token `.
+    #[schemars(length(max = 32), regex(pattern = r"^[ -~]*$"))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+/// An environment variable pointing apps at the gateway.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AppEnv {
+    /// Variable name, e.g. `OPENAI_BASE_URL`.
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
+    pub name: String,
+    /// Path appended to the local URL, e.g. `/v1` when SDKs expect the base URL to include it.
+    #[schemars(length(max = 256), regex(pattern = r"^(/[A-Za-z0-9._~-]+)*$"))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_suffix: Option<String>,
 }
 
 /// How issued credentials are revoked at the provider.
@@ -145,6 +233,18 @@ pub struct Guardrails {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_issuances_per_minute: Option<u32>,
+    /// Gateway: the largest request body the gateway forwards, in bytes. Default 1 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1073741824))]
+    pub max_request_bytes: Option<u64>,
+    /// Gateway: the most requests per minute an ApiKey's budget may ask for. Default 600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_requests_per_minute: Option<u32>,
+    /// Gateway: the most requests per day an ApiKey's budget may ask for. Default 100000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000000))]
+    pub max_requests_per_day: Option<u64>,
 }
 
 /// Observed state of a KeyProvider.
@@ -207,6 +307,23 @@ pub struct ApiKeySpec {
     /// within a second.
     #[serde(default)]
     pub revoked: bool,
+    /// Gateway ApiKeys: how many calls the ApiKey's pods may make together; past it the gateway
+    /// answers 429 with `Retry-After`. Default: the provider's maxRequestsPerMinute and
+    /// maxRequestsPerDay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+}
+
+/// Calls per minute and per day, for all of an ApiKey's pods together.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Budget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub requests_per_minute: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000000))]
+    pub requests_per_day: Option<u64>,
 }
 
 /// Reference to a cluster-scoped KeyProvider.
@@ -220,20 +337,22 @@ pub struct ProviderRef {
     pub name: String,
 }
 
-/// Actions and resources, in the provider's terms (for AWS: IAM actions and ARNs).
+/// Actions and resources, in the provider's terms: for `aws`, IAM actions and ARNs; for a
+/// gateway, HTTP methods and URL paths.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 pub struct Scope {
-    /// Actions, e.g. `s3:PutObject`; `*` and `?` wildcards allowed within the guardrails.
+    /// Actions, e.g. `s3:PutObject` (aws) or `GET` (gateway); `*` and `?` wildcards allowed
+    /// within the guardrails.
     #[schemars(
         length(min = 1, max = 64),
         inner(
             length(min = 1, max = 128),
-            regex(pattern = r"^[A-Za-z0-9*?-]+:[A-Za-z0-9*?]+$")
+            regex(pattern = r"^([A-Za-z0-9*?-]+:[A-Za-z0-9*?]+|[A-Z*?]+)$")
         )
     )]
     pub actions: Vec<String>,
-    /// Resource ARN patterns, e.g. `arn:aws:s3:::corp-data/team-a/invoices/*`; `{namespace}`
-    /// expands to this ApiKey's namespace.
+    /// Resource patterns, e.g. `arn:aws:s3:::corp-data/team-a/invoices/*` (aws) or
+    /// `/api/v1/repos/team-a/*` (gateway); `{namespace}` expands to this ApiKey's namespace.
     #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 512)))]
     pub resources: Vec<String>,
 }
@@ -249,7 +368,8 @@ pub struct ApiKeyStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// The session policy the broker attaches to every issuance (IAM JSON).
+    /// What every issuance allows, as compiled: for `aws` the session policy the broker attaches
+    /// (IAM JSON); for a gateway the methods and paths it forwards (JSON).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_policy: Option<String>,
     /// SHA-256 of the session policy, as recorded in audit records.

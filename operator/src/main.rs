@@ -167,11 +167,14 @@ struct WebhookArgs {
     #[arg(long, default_value = "1Mi")]
     credentials_volume_size: String,
     /// Loopback port of the sidecar's AWS container-credentials endpoint.
-    #[arg(long, default_value_t = 9911)]
+    #[arg(long, default_value_t = keybroker_contract::ports::CREDENTIALS)]
     sidecar_credentials_port: u16,
     /// Port of the sidecar's health endpoints (startup and liveness probes).
-    #[arg(long, default_value_t = 9912)]
+    #[arg(long, default_value_t = keybroker_contract::ports::HEALTH)]
     sidecar_health_port: u16,
+    /// Loopback port of the sidecar's local gateway (gateway ApiKeys).
+    #[arg(long, default_value_t = keybroker_contract::ports::GATEWAY)]
+    sidecar_gateway_port: u16,
 }
 
 fn duration(value: &str) -> Result<Duration, String> {
@@ -342,6 +345,7 @@ async fn webhook_role(
         memory_limit: args.sidecar_memory_limit,
         credentials_port: args.sidecar_credentials_port,
         health_port: args.sidecar_health_port,
+        gateway_port: args.sidecar_gateway_port,
     };
     let listener = server::bind(args.webhook_addr).await?;
     let (tls, upkeep): (_, futures::future::BoxFuture<'static, ()>) =

@@ -55,6 +55,23 @@ pub enum Refusal {
         "the compiled session policy is {bytes} bytes but STS accepts at most {MAX_POLICY_BYTES}; list fewer actions or resources, or use wider patterns within the guardrails"
     )]
     PolicyTooLarge { bytes: usize },
+    #[error("{field} {requested} exceeds the provider's {guardrail} {max}; ask for at most {max}")]
+    BudgetExceedsGuardrails {
+        field: &'static str,
+        guardrail: &'static str,
+        requested: u64,
+        max: u64,
+    },
+    #[error(
+        "{field} is for {kinds} providers only, and KeyProvider {provider:?} is {kind}; {hint}"
+    )]
+    NotForKind {
+        field: &'static str,
+        kinds: &'static str,
+        provider: String,
+        kind: &'static str,
+        hint: &'static str,
+    },
 }
 
 impl Refusal {
@@ -68,6 +85,8 @@ impl Refusal {
             }
             Refusal::InvalidPattern { .. } => "InvalidScope",
             Refusal::PolicyTooLarge { .. } => "PolicyTooLarge",
+            Refusal::BudgetExceedsGuardrails { .. } => "BudgetExceedsGuardrails",
+            Refusal::NotForKind { .. } => "InvalidScope",
         }
     }
 }
@@ -109,13 +128,21 @@ fn describe_violations(violations: &[Violation]) -> String {
         .join("; ")
 }
 
-/// Compiles `spec` for an ApiKey in `namespace` under the provider's `guardrails`.
+/// Compiles `spec` for an ApiKey in `namespace` under the guardrails of the `aws` provider
+/// `provider`: an IAM session policy.
 pub fn compile(
     spec: &ApiKeySpec,
     guardrails: &Guardrails,
     namespace: &str,
 ) -> Result<Compiled, Refusal> {
     let ttl = effective_ttl(spec.ttl.as_deref(), guardrails)?;
+    if let Some(action) = spec.scope.actions.iter().find(|a| !a.contains(':')) {
+        return Err(Refusal::InvalidPattern {
+            field: "scope.actions",
+            pattern: action.clone(),
+            problem: "is not an IAM action: use service:Action, e.g. s3:GetObject (HTTP methods are for gateway providers)",
+        });
+    }
 
     let allowed_actions: Vec<Pattern> = guardrails
         .allowed_actions
@@ -281,7 +308,11 @@ pub fn format_ttl(d: Duration) -> String {
 }
 
 /// Replaces `{namespace}`; refuses any other `{…}` placeholder rather than sending it to STS.
-fn expand(field: &'static str, pattern: &str, namespace: &str) -> Result<String, Refusal> {
+pub(crate) fn expand(
+    field: &'static str,
+    pattern: &str,
+    namespace: &str,
+) -> Result<String, Refusal> {
     let expanded = pattern.replace(NAMESPACE_PLACEHOLDER, namespace);
     if expanded.contains('{') || expanded.contains('}') {
         return Err(Refusal::InvalidPattern {
@@ -293,7 +324,7 @@ fn expand(field: &'static str, pattern: &str, namespace: &str) -> Result<String,
     Ok(expanded)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -462,6 +493,7 @@ scope:
             },
             ttl: None,
             revoked: false,
+            budget: None,
         };
         let refusal = compile(&spec, &guardrails(TEAM_PREFIX), "team-a").unwrap_err();
         assert_eq!(refusal.reason(), "PolicyTooLarge");

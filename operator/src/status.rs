@@ -69,7 +69,7 @@ pub fn evaluate(
             ),
         );
     }
-    match policy::compile(&key.spec, &provider.spec.guardrails, namespace) {
+    match crate::providers::compile(&key.spec, provider, namespace) {
         Ok(compiled) => Verdict::Ready(compiled),
         Err(refusal) => Verdict::not_ready(refusal.reason(), refusal.to_string()),
     }

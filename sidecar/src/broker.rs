@@ -13,7 +13,8 @@ use hyper::body::Bytes;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, RETRY_AFTER};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use keybroker_sidecar::wire::{ExchangeRequest, ExchangeResponse, Refusal, RevocationStatus};
+use keybroker_contract::paths;
+use keybroker_contract::wire::{ExchangeRequest, ExchangeResponse, Refusal, RevocationStatus};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio_rustls::TlsConnector;
@@ -170,7 +171,7 @@ impl Broker {
         let (status, body) = self
             .send(
                 Method::POST,
-                "/v1/exchange",
+                paths::EXCHANGE,
                 body,
                 EXCHANGE_TIMEOUT,
                 "an exchange",
@@ -188,7 +189,8 @@ impl Broker {
         wait: Duration,
     ) -> Result<RevocationStatus, Error> {
         let path = format!(
-            "/v1/revocations?apiKey={api_key}&grant={}&waitSeconds={}",
+            "{}?apiKey={api_key}&grant={}&waitSeconds={}",
+            paths::REVOCATIONS,
             grant.unwrap_or_default(),
             wait.as_secs()
         );

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
+use keybroker_contract::{env, ports};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -18,25 +19,25 @@ container-credentials endpoint."
 )]
 pub struct Args {
     /// The broker's HTTPS URL.
-    #[arg(long, env = "KEYBROKER_BROKER_URL")]
+    #[arg(long, env = env::BROKER_URL)]
     pub broker_url: String,
     /// PEM of the CA that signed the broker's certificate (inline).
-    #[arg(long, env = "KEYBROKER_BROKER_CA", conflicts_with = "broker_ca_file")]
+    #[arg(long, env = env::BROKER_CA, conflicts_with = "broker_ca_file")]
     pub broker_ca: Option<String>,
     /// File holding the PEM of the CA that signed the broker's certificate.
-    #[arg(long, env = "KEYBROKER_BROKER_CA_FILE")]
+    #[arg(long, env = env::BROKER_CA_FILE)]
     pub broker_ca_file: Option<PathBuf>,
     /// The projected service-account token (audience keybroker); re-read for every request.
     #[arg(
         long,
-        env = "KEYBROKER_TOKEN_FILE",
+        env = env::TOKEN_FILE,
         default_value = "/var/run/secrets/keybroker/token"
     )]
     pub token_file: PathBuf,
     /// ApiKey names, comma-separated.
     #[arg(
         long,
-        env = "KEYBROKER_API_KEYS",
+        env = env::API_KEYS,
         value_delimiter = ',',
         required = true
     )]
@@ -44,28 +45,28 @@ pub struct Args {
     /// Where `<apikey>/` directories and `.auth-token` are written.
     #[arg(
         long,
-        env = "KEYBROKER_OUTPUT_DIR",
+        env = env::OUTPUT_DIR,
         default_value = "/var/run/keybroker"
     )]
     pub output_dir: PathBuf,
     /// Mode of the credential files, octal; read bits only (0440 for owner + fsGroup).
-    #[arg(long, env = "KEYBROKER_FILE_MODE", default_value = "0440")]
+    #[arg(long, env = env::FILE_MODE, default_value = "0440")]
     pub file_mode: String,
     /// The AWS container-credentials endpoint; loopback only.
     #[arg(
         long,
-        env = "KEYBROKER_CREDENTIALS_ADDR",
-        default_value = "127.0.0.1:9911"
+        env = env::CREDENTIALS_ADDR,
+        default_value_t = SocketAddr::from(([127, 0, 0, 1], ports::CREDENTIALS))
     )]
     pub credentials_addr: SocketAddr,
     /// /startupz, /livez and /metrics (probed by the kubelet from the pod IP).
-    #[arg(long, env = "KEYBROKER_HEALTH_ADDR", default_value = "0.0.0.0:9912")]
+    #[arg(long, env = env::HEALTH_ADDR, default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::HEALTH)))]
     pub health_addr: SocketAddr,
     /// Refresh after this fraction of the credentials' lifetime (or sooner if the broker says).
-    #[arg(long, env = "KEYBROKER_REFRESH_FRACTION", default_value_t = 2.0 / 3.0)]
+    #[arg(long, env = env::REFRESH_FRACTION, default_value_t = 2.0 / 3.0)]
     pub refresh_fraction: f64,
     /// Log level: error, warn, info, debug or trace.
-    #[arg(long, env = "KEYBROKER_LOG_LEVEL", default_value = "info")]
+    #[arg(long, env = env::LOG_LEVEL, default_value = "info")]
     pub log_level: tracing::Level,
 }
 
@@ -139,16 +140,7 @@ pub fn file_mode(text: &str) -> Result<u32, Error> {
 pub fn api_keys(names: &[String]) -> Result<Vec<String>, Error> {
     let mut out: Vec<String> = Vec::with_capacity(names.len());
     for name in names.iter().map(|n| n.trim()) {
-        let valid = !name.is_empty()
-            && name.len() <= 253
-            && name.split('.').all(|label| {
-                !label.is_empty()
-                    && label
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                    && !label.starts_with('-')
-                    && !label.ends_with('-')
-            });
+        let valid = keybroker_contract::is_api_key_name(name);
         if !valid {
             return Err(Error::ApiKeyName(name.to_owned()));
         }

@@ -7,10 +7,10 @@
 use std::fmt;
 
 use jiff::Timestamp;
-use keybroker_sidecar::wire::Credentials;
+use keybroker_contract::wire::Credentials;
 use serde::Serialize;
 
-pub use keybroker_sidecar::wire::{CREDENTIALS, CREDENTIALS_JSON, EXPIRATION};
+pub use keybroker_contract::files::{CREDENTIALS, CREDENTIALS_JSON, EXPIRATION};
 
 /// Upper bounds on what the broker may send: generous for AWS (session tokens reach ~2 KiB)
 /// and small enough that a broken broker cannot fill the pod's memory-backed volume.

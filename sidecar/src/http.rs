@@ -21,6 +21,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use keybroker_contract::paths;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tracing::debug;
@@ -74,7 +75,7 @@ pub fn credentials(
             "send the contents of .auth-token as the Authorization header\n",
         );
     }
-    let Some(name) = path.strip_prefix("/v1/credentials/") else {
+    let Some(name) = path.strip_prefix(paths::CREDENTIALS_PREFIX) else {
         return Reply::text(StatusCode::NOT_FOUND, "use /v1/credentials/<apikey>\n");
     };
     match keys.iter().find(|k| k.name == name) {
@@ -102,7 +103,7 @@ pub fn health(keys: &[Key], method: &Method, path: &str) -> Reply {
         return Reply::text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
     }
     match path {
-        "/startupz" => {
+        paths::STARTUPZ => {
             let waiting: Vec<&str> = keys
                 .iter()
                 .filter(|k| !k.started())
@@ -121,8 +122,8 @@ pub fn health(keys: &[Key], method: &Method, path: &str) -> Reply {
             }
         }
         // Answering at all shows the runtime is alive; broker trouble is not fixed by a restart.
-        "/livez" => Reply::text(StatusCode::OK, "ok\n"),
-        "/metrics" => Reply {
+        paths::LIVEZ => Reply::text(StatusCode::OK, "ok\n"),
+        paths::METRICS => Reply {
             status: StatusCode::OK,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             body: state::metrics(keys).into_bytes(),
@@ -236,7 +237,7 @@ impl Silent {
 
 #[cfg(test)]
 mod tests {
-    use keybroker_sidecar::wire::Credentials;
+    use keybroker_contract::wire::Credentials;
 
     use super::*;
     use crate::atomic::Writer;

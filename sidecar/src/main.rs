@@ -17,6 +17,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+// The endpoint's token, next to the ApiKey directories (`AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`).
+use keybroker_contract::files::AUTH_TOKEN;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
@@ -26,9 +28,6 @@ use crate::broker::Broker;
 use crate::config::Args;
 use crate::state::Key;
 use crate::tasks::Ctx;
-
-/// The endpoint's token, next to the ApiKey directories (`AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`).
-const AUTH_TOKEN_FILE: &str = ".auth-token";
 
 #[derive(Debug, thiserror::Error)]
 enum Error {
@@ -121,7 +120,7 @@ async fn run(args: Args) -> Result<(), Error> {
     }
     writer.remove_state_dir()?;
     let token = random::token()?;
-    writer.write_file(AUTH_TOKEN_FILE, token.as_bytes())?;
+    writer.write_file(AUTH_TOKEN, token.as_bytes())?;
 
     let keys: Arc<[Key]> = names.iter().map(|n| Key::new(n)).collect();
     let bind = |addr, flag| async move {
@@ -175,7 +174,7 @@ async fn run(args: Args) -> Result<(), Error> {
         }
     }
     for removed in [
-        ctx.writer.remove_file(AUTH_TOKEN_FILE),
+        ctx.writer.remove_file(AUTH_TOKEN),
         ctx.writer.remove_state_dir(),
     ] {
         if let Err(e) = removed {

@@ -275,7 +275,7 @@ pub fn render_metrics(keys: &[Snapshot]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use keybroker_sidecar::wire::Credentials;
+    use keybroker_contract::wire::Credentials;
 
     use super::*;
 

@@ -121,7 +121,15 @@ async fn attempt(ctx: &Ctx, key: &Key, failures: &mut u32) -> Duration {
             return delay;
         }
     };
-    let creds = match files::validate(&response.credentials) {
+    let checked = response
+        .credentials
+        .as_ref()
+        .ok_or(files::Error::Invalid {
+            field: "credentials",
+            why: "missing from the answer",
+        })
+        .and_then(files::validate);
+    let creds = match checked {
         Ok(creds) => creds,
         Err(e) => {
             key.failed("InvalidCredentials".into());

@@ -40,10 +40,10 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use nix::sys::signal::Signal;
 
+use keybroker_contract::wire::{AUDIENCE, ExchangeRequest};
 use keybroker_e2e::attack::percentiles;
 use keybroker_e2e::https::{self, SendError};
 use keybroker_e2e::{binaries, eventually, fixtures, in_namespace, pki, shared, shared_with_crds};
-use keybroker_sidecar::wire::{AUDIENCE, ExchangeRequest};
 
 mod replica;
 

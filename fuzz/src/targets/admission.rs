@@ -20,7 +20,7 @@ use keybroker_operator::webhook::{self, inject};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use inject::{Decision, KeyFacts, PodView, Settings};
+use inject::{Decision, GatewayFacts, KeyFacts, PodView, Settings};
 
 use crate::Target;
 
@@ -197,6 +197,14 @@ fn key_facts(tree: &Value, names: &[String], pod: &PodView) -> BTreeMap<String, 
                     ready: h & 0x40 != 0,
                     revoked: h & 0x180 == 0,
                     region: (h & 0x200 != 0).then(|| "eu-west-1".into()),
+                    gateway: (h & 0x400 != 0).then(|| GatewayFacts {
+                        env_name: "UPSTREAM_BASE_URL".into(),
+                        path_suffix: if h & 0x800 != 0 {
+                            "/v1".into()
+                        } else {
+                            String::new()
+                        },
+                    }),
                 })
                 .map(|facts| (name.clone(), facts))
         })

@@ -1,10 +1,10 @@
 //! The broker's side of an exchange: the request body as `POST /v1/exchange` parses it, the
 //! STS session name made of the caller's identity, and the bearer token's pre-check.
 
+use keybroker_contract::wire::ExchangeRequest;
 use keybroker_operator::broker::authn;
 use keybroker_operator::broker::authz::{PodIdentity, role_session_name};
 use keybroker_operator::broker::server::MAX_BODY_BYTES;
-use keybroker_sidecar::wire::ExchangeRequest;
 
 use crate::Target;
 
@@ -96,7 +96,7 @@ fn request_seeds() -> Vec<Vec<u8>> {
 /// has the three parts and the unexpired `exp` it claims to have checked.
 pub fn precheck(token: &str) {
     let expect = authn::Expect {
-        audience: keybroker_sidecar::wire::AUDIENCE,
+        audience: keybroker_contract::wire::AUDIENCE,
         issuer: Some("https://127.0.0.1:6443"),
         now_unix: 1_900_000_000,
     };

@@ -242,6 +242,9 @@ fn ttl(input: &[u8]) {
         default_ttl: parts.next().map(str::to_owned),
         max_ttl: parts.next().map(str::to_owned),
         max_issuances_per_minute: None,
+        max_request_bytes: None,
+        max_requests_per_minute: None,
+        max_requests_per_day: None,
     };
     let requested = Some(requested).filter(|r| !r.is_empty());
     if let Ok(ttl) = policy::effective_ttl(requested, &guardrails) {

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use jiff::Timestamp;
-use keybroker_sidecar::wire::{ExchangeResponse, Refusal, RevocationStatus};
+use keybroker_contract::wire::{ExchangeResponse, Refusal, RevocationStatus};
 
 use crate::Target;
 
@@ -76,11 +76,13 @@ fn exchange_answer(body: &[u8]) {
     let Ok(answer) = serde_json::from_slice::<ExchangeResponse>(body) else {
         return;
     };
-    let valid = match files::validate(&answer.credentials) {
+    let Some(c) = &answer.credentials else {
+        return;
+    };
+    let valid = match files::validate(c) {
         Ok(valid) => valid,
         Err(e) => {
             let shown = e.to_string();
-            let c = &answer.credentials;
             for secret in [&c.secret_access_key, &c.session_token] {
                 assert!(
                     secret.len() < 8 || !shown.contains(secret.as_str()),
@@ -90,7 +92,7 @@ fn exchange_answer(body: &[u8]) {
             return;
         }
     };
-    check_files(&answer, &valid);
+    check_files(c, &valid);
     let now: Timestamp = NOW.parse().unwrap_or(Timestamp::UNIX_EPOCH);
     let until = |t: Timestamp| Duration::try_from(t.duration_since(now)).ok();
     let lifetime = until(valid.expiration).unwrap_or_default();
@@ -106,8 +108,7 @@ fn exchange_answer(body: &[u8]) {
 
 /// Whatever passed the check makes files an SDK reads back as exactly those credentials: no
 /// extra INI line or profile, JSON that parses, one expiration line.
-fn check_files(answer: &ExchangeResponse, valid: &files::Valid) {
-    let c = &answer.credentials;
+fn check_files(c: &keybroker_contract::wire::Credentials, valid: &files::Valid) {
     let rendered = files::render(valid);
     let names: Vec<_> = rendered.iter().map(|(name, _)| *name).collect();
     assert_eq!(

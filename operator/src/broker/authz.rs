@@ -13,7 +13,6 @@ use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
 
 use crate::crd::{ApiKey, KeyProvider};
-use crate::policy;
 use crate::webhook::inject::{self, PodView};
 
 /// Pod label that opts a pod in (also the webhook's objectSelector).
@@ -177,7 +176,7 @@ pub fn authorize(
             identity.namespace
         )));
     }
-    let compiled = policy::compile(&key.spec, &provider.spec.guardrails, &identity.namespace)
+    let compiled = crate::providers::compile(&key.spec, provider, &identity.namespace)
         .map_err(|refusal| not_ready(refusal.to_string()))?;
     Ok(Grant {
         id: crate::revocation::grant_id(

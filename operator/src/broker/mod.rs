@@ -14,15 +14,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use keybroker_sidecar::wire::{ExchangeRequest, ExchangeResponse, Refusal};
+use keybroker_contract::wire::{ExchangeRequest, ExchangeResponse, GatewaySession, Refusal};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use tracing::info;
 
-use crate::crd::{ApiKey, KeyProvider};
+use crate::crd::{ApiKey, AwsProvider, KeyProvider};
 use crate::metrics::Metrics;
 use crate::providers::aws::{self, mint};
+use crate::providers::gateway::session::{Claims, SessionKey};
+use crate::providers::{self, Kind};
 use crate::revocation;
 use crate::watch_cache_with;
 use authn::{Authenticator, AuthnError};
@@ -57,6 +59,10 @@ pub enum ExchangeError {
     GrantPending { name: String },
     #[error("{0}")]
     TooManyPolls(#[from] pollers::Full),
+    #[error(
+        "ApiKey {name} uses a gateway provider, but this broker has no gateway; the platform team enables the chart's gateway"
+    )]
+    NoGateway { name: String },
 }
 
 impl ExchangeError {
@@ -70,6 +76,7 @@ impl ExchangeError {
             ExchangeError::RateLimited { .. } => "RateLimited",
             ExchangeError::GrantPending { .. } => "GrantPending",
             ExchangeError::TooManyPolls(_) => "TooManyPolls",
+            ExchangeError::NoGateway { .. } => "GatewayNotConfigured",
         }
     }
 
@@ -94,7 +101,8 @@ impl ExchangeError {
             ExchangeError::Denied(_) => 403,
             ExchangeError::Lookup { .. }
             | ExchangeError::ProviderUnavailable(_)
-            | ExchangeError::GrantPending { .. } => 503,
+            | ExchangeError::GrantPending { .. }
+            | ExchangeError::NoGateway { .. } => 503,
             ExchangeError::ProviderRefused { .. } => 502,
             ExchangeError::RateLimited { .. } | ExchangeError::TooManyPolls(_) => 429,
         }
@@ -147,6 +155,16 @@ pub struct Broker {
     /// The revocation long-polls, woken by the cache events that touch their ApiKey.
     pollers: Arc<Pollers>,
     metrics: Arc<Metrics>,
+    /// Where gateway sessions are used, and the key that signs them (see [`Broker::link_gateway`]).
+    gateway: std::sync::OnceLock<GatewayLink>,
+}
+
+/// What the broker needs to issue gateway sessions: the gateway's URL as pods reach it, and
+/// the signing key the gateway verifies with.
+#[derive(Clone, Debug)]
+pub struct GatewayLink {
+    pub url: String,
+    pub key: Arc<SessionKey>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -234,7 +252,7 @@ impl Broker {
             )
         };
         let broker = Arc::new(Self {
-            authn: Authenticator::new(client.clone(), keybroker_sidecar::wire::AUDIENCE),
+            authn: Authenticator::new(client.clone(), keybroker_contract::wire::AUDIENCE),
             client,
             cap: IssuanceCap::default(),
             keys,
@@ -245,6 +263,7 @@ impl Broker {
             sts: Mutex::default(),
             pollers,
             metrics,
+            gateway: std::sync::OnceLock::new(),
         });
         let _ = tokio::join!(
             broker.keys.wait_until_ready(),
@@ -294,6 +313,23 @@ impl Broker {
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Ok(PollAnswer::Quiet);
             }
+        }
+    }
+
+    /// Lets the broker issue sessions for gateway ApiKeys (set once; later calls are ignored).
+    pub fn link_gateway(&self, link: GatewayLink) {
+        let _ = self.gateway.set(link);
+    }
+
+    /// The caches of ApiKeys, KeyProviders, Namespaces and opted-in Pods, shared with the
+    /// gateway in the same process (one watch per resource).
+    pub fn stores(&self) -> Stores {
+        Stores {
+            keys: self.keys.clone(),
+            providers: self.providers.clone(),
+            namespaces: self.namespaces.clone(),
+            pods: self.pods.clone(),
+            sidecar_image: self.sidecar_image.clone(),
         }
     }
 
@@ -417,13 +453,66 @@ impl Broker {
                 name: name.to_owned(),
                 retry_after,
             })?;
-        let response = self.mint(identity, name, &provider, &grant).await?;
+        let response = match providers::kind(&provider) {
+            Ok(Kind::Aws(aws)) => self.mint(identity, name, aws, &grant).await?,
+            Ok(Kind::Gateway(_)) => self.session(identity, name, &grant)?,
+            Err(e) => {
+                return Err(ExchangeError::Denied(Denial::ApiKeyNotReady {
+                    name: name.to_owned(),
+                    detail: e.to_string(),
+                }));
+            }
+        };
         Ok((grant, response))
+    }
+
+    /// A gateway session for the pod and ApiKey, valid for the grant's TTL.
+    fn session(
+        &self,
+        identity: &PodIdentity,
+        name: &str,
+        grant: &Grant,
+    ) -> Result<ExchangeResponse, ExchangeError> {
+        let link = self.gateway.get().ok_or_else(|| ExchangeError::NoGateway {
+            name: name.to_owned(),
+        })?;
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let ttl = i64::try_from(grant.ttl.as_secs()).unwrap_or(i64::MAX / 4);
+        let exp = now.as_second().saturating_add(ttl);
+        let token = link.key.issue(&Claims {
+            namespace: identity.namespace.clone(),
+            api_key: name.to_owned(),
+            pod: identity.pod_name.clone(),
+            pod_uid: identity.pod_uid.clone(),
+            service_account: identity.service_account.clone(),
+            grant: grant.id.clone(),
+            exp,
+        });
+        let at = |secs: i64| {
+            k8s_openapi::jiff::Timestamp::from_second(secs)
+                .map(|t| t.to_string())
+                .unwrap_or_default()
+        };
+        Ok(ExchangeResponse {
+            credentials: None,
+            session: Some(GatewaySession {
+                token,
+                url: format!(
+                    "{}{}",
+                    link.url.trim_end_matches('/'),
+                    keybroker_contract::paths::FORWARD
+                ),
+                expiration: at(exp),
+            }),
+            refresh_at: at(now.as_second().saturating_add(ttl * 2 / 3)),
+            grant: grant.id.clone(),
+        })
     }
 
     async fn sts_client(
         &self,
         provider: &KeyProvider,
+        aws: &AwsProvider,
     ) -> Result<aws_sdk_sts::Client, ExchangeError> {
         let key = (
             provider.name_any(),
@@ -435,7 +524,7 @@ impl Broker {
         {
             return Ok(client.clone());
         }
-        let client = aws::sts_client(&self.client, &provider.spec.aws)
+        let client = aws::sts_client(&self.client, aws)
             .await
             .map_err(|p| ExchangeError::ProviderUnavailable(p.to_string()))?;
         if let Ok(mut cache) = self.sts.lock() {
@@ -450,15 +539,22 @@ impl Broker {
         &self,
         identity: &PodIdentity,
         name: &str,
-        provider: &KeyProvider,
+        aws: &AwsProvider,
         grant: &Grant,
     ) -> Result<ExchangeResponse, ExchangeError> {
-        let sts = self.sts_client(provider).await?;
+        let provider = self
+            .providers
+            .get(&ObjectRef::new(&grant.provider))
+            .ok_or_else(|| ExchangeError::Lookup {
+                what: "KeyProvider".into(),
+                detail: "vanished".into(),
+            })?;
+        let sts = self.sts_client(&provider, aws).await?;
         let tag = revocation::revoke_tag(&identity.namespace, name, &grant.id);
         let source_identity = revocation::aws_source_identity(&identity.namespace, name);
         let minted = mint::assume_role(
             &sts,
-            &provider.spec.aws,
+            aws,
             mint::Request {
                 session_name: authz::role_session_name(identity),
                 session_policy: &grant.session_policy,
@@ -475,10 +571,27 @@ impl Broker {
             mint::MintError::Unavailable(detail) => ExchangeError::ProviderUnavailable(detail),
         })?;
         Ok(ExchangeResponse {
-            credentials: minted.credentials,
+            credentials: Some(minted.credentials),
+            session: None,
             refresh_at: minted.refresh_at,
             grant: grant.id.clone(),
         })
+    }
+}
+
+/// The broker's caches, for the gateway in the same process.
+#[derive(Clone)]
+pub struct Stores {
+    pub keys: Store<ApiKey>,
+    pub providers: Store<KeyProvider>,
+    pub namespaces: Store<Namespace>,
+    pub pods: Store<Pod>,
+    pub sidecar_image: String,
+}
+
+impl std::fmt::Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stores").finish_non_exhaustive()
     }
 }
 
@@ -517,8 +630,13 @@ fn audit_issuance(
         provider = %grant.provider,
         grant = %grant.id,
         scope_hash = %grant.scope_hash,
-        access_key_id = %response.credentials.access_key_id,
-        expiration = %response.credentials.expiration,
+        access_key_id = response.credentials.as_ref().map_or("", |c| c.access_key_id.as_str()),
+        expiration = response
+            .credentials
+            .as_ref()
+            .map(|c| c.expiration.as_str())
+            .or(response.session.as_ref().map(|s| s.expiration.as_str()))
+            .unwrap_or(""),
         client,
         "credentials issued"
     );

@@ -20,7 +20,8 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{AUTHORIZATION, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
-use keybroker_sidecar::wire::{
+use keybroker_contract::paths;
+use keybroker_contract::wire::{
     ExchangeRequest, MAX_REVOCATION_WAIT_SECONDS, Refusal, RevocationStatus,
 };
 use tokio::net::TcpListener;
@@ -86,7 +87,7 @@ async fn handle(
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
-        (&Method::POST, "/v1/exchange") => {
+        (&Method::POST, paths::EXCHANGE) => {
             let Some(_client) = caps.per_client.enter(peer.ip()) else {
                 return busy(&format!(
                     "this client already has {MAX_EXCHANGES_PER_CLIENT} exchanges in flight; wait for them before sending more"
@@ -97,7 +98,7 @@ async fn handle(
             };
             exchange(req, broker, peer).await
         }
-        (&Method::GET, "/v1/revocations") => revocations(req, broker).await,
+        (&Method::GET, paths::REVOCATIONS) => revocations(req, broker).await,
         (&Method::GET, "/healthz") => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
         _ => refusal(
             StatusCode::NOT_FOUND,

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use crate::crd::{ApiKey, ApiKeyStatus, KeyProvider};
 use crate::events::{EventType, Publisher};
 use crate::metrics::Metrics;
-use crate::providers::aws::check as provider_check;
+use crate::providers;
 use crate::revocation::{self, Cause, Transition};
 use crate::shutdown::Shutdown;
 use crate::status::{self, Verdict};
@@ -392,19 +392,13 @@ async fn reconcile_provider(
         revoke::add_finalizer(&api, provider).await?;
         return Ok(Action::await_change());
     }
-    let outcome = provider_check::verify(&ctx.client, &provider.spec.aws).await;
+    let outcome = providers::verify(&ctx.client, provider).await;
     match &outcome {
         Ok(identity) => debug!(provider = %name, %identity, "KeyProvider verified"),
         Err(problem) => warn!(provider = %name, %problem, "KeyProvider not usable"),
     }
     let current = provider.status.as_ref();
-    let desired = provider_check::desired_status(
-        current,
-        &outcome,
-        provider.spec.aws.revocation,
-        provider.meta().generation,
-        now(),
-    );
+    let desired = providers::desired_status(provider, &outcome, now());
     if current != Some(&desired) {
         apply_status(&ctx, &api, KEYPROVIDER, &name, &desired).await?;
         info!(provider = %name, ready = outcome.is_ok(), "KeyProvider status changed");

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::Error;
 use crate::crd::{ApiKey, KeyProvider};
-use crate::providers::aws::revoke;
+use crate::providers;
 use crate::revocation::Cause;
 
 /// Set on every ApiKey and KeyProvider the controller has seen: removed only after the
@@ -104,7 +104,7 @@ pub async fn revoke_grant(
     cause: Cause,
 ) -> Result<(), Error> {
     let started = std::time::Instant::now();
-    let outcome = revoke::revoke(client, &provider.spec.aws, namespace, name, grant).await;
+    let outcome = providers::revoke(client, provider, namespace, name, grant).await;
     let elapsed_ms = started.elapsed().as_millis();
     match &outcome {
         Ok(done) => info!(
@@ -159,8 +159,7 @@ pub fn sweep_later(
         if current.as_deref() == Some(grant.as_str()) {
             return;
         }
-        if let Err(e) = revoke::revoke(&client, &provider.spec.aws, &namespace, &name, &grant).await
-        {
+        if let Err(e) = providers::revoke(&client, &provider, &namespace, &name, &grant).await {
             warn!(api_key = %name, %namespace, error = %e, "second revocation sweep failed");
         }
     });

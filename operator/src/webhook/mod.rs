@@ -18,18 +18,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use kube::Api;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::crd::{ApiKey, KeyProvider};
 use crate::metrics::Metrics;
+use crate::providers::{self, Kind};
 use crate::status::ready_condition;
 use crate::watch_cache;
-use inject::{Decision, KeyFacts, PodView, Settings};
+use inject::{Decision, GatewayFacts, KeyFacts, PodView, Settings};
 
 /// A live read of an ApiKey missing from the cache must answer within this, well inside the
 /// apiserver's own timeout for the whole webhook call.
@@ -231,15 +232,35 @@ impl Webhook {
 
     fn facts(&self, key: &ApiKey) -> KeyFacts {
         let ready = ready_condition(key.status.as_ref()).is_some_and(|c| c.status == "True");
-        let region = self
+        let provider = self
             .providers
-            .get(&ObjectRef::new(&key.spec.provider_ref.name))
-            .map(|p| p.spec.aws.region.clone());
+            .get(&ObjectRef::new(&key.spec.provider_ref.name));
+        let kind = provider.as_deref().and_then(|p| providers::kind(p).ok());
+        let region = match kind {
+            Some(Kind::Aws(aws)) => Some(aws.region.clone()),
+            _ => None,
+        };
+        let gateway = match kind {
+            Some(Kind::Gateway(gateway)) => Some(GatewayFacts {
+                env_name: gateway
+                    .app_env
+                    .as_ref()
+                    .map(|e| e.name.clone())
+                    .unwrap_or_else(|| inject::default_gateway_env(&key.name_any())),
+                path_suffix: gateway
+                    .app_env
+                    .as_ref()
+                    .and_then(|e| e.path_suffix.clone())
+                    .unwrap_or_default(),
+            }),
+            _ => None,
+        };
         KeyFacts {
             service_account_names: key.spec.service_account_names.clone(),
             ready,
             revoked: key.spec.revoked,
             region,
+            gateway,
         }
     }
 }

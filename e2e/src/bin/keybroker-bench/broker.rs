@@ -38,7 +38,7 @@ pub(crate) async fn broker(requests: usize, operator: &PathBuf) -> anyhow::Resul
         &client,
         ns,
         "uploader",
-        keybroker_sidecar::wire::AUDIENCE,
+        keybroker_contract::wire::AUDIENCE,
         Some("app"),
     )
     .await?;

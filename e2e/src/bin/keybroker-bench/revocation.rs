@@ -37,7 +37,7 @@ impl RunningSidecar {
         self.pod
             .out
             .join(api_key_name(self.key))
-            .join(keybroker_sidecar::wire::CREDENTIALS_JSON)
+            .join(keybroker_contract::files::CREDENTIALS_JSON)
     }
 }
 
@@ -164,7 +164,7 @@ pub(crate) async fn revocation(
                     &client,
                     ns,
                     "uploader",
-                    keybroker_sidecar::wire::AUDIENCE,
+                    keybroker_contract::wire::AUDIENCE,
                     Some(&name),
                 )
                 .await?;
@@ -356,7 +356,7 @@ async fn direct_revocation_floor(
     let kp = Api::<KeyProvider>::all(client.clone())
         .get(provider)
         .await?;
-    let aws = kp.spec.aws;
+    let aws = kp.spec.aws.context("the provider is not of kind aws")?;
     let sts = sts_client(client, &aws)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -37,7 +37,7 @@ pub(crate) async fn sidecar_bench(
         &client,
         ns,
         "uploader",
-        keybroker_sidecar::wire::AUDIENCE,
+        keybroker_contract::wire::AUDIENCE,
         Some("app"),
     )
     .await?;

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use aws_sdk_sts::error::ProvideErrorMetadata;
 use aws_smithy_types::body::SdkBody;
 use k8s_openapi::jiff::Timestamp;
-use keybroker_sidecar::wire::Credentials;
+use keybroker_contract::wire::Credentials;
 
 use crate::crd::{AwsProvider, Revocation};
 

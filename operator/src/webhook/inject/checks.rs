@@ -14,7 +14,7 @@ use super::{
     CREDENTIALS_DIR, CREDENTIALS_VOLUME, Denial, INJECTED_ANNOTATION, SIDECAR_NAME,
     SKIP_CONTAINERS_ANNOTATION, Settings, TOKEN_VOLUME,
 };
-use keybroker_sidecar::wire::AUDIENCE;
+use keybroker_contract::wire::AUDIENCE;
 
 /// Every container of the pod: app, init and ephemeral alike.
 fn all_containers(spec: &SpecView) -> impl Iterator<Item = &ContainerView> {
@@ -89,6 +89,7 @@ pub(super) fn check_conflicts(
             let port = port.container_port;
             if port == i32::from(settings.credentials_port)
                 || port == i32::from(settings.health_port)
+                || port == i32::from(settings.gateway_port)
             {
                 return Err(Denial::Conflict(format!(
                     "container {} uses port {port}, which the keybroker sidecar needs in the pod's network namespace; use another port",

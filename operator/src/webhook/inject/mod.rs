@@ -17,6 +17,7 @@ mod view;
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::VolumeMount;
+use keybroker_contract::ports;
 use serde_json::{Value, json};
 
 use crate::broker::authz::{APIKEYS_ANNOTATION, INJECT_LABEL, listed_api_keys};
@@ -58,6 +59,8 @@ pub struct Settings {
     pub credentials_port: u16,
     /// Port of the sidecar's /startupz, /livez and /metrics (probed by the kubelet).
     pub health_port: u16,
+    /// Loopback port where the sidecar serves gateway ApiKeys (`/<apikey>/...`).
+    pub gateway_port: u16,
 }
 
 impl Default for Settings {
@@ -72,8 +75,9 @@ impl Default for Settings {
             cpu_request: "5m".into(),
             memory_request: "16Mi".into(),
             memory_limit: "32Mi".into(),
-            credentials_port: 9911,
-            health_port: 9912,
+            credentials_port: ports::CREDENTIALS,
+            health_port: ports::HEALTH,
+            gateway_port: ports::GATEWAY,
         }
     }
 }
@@ -87,6 +91,19 @@ pub struct KeyFacts {
     pub revoked: bool,
     /// The region of the ApiKey's provider, for `AWS_REGION`.
     pub region: Option<String>,
+    /// For an ApiKey of a gateway provider: the env var that points apps at the sidecar's
+    /// local gateway URL, and the path after the ApiKey's prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayFacts>,
+}
+
+/// How apps find a gateway ApiKey.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayFacts {
+    pub env_name: String,
+    #[serde(default)]
+    pub path_suffix: String,
 }
 
 /// The outcome of admitting one pod.
@@ -384,10 +401,19 @@ fn plan(
         read_only: Some(true),
         ..VolumeMount::default()
     });
-    let region = keys.get(&names[0]).and_then(|k| k.region.as_deref());
-    let env: Vec<(&str, Value)> = app_env(&names[0], region, settings)
+    // AWS SDKs follow one container-credentials endpoint: the first ApiKey of an aws provider.
+    let first_aws = names
+        .iter()
+        .find(|n| keys.get(n.as_str()).is_none_or(|k| k.gateway.is_none()));
+    let region = first_aws
+        .and_then(|n| keys.get(n.as_str()))
+        .and_then(|k| k.region.as_deref());
+    let env: Vec<(String, Value)> = app_env(first_aws.map(String::as_str), region, keys, settings)
         .into_iter()
-        .map(|(name, value)| (name, json!({"name": name, "value": value})))
+        .map(|(name, value)| {
+            let entry = json!({"name": name, "value": value});
+            (name, entry)
+        })
         .collect();
     // App containers, and regular init containers too: they run after the sidecar has
     // written the first credentials (index + 1: the sidecar was inserted before them). The
@@ -475,26 +501,63 @@ fn plan(
 }
 
 /// The env that points AWS SDKs at the sidecar's container-credentials endpoint for the first
-/// ApiKey (SDKs refresh from it by themselves), and at the provider's region.
-fn app_env(first: &str, region: Option<&str>, settings: &Settings) -> Vec<(&'static str, String)> {
-    let mut env = vec![
-        (
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+/// aws ApiKey (SDKs refresh from it by themselves) and at its provider's region, and apps at
+/// the sidecar's local gateway URL of every gateway ApiKey.
+fn app_env(
+    first_aws: Option<&str>,
+    region: Option<&str>,
+    keys: &BTreeMap<String, KeyFacts>,
+    settings: &Settings,
+) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    if let Some(first) = first_aws {
+        env.push((
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI".to_owned(),
             format!(
-                "http://127.0.0.1:{}/v1/credentials/{first}",
-                settings.credentials_port
+                "http://127.0.0.1:{}{}{first}",
+                settings.credentials_port,
+                keybroker_contract::paths::CREDENTIALS_PREFIX
             ),
-        ),
-        (
-            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
-            format!("{CREDENTIALS_DIR}/.auth-token"),
-        ),
-    ];
-    if let Some(region) = region {
-        env.push(("AWS_REGION", region.to_owned()));
-        env.push(("AWS_DEFAULT_REGION", region.to_owned()));
+        ));
+        env.push((
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE".to_owned(),
+            format!(
+                "{CREDENTIALS_DIR}/{}",
+                keybroker_contract::files::AUTH_TOKEN
+            ),
+        ));
+        if let Some(region) = region {
+            env.push(("AWS_REGION".to_owned(), region.to_owned()));
+            env.push(("AWS_DEFAULT_REGION".to_owned(), region.to_owned()));
+        }
+    }
+    for (name, facts) in keys {
+        if let Some(gateway) = &facts.gateway {
+            env.push((
+                gateway.env_name.clone(),
+                format!(
+                    "http://127.0.0.1:{}/{name}{}",
+                    settings.gateway_port, gateway.path_suffix
+                ),
+            ));
+        }
     }
     env
+}
+
+/// The default env name for a gateway ApiKey's local URL: `KEYBROKER_<NAME>_URL`.
+pub fn default_gateway_env(api_key: &str) -> String {
+    let upper: String = api_key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("KEYBROKER_{upper}_URL")
 }
 
 /// An init container that runs to completion (not a native sidecar).

@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use keybroker_contract::{env, paths};
 use serde_json::{Value, json};
 
 use super::{
@@ -24,7 +25,7 @@ pub(super) fn volumes(settings: &Settings) -> Vec<Value> {
         json!({
             "name": TOKEN_VOLUME,
             "projected": {"sources": [{"serviceAccountToken": {
-                "audience": keybroker_sidecar::wire::AUDIENCE,
+                "audience": keybroker_contract::wire::AUDIENCE,
                 "expirationSeconds": settings.token_expiration_seconds,
                 "path": "token",
             }}]},
@@ -36,18 +37,22 @@ pub(super) fn volumes(settings: &Settings) -> Vec<Value> {
 /// passes once the first credentials are written, so app containers start with them in place.
 pub(super) fn sidecar(names: &[String], access: &FileAccess, settings: &Settings) -> Container {
     let env = [
-        ("KEYBROKER_BROKER_URL", settings.broker_url.clone()),
-        ("KEYBROKER_BROKER_CA", settings.broker_ca.clone()),
-        ("KEYBROKER_API_KEYS", names.join(",")),
-        ("KEYBROKER_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
-        ("KEYBROKER_OUTPUT_DIR", CREDENTIALS_DIR.to_owned()),
-        ("KEYBROKER_FILE_MODE", access.mode.to_owned()),
+        (env::BROKER_URL, settings.broker_url.clone()),
+        (env::BROKER_CA, settings.broker_ca.clone()),
+        (env::API_KEYS, names.join(",")),
+        (env::TOKEN_FILE, format!("{TOKEN_DIR}/token")),
+        (env::OUTPUT_DIR, CREDENTIALS_DIR.to_owned()),
+        (env::FILE_MODE, access.mode.to_owned()),
         (
-            "KEYBROKER_CREDENTIALS_ADDR",
+            env::CREDENTIALS_ADDR,
             format!("127.0.0.1:{}", settings.credentials_port),
         ),
         (
-            "KEYBROKER_HEALTH_ADDR",
+            env::GATEWAY_ADDR,
+            format!("127.0.0.1:{}", settings.gateway_port),
+        ),
+        (
+            env::HEALTH_ADDR,
             format!("0.0.0.0:{}", settings.health_port),
         ),
     ];
@@ -83,8 +88,8 @@ pub(super) fn sidecar(names: &[String], access: &FileAccess, settings: &Settings
             ..ContainerPort::default()
         }]),
         // Up to five minutes for the first credentials (a new ApiKey may still be reconciling).
-        startup_probe: Some(probe("/startupz", 1, 300)),
-        liveness_probe: Some(probe("/livez", 10, 3)),
+        startup_probe: Some(probe(paths::STARTUPZ, 1, 300)),
+        liveness_probe: Some(probe(paths::LIVEZ, 10, 3)),
         volume_mounts: Some(vec![
             VolumeMount {
                 name: CREDENTIALS_VOLUME.into(),

@@ -9,12 +9,6 @@ use serde::{Deserialize, Serialize};
 /// The audience of the projected token the sidecar presents.
 pub const AUDIENCE: &str = "keybroker";
 
-/// File names the sidecar writes inside `<output-dir>/<apikey>/`: the AWS shared-credentials
-/// file, the `credential_process` JSON and the expiry (RFC 3339). Apps and tests read them.
-pub const CREDENTIALS: &str = "credentials";
-pub const CREDENTIALS_JSON: &str = "credentials.json";
-pub const EXPIRATION: &str = "expiration";
-
 /// Body of `POST /v1/exchange`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -45,11 +39,38 @@ impl fmt::Debug for Credentials {
     }
 }
 
-/// Successful answer to an exchange.
+/// A session for calls through keybroker's gateway (an ApiKey of a gateway provider): the
+/// sidecar sends `token` as a bearer token with every call it forwards to `url`. The upstream's
+/// key stays in the broker. `Debug` never shows the token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySession {
+    pub token: String,
+    /// The gateway's base URL for this ApiKey; the app's path is appended.
+    pub url: String,
+    /// RFC 3339.
+    pub expiration: String,
+}
+
+impl fmt::Debug for GatewaySession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewaySession")
+            .field("token", &"<redacted>")
+            .field("url", &self.url)
+            .field("expiration", &self.expiration)
+            .finish()
+    }
+}
+
+/// Successful answer to an exchange: AWS credentials (aws providers) or a gateway session
+/// (gateway providers), exactly one of them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ExchangeResponse {
-    pub credentials: Credentials,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Credentials>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<GatewaySession>,
     /// When the sidecar should fetch new credentials (RFC 3339): two thirds of the lifetime.
     pub refresh_at: String,
     /// The grant the credentials were minted under (an opaque identifier of their rights). The
