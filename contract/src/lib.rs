@@ -48,6 +48,10 @@ pub mod paths {
     pub const METRICS: &str = "/metrics";
 }
 
+/// The header on the gateway's refusals naming their reason, so the sidecar can react (fetch a
+/// new session) without reading the body it streams to the app.
+pub const REFUSAL_HEADER: &str = "x-keybroker-refusal";
+
 /// File names under the sidecar's output directory.
 pub mod files {
     /// In `<output-dir>/<apikey>/`: the AWS shared-credentials file.

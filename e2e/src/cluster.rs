@@ -620,7 +620,7 @@ async fn minio_ready(
 }
 
 /// True when GET `url` answers 200 (and the body contains `needle`, if given).
-async fn http_ok(
+pub(crate) async fn http_ok(
     http: &HttpClient<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
     url: &str,
     needle: Option<&str>,
@@ -686,7 +686,7 @@ fn write_file(path: &Path, contents: &str) -> Result<(), Error> {
 /// `N` distinct free ports on 127.0.0.1. All listeners are held until every port is chosen, so
 /// the ports differ from each other; another process may still take one before we bind it,
 /// which the readiness wait then reports.
-fn free_ports<const N: usize>() -> Result<[u16; N], Error> {
+pub(crate) fn free_ports<const N: usize>() -> Result<[u16; N], Error> {
     let listeners = (0..N)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<Vec<_>, _>>()

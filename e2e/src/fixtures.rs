@@ -292,6 +292,17 @@ pub fn as_injected(
     ns: &str,
     settings: &inject::Settings,
 ) -> anyhow::Result<Pod> {
+    as_injected_with(pod, ns, settings, |_| None)
+}
+
+/// [`as_injected`], with `gateway(name)` saying which ApiKeys are of gateway providers (and
+/// how apps find them).
+pub fn as_injected_with(
+    pod: serde_json::Value,
+    ns: &str,
+    settings: &inject::Settings,
+    gateway: impl Fn(&str) -> Option<inject::GatewayFacts>,
+) -> anyhow::Result<Pod> {
     let facts = inject::KeyFacts {
         service_account_names: vec![
             pod["spec"]["serviceAccountName"]
@@ -308,7 +319,14 @@ pub fn as_injected(
         .as_str()
         .unwrap_or_default();
     let keys = listed_api_keys(listed)
-        .map(|name| (name.to_owned(), facts.clone()))
+        .map(|name| {
+            let mut facts = facts.clone();
+            facts.gateway = gateway(name);
+            if facts.gateway.is_some() {
+                facts.region = None;
+            }
+            (name.to_owned(), facts)
+        })
         .collect();
     let injected = inject::admitted(&pod, ns, &keys, settings)
         .map_err(|denial| anyhow::anyhow!("the webhook would refuse the pod: {denial}"))?;

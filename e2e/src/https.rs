@@ -220,7 +220,7 @@ impl Connection {
 }
 
 /// Whether `Connection` lists `close`.
-fn closes(headers: &hyper::HeaderMap) -> bool {
+pub(crate) fn closes(headers: &hyper::HeaderMap) -> bool {
     headers
         .get_all(hyper::header::CONNECTION)
         .iter()

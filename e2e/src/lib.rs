@@ -12,6 +12,8 @@ pub mod cluster;
 pub mod demo;
 pub mod dns;
 pub mod fixtures;
+pub mod gitea;
+pub mod httpbin;
 pub mod https;
 pub mod images;
 pub mod install;

@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::future::BoxFuture;
-use keybroker_operator::broker::{Broker, server as broker_server};
+use keybroker_operator::broker::{Broker, GatewayLink, server as broker_server};
+use keybroker_operator::gateway::{Gateway, server as gateway_server};
 use keybroker_operator::metrics::Metrics;
+use keybroker_operator::providers::gateway::session;
 use keybroker_operator::webhook::inject::Settings;
 use keybroker_operator::webhook::{Webhook, server as webhook_server};
 use tokio::net::TcpListener;
@@ -102,6 +104,53 @@ impl ServerThread {
             let broker = Broker::start(client, crate::fixtures::SIDECAR_IMAGE).await;
             let serving: BoxFuture<'static, ()> =
                 Box::pin(broker_server::serve(listener, tls, broker));
+            Ok(serving)
+        })
+        .await
+    }
+
+    /// The broker, issuing sessions for gateway ApiKeys that pods use at `gateway_url`, signed
+    /// with the key in Secret `session_secret` (namespace/name; created if missing).
+    pub async fn broker_for_gateway(
+        kubeconfig: &Path,
+        addr: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        gateway_url: String,
+        session_secret: (String, String),
+    ) -> anyhow::Result<Self> {
+        Self::start("broker", kubeconfig, addr, |client, listener| async move {
+            let key =
+                session::load_or_create(&client, &session_secret.0, &session_secret.1).await?;
+            let broker = Broker::start(client, crate::fixtures::SIDECAR_IMAGE).await;
+            broker.link_gateway(GatewayLink {
+                url: gateway_url,
+                key: Arc::new(key),
+            });
+            let serving: BoxFuture<'static, ()> =
+                Box::pin(broker_server::serve(listener, tls, broker));
+            Ok(serving)
+        })
+        .await
+    }
+
+    /// The gateway, verifying sessions with the key in Secret `session_secret`, serving `tls`.
+    pub async fn gateway(
+        kubeconfig: &Path,
+        addr: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        session_secret: (String, String),
+    ) -> anyhow::Result<Self> {
+        Self::start("gateway", kubeconfig, addr, |client, listener| async move {
+            let key =
+                session::load_or_create(&client, &session_secret.0, &session_secret.1).await?;
+            let caches = Broker::start(client.clone(), crate::fixtures::SIDECAR_IMAGE).await;
+            let gateway = Gateway::new(client, caches.stores(), Arc::new(key));
+            let serving: BoxFuture<'static, ()> = Box::pin(gateway_server::serve_until(
+                listener,
+                tls,
+                gateway,
+                keybroker_operator::shutdown::Shutdown::never(),
+            ));
             Ok(serving)
         })
         .await

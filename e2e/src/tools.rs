@@ -49,6 +49,16 @@ pub struct NodeTools {
     pub runc: PathBuf,
 }
 
+/// Paths of the real upstream servers the gateway tests talk to.
+#[derive(Clone, Debug)]
+pub struct UpstreamTools {
+    pub go_httpbin: PathBuf,
+    pub gitea: PathBuf,
+    /// Gitea's `STATIC_ROOT_PATH`: its `options/` (locales) and `templates/`, copied from the
+    /// module source, since the binary is built without the `bindata` tag.
+    pub gitea_static: PathBuf,
+}
+
 /// What `build.sh --locate` printed: every path it knows, and its complaints about the rest.
 struct Located {
     script: PathBuf,
@@ -128,6 +138,19 @@ impl Tools {
             minio: get("MINIO")?,
             minio_iam: get("MINIO_IAM")?,
             helm: get("HELM")?,
+        })
+    }
+}
+
+impl UpstreamTools {
+    /// Locates go-httpbin and Gitea (without building anything).
+    pub fn locate() -> Result<Self, Error> {
+        let found = Located::run()?;
+        let get = |binary: &str| found.get(binary);
+        Ok(Self {
+            go_httpbin: get("GO_HTTPBIN")?,
+            gitea: get("GITEA")?,
+            gitea_static: get("GITEA_STATIC")?,
         })
     }
 }

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Builds the real components the e2e tests run (kube-apiserver, kube-controller-manager, kubectl,
 # etcd, MinIO with its IAM helper, helm; for the node: kubelet, kube-proxy, kube-scheduler,
-# containerd with its runc shim, the CNI plugins, CoreDNS, crane and the base images) from the Go
-# module proxy, through the wrapper modules beside this script. Binaries are cached outside the
-# repository, keyed by tool version and a hash of the wrapper's go.mod/go.sum/*.go (and
-# images/*.sh), and rebuilt only when missing. The node also needs Debian packages (runc,
-# iptables, nftables, conntrack, busybox-static); they are installed with apt-get when missing.
+# containerd with its runc shim, the CNI plugins, CoreDNS, crane and the base images; for the
+# gateway tests: go-httpbin and Gitea) from the Go module proxy, through the wrapper modules
+# beside this script. Binaries are cached outside the repository, keyed by tool version and a
+# hash of the wrapper's go.mod/go.sum/*.go (and images/*.sh), and rebuilt only when missing. The
+# node also needs Debian packages (runc, iptables, nftables, conntrack, busybox-static); they are
+# installed with apt-get when missing.
 #
 #   build.sh [TOOL...]   build what is missing (default: all tools)
 #   build.sh --locate    print KEYBROKER_BIN_<NAME>=<path> lines; fail if anything is missing
@@ -15,7 +16,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache=${KEYBROKER_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/keybroker/tools}
-all_tools=(etcd kube kubectl minio helm node containerd cni coredns crane images)
+all_tools=(etcd kube kubectl minio helm node containerd cni coredns crane images httpbin gitea)
 
 export GOTOOLCHAIN=local GOWORK=off CGO_ENABLED=0 GOFLAGS=-mod=readonly
 export NO_PROXY=127.0.0.1,localhost
@@ -34,11 +35,14 @@ main_module() {
     coredns) echo github.com/coredns/coredns ;;
     crane) echo github.com/google/go-containerregistry ;;
     images) echo k8s.io/kubernetes ;;
+    httpbin) echo github.com/mccutchen/go-httpbin/v2 ;;
+    gitea) echo gitea.dev ;;   # Gitea's own module name; the wrapper replaces it with code.gitea.io/gitea
     *) echo "unknown tool '$1' (known: ${all_tools[*]})" >&2; return 1 ;;
   esac
 }
 
-# tool -> "binary=package" lines
+# tool -> "binary=package" lines (an empty package: a file or directory the tool's build writes
+# some other way)
 binaries() {
   case $1 in
     etcd) echo "etcd=go.etcd.io/etcd/server/v3" ;;
@@ -61,6 +65,9 @@ binaries() {
     coredns) echo "coredns=github.com/coredns/coredns" ;;
     crane) echo "crane=github.com/google/go-containerregistry/cmd/crane" ;;
     images) echo "pause.oci.tar=" ; echo "busybox.oci.tar=" ;;
+    httpbin) echo "go-httpbin=github.com/mccutchen/go-httpbin/v2/cmd/go-httpbin" ;;
+    gitea) echo "gitea=gitea.dev"
+           echo "gitea-static=" ;;   # its STATIC_ROOT_PATH, see add_extras
   esac
 }
 
@@ -134,6 +141,9 @@ ldflags_for() {
           echo "-s -w -X k8s.io/component-base/version.gitVersion=$v -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean" ;;
     node) ldflags_for kube ;;
     containerd) echo "-s -w -X github.com/containerd/containerd/v2/version.Version=$(version_of containerd)" ;;
+    gitea) local v
+           v=$(version_of gitea)
+           echo "-s -w -X main.Version=${v#v} -X main.Tags=" ;;
     *) echo "-s -w" ;;
   esac
 }
@@ -147,6 +157,36 @@ progress() {
       echo "tools: $tool: $bin compiling, $n/$total packages done, $((now - t0))s"
       last=$now
     fi
+  done
+}
+
+# Files a tool's entry needs besides its binaries. Gitea built without the `bindata` tag (which
+# needs a generate step on a writable copy of its source) reads its locales and templates from
+# STATIC_ROOT_PATH at run time, and its API refuses to start without them ("translation is
+# missing"): they are copied from the module cache into <entry>/gitea-static.
+add_extras() {
+  local tool=$1 tmp=$2 src
+  case $tool in
+    gitea)
+      src=$(cd "$(module_dir gitea)" && go list -m -f '{{.Dir}}' gitea.dev)
+      [ -d "$src/options/locale" ] || { echo "tools: no options/locale in $src" >&2; return 1; }
+      mkdir -p "$tmp/gitea-static"
+      cp -R "$src/options" "$src/templates" "$tmp/gitea-static/"
+      chmod -R u+w "$tmp/gitea-static"   # the module cache is read-only; prune_stale must remove it
+      ;;
+  esac
+}
+
+# Removes the tool's entries for other versions or wrapper hashes once a new one is complete:
+# every change to a wrapper module makes a new entry, and a machine that runs CI for every
+# commit would otherwise keep them all (the node's alone is ~700 MB).
+prune_stale() {
+  local tool=$1 keep=$2 old
+  for old in "$cache/$tool"-v*; do
+    [ -d "$old" ] && [ "$old" != "$keep" ] || continue
+    case $old in *.tmp.*) continue ;; esac
+    echo "tools: removing the stale entry $old"
+    rm -rf "$old"
   done
 }
 
@@ -176,6 +216,7 @@ build_one() {
     fi
     touch "$tmp/.complete"
     rm -rf "$dir"; mv "$tmp" "$dir"
+    prune_stale "$tool" "$dir"
     flock -u 9
     echo "tools: images built in $(( $(date +%s) - started ))s -> $dir"
     return 0
@@ -184,11 +225,14 @@ build_one() {
   mdir=$(module_dir "$tool")
   (cd "$mdir" && go mod download) >"$log" 2>&1 || { tail -20 "$log" >&2; return 1; }
   local pkgs=() line name pkg
-  while IFS= read -r line; do pkgs+=("${line#*=}"); done < <(binaries "$tool")
+  while IFS= read -r line; do
+    if [ -n "${line#*=}" ]; then pkgs+=("${line#*=}"); fi
+  done < <(binaries "$tool")
   local total
   total=$(cd "$mdir" && go list -tags "$(tags_for "$tool")" -deps "${pkgs[@]}" | wc -l)
   while IFS= read -r line; do
     name=${line%%=*}; pkg=${line#*=}
+    [ -n "$pkg" ] || continue
     if ! (cd "$mdir" && go build -v -trimpath -tags "$(tags_for "$tool")" -ldflags "$(ldflags_for "$tool")" -o "$tmp/$name" "$pkg") 2>&1 |
       tee -a "$log" | progress "$tool" "$name" "$total" "$started" || [ ! -x "$tmp/$name" ]; then
       echo "tools: building $name failed; last lines of $log:" >&2
@@ -196,8 +240,10 @@ build_one() {
       return 1
     fi
   done < <(binaries "$tool")
+  add_extras "$tool" "$tmp" >>"$log" 2>&1 || { echo "tools: completing $tool failed; last lines of $log:" >&2; tail -20 "$log" >&2; return 1; }
   touch "$tmp/.complete"
   rm -rf "$dir"; mv "$tmp" "$dir"
+  prune_stale "$tool" "$dir"
   flock -u 9
   echo "tools: $tool built in $(( $(date +%s) - started ))s -> $dir"
 }

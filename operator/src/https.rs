@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Body, Bytes, Incoming};
 use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -91,10 +91,12 @@ impl From<Shutdown> for Stopping {
 
 /// Serves `handler` on `listener` until the future is dropped. The handler answers every
 /// request itself (errors included), so it returns a response, never an error.
-pub async fn serve<H, F>(listener: TcpListener, tls: Arc<rustls::ServerConfig>, handler: H)
+pub async fn serve<H, F, B>(listener: TcpListener, tls: Arc<rustls::ServerConfig>, handler: H)
 where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     serve_until(listener, tls, Limits::default(), Shutdown::never(), handler).await
 }
@@ -102,7 +104,7 @@ where
 /// [`serve`] with explicit limits, answering with `Connection: close` once `shutdown.closing`
 /// was requested and returning once `shutdown.stop` was and every connection finished (or
 /// [`Limits::drain_timeout`] passed).
-pub async fn serve_until<H, F>(
+pub async fn serve_until<H, F, B>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     limits: Limits,
@@ -110,7 +112,9 @@ pub async fn serve_until<H, F>(
     handler: H,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let shutdown: Stopping = shutdown.into();
     let acceptor = TlsAcceptor::from(tls);
@@ -157,7 +161,7 @@ pub async fn serve_until<H, F>(
     }
 }
 
-async fn connection<H, F>(
+async fn connection<H, F, B>(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
@@ -167,7 +171,9 @@ async fn connection<H, F>(
     permit: OwnedSemaphorePermit,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let _permit = permit;
     // Silent connections cost a socket and this task, nothing more.

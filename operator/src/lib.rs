@@ -5,6 +5,7 @@ pub mod broker;
 pub mod controller;
 pub mod crd;
 pub mod events;
+pub mod gateway;
 pub mod https;
 pub mod leader;
 pub mod metrics;

@@ -14,11 +14,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use keybroker_operator::broker::{self, Broker};
+use keybroker_operator::broker::{self, Broker, GatewayLink};
 use keybroker_operator::controller::{self, Scope};
+use keybroker_operator::gateway::{self, Gateway};
 use keybroker_operator::https::Stopping;
 use keybroker_operator::leader::LeaseConfig;
 use keybroker_operator::metrics::Metrics;
+use keybroker_operator::providers::gateway::session;
 use keybroker_operator::server;
 use keybroker_operator::shutdown;
 use keybroker_operator::tls::{MemoryCert, ReloadingCert};
@@ -64,6 +66,16 @@ struct Args {
         default_value = "/etc/keybroker/tls/tls.key"
     )]
     tls_key_file: PathBuf,
+    /// Address of the gateway's HTTPS endpoint (gateway role; same certificate as the broker).
+    #[arg(long, default_value = "0.0.0.0:8444", env = "KEYBROKER_GATEWAY_ADDR")]
+    gateway_addr: SocketAddr,
+    /// The gateway's URL as pods reach it, e.g. https://keybroker-gateway.keybroker-system.svc:8444.
+    /// With it, the broker issues sessions for gateway ApiKeys; without it, it refuses them.
+    #[arg(long, env = "KEYBROKER_GATEWAY_URL")]
+    gateway_url: Option<String>,
+    /// Secret (in --namespace) with the key that signs gateway sessions; created if missing.
+    #[arg(long, default_value = "keybroker-gateway-session")]
+    gateway_session_secret: String,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080", env = "KEYBROKER_METRICS_ADDR")]
     metrics_addr: SocketAddr,
@@ -190,6 +202,8 @@ enum Role {
     Webhook,
     /// Serve the token-exchange endpoint for sidecars.
     Broker,
+    /// Forward the calls of gateway ApiKeys to their upstreams, adding the upstream's key.
+    Gateway,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -283,19 +297,71 @@ async fn main() -> anyhow::Result<()> {
             .await?,
         );
     }
-    if args.roles.contains(&Role::Broker) {
-        let tls = ReloadingCert::new(&args.tls_cert_file, &args.tls_key_file)?.server_config();
-        let listener = server::bind(args.broker_addr).await?;
+    let (serves_broker, serves_gateway) = (
+        args.roles.contains(&Role::Broker),
+        args.roles.contains(&Role::Gateway),
+    );
+    if serves_broker || serves_gateway {
+        // Broker and gateway in one process share the caches (one watch per resource).
+        let sessions = if serves_gateway || args.gateway_url.is_some() {
+            Some(Arc::new(
+                session::load_or_create(&client, &args.namespace, &args.gateway_session_secret)
+                    .await
+                    .context("loading the gateway session key")?,
+            ))
+        } else {
+            None
+        };
+        let tls =
+            Arc::new(ReloadingCert::new(&args.tls_cert_file, &args.tls_key_file)?.server_config());
+        let broker_listener = match serves_broker {
+            true => Some(server::bind(args.broker_addr).await?),
+            false => None,
+        };
+        let gateway_listener = match serves_gateway {
+            true => Some(server::bind(args.gateway_addr).await?),
+            false => None,
+        };
         let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let seen = Arc::clone(&synced);
         readiness.add("broker-caches", move || {
             seen.load(std::sync::atomic::Ordering::Relaxed)
         });
         let (metrics, serving_stops) = (Arc::clone(&metrics), serving_stops.clone());
+        let (client, gateway_url) = (client.clone(), args.gateway_url.clone());
         roles.push(Box::pin(async move {
-            let broker = Broker::start_with_metrics(client, &sidecar_image, metrics).await;
+            let broker = Broker::start_with_metrics(client.clone(), &sidecar_image, metrics).await;
+            if let (Some(url), Some(key)) = (gateway_url, &sessions) {
+                broker.link_gateway(GatewayLink {
+                    url,
+                    key: Arc::clone(key),
+                });
+            }
             synced.store(true, std::sync::atomic::Ordering::Relaxed);
-            broker::server::serve_until(listener, Arc::new(tls), broker, serving_stops).await;
+            let serve_broker = async {
+                if let Some(listener) = broker_listener {
+                    broker::server::serve_until(
+                        listener,
+                        Arc::clone(&tls),
+                        Arc::clone(&broker),
+                        serving_stops.clone(),
+                    )
+                    .await;
+                }
+            };
+            let serve_gateway = async {
+                if let (Some(listener), Some(key)) = (gateway_listener, &sessions) {
+                    let gateway = Gateway::new(client.clone(), broker.stores(), Arc::clone(key));
+                    gateway::server::serve_until(
+                        listener,
+                        Arc::clone(&tls),
+                        gateway,
+                        serving_stops.clone(),
+                    )
+                    .await;
+                }
+            };
+            tokio::join!(serve_broker, serve_gateway);
             Ok(())
         }));
     }

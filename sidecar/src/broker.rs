@@ -133,6 +133,12 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
+    /// The TLS client of the broker's CA, for the local gateway (keybroker's gateway serves a
+    /// certificate of the same CA).
+    pub fn connector(&self) -> TlsConnector {
+        self.connector.clone()
+    }
+
     /// `ca_pem` holds the CA certificate(s) the broker's certificate must chain to.
     pub fn new(url: BrokerUrl, ca_pem: &[u8], token_file: &Path) -> Result<Self, Error> {
         let mut roots = rustls::RootCertStore::empty();

@@ -14,6 +14,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::atomic::{self, Writer};
 use crate::files::{self, Valid};
+use crate::gateway::ValidSession;
 
 /// Why credentials were removed before the sidecar stopped (a metrics label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -47,6 +48,8 @@ pub enum Installed {
 #[derive(Debug, Default)]
 struct Inner {
     held: Option<Valid>,
+    /// For a gateway ApiKey: the session the local gateway forwards with (no files).
+    session: Option<ValidSession>,
     /// The broker's grant the held credentials were minted under.
     grant: Option<String>,
     /// Bumped on every removal; an exchange that started under an older epoch is stale.
@@ -113,11 +116,31 @@ impl Key {
         Ok(Installed::Written)
     }
 
+    /// Holds `session` for the local gateway (nothing is written), unless something removed
+    /// the key's access since `epoch` was read.
+    pub fn install_session(&self, epoch: u64, session: ValidSession, grant: String) -> Installed {
+        let mut inner = self.lock();
+        if inner.epoch != epoch || inner.stopping {
+            return Installed::Superseded;
+        }
+        inner.session = Some(session);
+        inner.grant = Some(grant).filter(|g| !g.is_empty());
+        inner.started = true;
+        inner.refreshes += 1;
+        self.holding.send_replace(true);
+        Installed::Written
+    }
+
+    /// The session the local gateway forwards with, if one is held.
+    pub fn session(&self) -> Option<ValidSession> {
+        self.lock().session.clone()
+    }
+
     /// Removes the files and forgets the credentials; true if any were held.
     pub fn remove(&self, cause: Removal, writer: &Writer) -> Result<bool, atomic::Error> {
         let mut inner = self.lock();
         inner.epoch += 1;
-        let held = inner.held.take().is_some();
+        let held = inner.held.take().is_some() | inner.session.take().is_some();
         inner.grant = None;
         self.holding.send_replace(false);
         if held {
@@ -141,6 +164,7 @@ impl Key {
         inner.stopping = true;
         inner.epoch += 1;
         inner.held = None;
+        inner.session = None;
         self.holding.send_replace(false);
         writer.remove(&self.name)
     }
@@ -161,7 +185,8 @@ impl Key {
     }
 
     pub fn expiry(&self) -> Option<Timestamp> {
-        self.lock().held.as_ref().map(|c| c.expiration)
+        let inner = self.lock();
+        (inner.held.as_ref().map(|c| c.expiration)).or(inner.session.as_ref().map(|s| s.expiration))
     }
 
     /// The container-credentials answer, if credentials are held.
@@ -187,7 +212,8 @@ impl Key {
         let inner = self.lock();
         Snapshot {
             name: self.name.clone(),
-            expiry: inner.held.as_ref().map(|c| c.expiration.as_second()),
+            expiry: (inner.held.as_ref().map(|c| c.expiration.as_second()))
+                .or(inner.session.as_ref().map(|s| s.expiration.as_second())),
             refreshes: inner.refreshes,
             failures: inner.failures.clone(),
             removals: inner

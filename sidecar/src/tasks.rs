@@ -121,6 +121,9 @@ async fn attempt(ctx: &Ctx, key: &Key, failures: &mut u32) -> Duration {
             return delay;
         }
     };
+    if let Some(session) = &response.session {
+        return install_session(ctx, key, epoch, session, &response, failures);
+    }
     let checked = response
         .credentials
         .as_ref()
@@ -176,6 +179,53 @@ async fn attempt(ctx: &Ctx, key: &Key, failures: &mut u32) -> Duration {
             error!(apikey = key.name, error = %e, retry_in_seconds = delay.as_secs_f64(), "writing credentials failed; the previous ones stay in place");
             delay
         }
+    }
+}
+
+/// Holds a gateway session (a gateway ApiKey: nothing is written); the delay until the next
+/// exchange.
+fn install_session(
+    ctx: &Ctx,
+    key: &Key,
+    epoch: u64,
+    session: &keybroker_contract::wire::GatewaySession,
+    response: &keybroker_contract::wire::ExchangeResponse,
+    failures: &mut u32,
+) -> Duration {
+    let mut failed = |policy| {
+        let delay = schedule::backoff(policy, *failures, random::unit());
+        *failures = failures.saturating_add(1);
+        delay
+    };
+    let session = match crate::gateway::validate_session(session) {
+        Ok(session) => session,
+        Err(e) => {
+            key.failed("InvalidSession".into());
+            let delay = failed(TRANSIENT);
+            warn!(apikey = key.name, error = %e, retry_in_seconds = delay.as_secs_f64(), "refresh failed");
+            return delay;
+        }
+    };
+    let expiration = session.expiration;
+    match key.install_session(epoch, session, response.grant.clone()) {
+        Installed::Written => {
+            *failures = 0;
+            let broker_says = response
+                .refresh_at
+                .parse::<Timestamp>()
+                .ok()
+                .filter(|t| *t > Timestamp::now())
+                .map(until);
+            let delay = schedule::refresh_in(
+                until(expiration),
+                broker_says,
+                ctx.refresh_fraction,
+                random::unit(),
+            );
+            info!(apikey = key.name, expiration = %expiration, refresh_in_seconds = delay.as_secs_f64(), "gateway session held");
+            delay
+        }
+        Installed::Superseded => failed(WITHDRAWN),
     }
 }
 

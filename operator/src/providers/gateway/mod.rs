@@ -4,6 +4,7 @@
 //! gateway refuses a withdrawn ApiKey's next call.
 
 pub mod check;
+pub mod forward;
 pub mod scope;
 pub mod session;
 

@@ -1,0 +1,822 @@
+//! Calls through keybroker's gateway to a real upstream (go-httpbin, from the Go module proxy):
+//! the app has no key and calls the sidecar's local gateway on loopback; the sidecar forwards
+//! with the session the broker issued for the pod; the gateway checks scope, path, budget and
+//! revocation, adds the key and streams the answer back, the key redacted wherever the
+//! upstream echoes it.
+//!
+//! Like `sidecar.rs`, the pod goes through the webhook's mutation and is stored in the real
+//! apiserver, and the sidecar runs as the kubelet would run it (the stored pod's env, a real
+//! pod-bound token). Broker and gateway are each a server on its own runtime, sharing only the
+//! session key's Secret, as two Deployments would.
+
+/// Proofs that the upstreams are the real servers and behave as these tests rely on.
+mod upstreams;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+
+use keybroker_contract::wire::{AUDIENCE, ExchangeRequest, ExchangeResponse};
+use keybroker_e2e::httpbin::Httpbin;
+use keybroker_e2e::process::Component;
+use keybroker_e2e::server_thread::ServerThread;
+use keybroker_e2e::sidecar::binary;
+use keybroker_e2e::{Lifetime, fixtures, https, in_namespace, pki, shared_with_crds};
+use keybroker_operator::crd::{
+    ApiKey, ApiKeySpec, Budget, GatewayProvider, Guardrails, HeaderPresentation, KeyPresentation,
+    KeyProvider, KeyProviderSpec, ProviderRef, Scope, SecretRef,
+};
+use keybroker_operator::tls::ReloadingCert;
+use keybroker_operator::webhook::inject;
+
+/// The ApiKeys of the test pod: one for most calls, one with a budget of three a minute.
+const ECHO: &str = "echo";
+const TIGHT: &str = "tight";
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The platform team's KeyProvider for go-httpbin: the key in `Authorization: Bearer`, GET on
+/// a few paths, 1 s upstream timeout, 64 KiB bodies.
+fn provider(name: &str, ns: &str, upstream: &str) -> KeyProvider {
+    let mut kp = KeyProvider::new(
+        name,
+        KeyProviderSpec {
+            aws: None,
+            gateway: Some(GatewayProvider {
+                upstream: upstream.to_owned(),
+                ca_bundle: None,
+                key_secret_ref: SecretRef {
+                    namespace: ns.to_owned(),
+                    name: "httpbin-key".into(),
+                },
+                presentation: KeyPresentation {
+                    header: Some(HeaderPresentation {
+                        name: "Authorization".into(),
+                        prefix: Some("Bearer ".into()),
+                    }),
+                    query_parameter: None,
+                },
+                app_env: None,
+                timeout: Some("1s".into()),
+            }),
+            namespace_selector: LabelSelector::default(),
+            guardrails: Guardrails {
+                allowed_actions: vec!["GET".into(), "POST".into()],
+                allowed_resources: vec![
+                    "/anything/{namespace}/*".into(),
+                    "/headers".into(),
+                    "/response-headers".into(),
+                    "/sse".into(),
+                    "/delay/*".into(),
+                ],
+                default_ttl: None,
+                max_ttl: None,
+                max_issuances_per_minute: None,
+                max_request_bytes: Some(64 * 1024),
+                max_requests_per_minute: Some(1000),
+                max_requests_per_day: None,
+            },
+        },
+    );
+    kp.metadata.labels = Some([("e2e-scope".to_owned(), ns.to_owned())].into());
+    kp
+}
+
+fn apikey(name: &str, provider: &str, budget: Option<u32>) -> ApiKey {
+    ApiKey::new(
+        name,
+        ApiKeySpec {
+            provider_ref: ProviderRef {
+                name: provider.to_owned(),
+            },
+            service_account_names: vec!["app".into()],
+            scope: Scope {
+                actions: vec!["GET".into()],
+                resources: vec![
+                    "/anything/{namespace}/*".into(),
+                    "/headers".into(),
+                    "/response-headers".into(),
+                    "/sse".into(),
+                    "/delay/*".into(),
+                ],
+            },
+            ttl: None,
+            revoked: false,
+            budget: budget.map(|n| Budget {
+                requests_per_minute: Some(n),
+                requests_per_day: None,
+            }),
+        },
+    )
+}
+
+/// A plain-HTTP call to the sidecar's local gateway, as the app makes it: status, headers,
+/// body.
+async fn call(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<(u16, hyper::HeaderMap, String)> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", format!("127.0.0.1:{port}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = sender
+        .send_request(request.body(Full::new(Bytes::copy_from_slice(body)))?)
+        .await?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok((
+        parts.status.as_u16(),
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
+}
+
+/// The arrival time of each chunk of an answer, from the request's start.
+async fn chunk_times(port: u16, path: &str) -> anyhow::Result<(u16, Vec<Duration>, String)> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let started = Instant::now();
+    let request = hyper::Request::get(path)
+        .header("host", format!("127.0.0.1:{port}"))
+        .body(Full::new(Bytes::new()))?;
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let (mut times, mut text) = (Vec::new(), String::new());
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data()
+            && !data.is_empty()
+        {
+            times.push(started.elapsed());
+            text.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    Ok((status, times, text))
+}
+
+fn reason(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["reason"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Every file under `dir`, read.
+fn contents(dir: &PathBuf) -> String {
+    let mut all = String::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            all.push_str(&contents(&path));
+        } else if let Ok(text) = std::fs::read(&path) {
+            all.push_str(&String::from_utf8_lossy(&text));
+        }
+    }
+    all
+}
+
+/// What a gateway test runs: the controller, broker and gateway (one CA), the pod stored as
+/// injected, and its sidecar.
+struct Rig {
+    local_port: u16,
+    broker_port: u16,
+    gateway_port: u16,
+    ca_cert: PathBuf,
+    pod_token: String,
+    app_env: Vec<(String, String)>,
+    sidecar_env: Vec<(String, String)>,
+    out: PathBuf,
+    sidecar_log: PathBuf,
+    sidecar: Component,
+    _controller: fixtures::Controller,
+    _gateway: ServerThread,
+    _broker: ServerThread,
+}
+
+/// Creates the key Secret `secret` (data key `key`), `provider` and `keys`, then starts
+/// everything around pod `app` (service account `app`) using all of `keys`.
+async fn rig(
+    client: &kube::Client,
+    ns: &str,
+    secret: (&str, &str),
+    provider: KeyProvider,
+    keys: Vec<ApiKey>,
+) -> anyhow::Result<Rig> {
+    let cluster = keybroker_e2e::shared().await?;
+    let stored_secret = k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(secret.0.into()),
+            ..Default::default()
+        },
+        string_data: Some([("key".to_owned(), secret.1.to_owned())].into()),
+        ..Default::default()
+    };
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &stored_secret)
+        .await?;
+    Api::<KeyProvider>::all(client.clone())
+        .create(&PostParams::default(), &provider)
+        .await?;
+    let names: Vec<String> = keys.iter().map(kube::ResourceExt::name_any).collect();
+    let api = Api::<ApiKey>::namespaced(client.clone(), ns);
+    for key in &keys {
+        api.create(&PostParams::default(), key).await?;
+    }
+    fixtures::service_account(client, ns, "app").await?;
+    let _controller = fixtures::Controller::start(client, ns);
+    for name in &names {
+        fixtures::recorded_grant(client, ns, name, None).await?;
+    }
+
+    // Broker and gateway, one certificate of one CA (the sidecar trusts that CA).
+    let dir = keybroker_e2e::run_dir()?;
+    let ca = pki::Ca::create(&dir, "gateway-test-ca")?;
+    let serving = ca.issue_server(&dir, "broker", &["127.0.0.1"])?;
+    let tls = Arc::new(ReloadingCert::new(&serving.cert, &serving.key)?.server_config());
+    let (broker_port, gateway_port) = (free_port()?, free_port()?);
+    let session_secret = (ns.to_owned(), "gateway-session".to_owned());
+    let _gateway = ServerThread::gateway(
+        &cluster.kubeconfig,
+        format!("127.0.0.1:{gateway_port}").parse()?,
+        Arc::clone(&tls),
+        session_secret.clone(),
+    )
+    .await?;
+    let _broker = ServerThread::broker_for_gateway(
+        &cluster.kubeconfig,
+        format!("127.0.0.1:{broker_port}").parse()?,
+        Arc::clone(&tls),
+        format!("https://127.0.0.1:{gateway_port}"),
+        session_secret,
+    )
+    .await?;
+
+    // The pod as its owner writes it, injected by the webhook's own mutation, stored.
+    let (local_port, credentials_port, health_port) = (free_port()?, free_port()?, free_port()?);
+    let written = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "app", "labels": {"keybroker.dev/inject": "true"},
+                     "annotations": {"keybroker.dev/apikeys": names.join(",")}},
+        "spec": {"serviceAccountName": "app",
+                 "containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
+    });
+    let settings = inject::Settings {
+        broker_url: format!("https://127.0.0.1:{broker_port}"),
+        broker_ca: std::fs::read_to_string(&ca.cert)?,
+        credentials_port,
+        health_port,
+        gateway_port: local_port,
+        ..fixtures::inject_settings()
+    };
+    let injected = fixtures::as_injected_with(written, ns, &settings, |name| {
+        Some(inject::GatewayFacts {
+            env_name: inject::default_gateway_env(name),
+            path_suffix: String::new(),
+        })
+    })?;
+    let stored = Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &injected)
+        .await?;
+    let app_env: Vec<(String, String)> = stored
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .and_then(|c| c.env.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| (e.name, e.value.unwrap_or_default()))
+        .collect();
+    // The sidecar, run as the kubelet would (token in a file, output in a directory).
+    let token_file = dir.join("token");
+    let pod_token = fixtures::token(client, ns, "app", AUDIENCE, Some("app")).await?;
+    std::fs::write(&token_file, &pod_token)?;
+    let out = dir.join("keybroker");
+    std::fs::create_dir(&out)?;
+    let sidecar_container =
+        fixtures::injected_sidecar(&stored).context("the stored pod has no sidecar")?;
+    let mut env: Vec<(String, String)> = sidecar_container
+        .env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let value = e.value.clone().unwrap_or_default();
+            let value = value
+                .replace(
+                    &format!("{}/token", inject::TOKEN_DIR),
+                    &token_file.display().to_string(),
+                )
+                .replace(inject::CREDENTIALS_DIR, &out.display().to_string());
+            (e.name.clone(), value)
+        })
+        .collect();
+    env.push(("KEYBROKER_LOG_LEVEL".into(), "debug".into()));
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let sidecar_log = dir.join("sidecar.log");
+    let mut sidecar = Component::spawn(
+        "keybroker-sidecar",
+        &binary().await?,
+        &[],
+        &env_refs,
+        &sidecar_log,
+        Lifetime::TiedToProcess,
+    )?;
+    let startup = format!("http://127.0.0.1:{health_port}/startupz");
+    sidecar
+        .wait_ready("GET /startupz", Duration::from_secs(30), || async {
+            call(health_port, "GET", "/startupz", &[], b"")
+                .await
+                .is_ok_and(|(status, _, _)| status == 200)
+        })
+        .await
+        .with_context(|| format!("{startup} never passed"))?;
+
+    Ok(Rig {
+        local_port,
+        broker_port,
+        gateway_port,
+        ca_cert: ca.cert.clone(),
+        pod_token,
+        app_env,
+        sidecar_env: env,
+        out,
+        sidecar_log,
+        sidecar,
+        _controller,
+        _gateway,
+        _broker,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_app_without_a_key_calls_the_upstream_within_scope_budget_and_until_revoked()
+-> anyhow::Result<()> {
+    let cluster = shared_with_crds().await?;
+    in_namespace(cluster, "gw-calls", |client, ns| async move {
+        let httpbin = Httpbin::start().await?;
+        let key = format!("kb-upstream-key-{}", free_port()?);
+        let provider_name = format!("httpbin-{ns}");
+        let mut rig = rig(
+            &client,
+            &ns,
+            ("httpbin-key", &key),
+            provider(&provider_name, &ns, httpbin.url()),
+            vec![
+                apikey(ECHO, &provider_name, None),
+                apikey(TIGHT, &provider_name, Some(3)),
+            ],
+        )
+        .await?;
+        let keys = Api::<ApiKey>::namespaced(client.clone(), &ns);
+        let (local_port, broker_port, gateway_port) =
+            (rig.local_port, rig.broker_port, rig.gateway_port);
+        let app_env = rig.app_env.clone();
+        let echo_url = app_env
+            .iter()
+            .find(|(name, _)| name == "KEYBROKER_ECHO_URL")
+            .map(|(_, v)| v.clone())
+            .context("the app container has no KEYBROKER_ECHO_URL")?;
+        ensure!(
+            echo_url == format!("http://127.0.0.1:{local_port}/{ECHO}"),
+            "{echo_url}"
+        );
+        ensure!(
+            !app_env.iter().any(|(n, _)| n.starts_with("AWS_")),
+            "a gateway-only pod got AWS env: {app_env:?}"
+        );
+
+        // In scope: the upstream got the key (it echoes it), the app sees it redacted, and the
+        // app's own Authorization and Cookie never reached the upstream.
+        let (status, headers, body) = call(
+            local_port,
+            "GET",
+            &format!("/{ECHO}/headers"),
+            &[
+                ("authorization", "Bearer app-forged"),
+                ("cookie", "sid=app-cookie"),
+            ],
+            b"",
+        )
+        .await?;
+        ensure!(status == 200, "{status}: {body}");
+        ensure!(
+            body.contains("[redacted by keybroker]"),
+            "the key did not reach go-httpbin: {body}"
+        );
+        ensure!(
+            !body.contains(&key),
+            "the upstream's echo leaked the key: {body}"
+        );
+        ensure!(
+            !body.contains("app-forged") && !body.contains("app-cookie"),
+            "the app's own credentials reached the upstream: {body}"
+        );
+        ensure!(
+            !headers
+                .values()
+                .any(|v| v.as_bytes().windows(key.len()).any(|w| w == key.as_bytes())),
+            "a response header holds the key"
+        );
+        // An upstream that echoes the key in a response header: redacted there too.
+        let (status, headers, _) = call(
+            local_port,
+            "GET",
+            &format!("/{ECHO}/response-headers?X-Echo={key}"),
+            &[],
+            b"",
+        )
+        .await?;
+        ensure!(status == 200, "{status}");
+        ensure!(
+            headers
+                .get("x-echo")
+                .is_some_and(|v| v == "[redacted by keybroker]"),
+            "{headers:?}"
+        );
+        let (status, _, body) = call(
+            local_port,
+            "GET",
+            &format!("/{ECHO}/anything/{ns}/reports/1"),
+            &[],
+            b"",
+        )
+        .await?;
+        ensure!(
+            status == 200 && body.contains(&format!("/anything/{ns}/reports/1")),
+            "{status}: {body}"
+        );
+
+        // Outside scope, hostile paths: refused by the gateway, with a reason, never forwarded.
+        for (method, path, want_status, want_reason) in [
+            (
+                "GET",
+                "/anything/other-team/reports/1".to_owned(),
+                403,
+                "OutsideScope",
+            ),
+            (
+                "POST",
+                format!("/anything/{ns}/reports/1"),
+                403,
+                "OutsideScope",
+            ),
+            ("GET", "/status/200".to_owned(), 403, "OutsideScope"),
+            (
+                "GET",
+                format!("/anything/{ns}/../other-team/x"),
+                400,
+                "PathNotCanonical",
+            ),
+            (
+                "GET",
+                format!("/anything/{ns}/%2e%2e/other-team/x"),
+                400,
+                "PathNotCanonical",
+            ),
+            (
+                "GET",
+                format!("/anything/{ns}/a%2Fb"),
+                400,
+                "PathNotCanonical",
+            ),
+            ("GET", format!("/anything/{ns}//x"), 400, "PathNotCanonical"),
+        ] {
+            let (status, _, body) =
+                call(local_port, method, &format!("/{ECHO}{path}"), &[], b"").await?;
+            ensure!(
+                status == want_status && reason(&body) == want_reason,
+                "{method} {path}: {status} {body}"
+            );
+            ensure!(body.contains("message"), "{body}");
+        }
+        let (status, _, body) = call(local_port, "GET", "/nobody/headers", &[], b"").await?;
+        ensure!(
+            status == 404 && reason(&body) == "UnknownApiKey",
+            "{status}: {body}"
+        );
+
+        // Server-sent events arrive as the upstream produces them, not at the end.
+        let (status, times, text) =
+            chunk_times(local_port, &format!("/{ECHO}/sse?count=3&duration=1500ms")).await?;
+        ensure!(
+            status == 200 && text.matches("data:").count() == 3,
+            "{status}: {text}"
+        );
+        let (first, last) = (times[0], *times.last().context("no chunk")?);
+        ensure!(
+            last.saturating_sub(first) >= Duration::from_millis(700),
+            "the events arrived together ({times:?}): buffered"
+        );
+        // A slow upstream: a clear 504 after the provider's timeout.
+        let (status, _, body) =
+            call(local_port, "GET", &format!("/{ECHO}/delay/3"), &[], b"").await?;
+        ensure!(
+            status == 504 && reason(&body) == "UpstreamTimeout",
+            "{status}: {body}"
+        );
+
+        // Budget: three calls a minute, then 429 with Retry-After; the other ApiKey is unaffected.
+        for i in 0..3 {
+            let (status, _, body) =
+                call(local_port, "GET", &format!("/{TIGHT}/headers"), &[], b"").await?;
+            ensure!(status == 200, "call {i}: {status} {body}");
+        }
+        let (status, headers, body) =
+            call(local_port, "GET", &format!("/{TIGHT}/headers"), &[], b"").await?;
+        ensure!(
+            status == 429 && reason(&body) == "BudgetExhausted",
+            "{status}: {body}"
+        );
+        ensure!(headers.contains_key("retry-after"), "{headers:?}");
+
+        // A session replayed from outside the sidecar (an attacker who stole the pod's token
+        // exchanges it, then calls the gateway directly): works until revocation, refused after.
+        let broker = https::Client::new(format!("127.0.0.1:{broker_port}").parse()?, &rig.ca_cert)?;
+        let reply = broker
+            .send(
+                "POST",
+                "/v1/exchange",
+                Some(&rig.pod_token),
+                serde_json::to_vec(&ExchangeRequest {
+                    api_key: ECHO.into(),
+                })?,
+            )
+            .await?;
+        let issued: ExchangeResponse = reply.json()?;
+        let session = issued.session.context("no gateway session issued")?;
+        ensure!(issued.credentials.is_none());
+        let gateway =
+            https::Client::new(format!("127.0.0.1:{gateway_port}").parse()?, &rig.ca_cert)?;
+        let direct = gateway
+            .send(
+                "GET",
+                "/v1/forward/headers",
+                Some(&session.token),
+                Vec::new(),
+            )
+            .await?;
+        ensure!(direct.status == 200, "{direct:?}");
+
+        // Revocation: the very next calls are refused, through the sidecar and directly.
+        keys.patch(
+            ECHO,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"revoked": true}})),
+        )
+        .await?;
+        let revoked_at = Instant::now();
+        // Polled every 10 ms: the time measured is the gateway's, not the poll's.
+        loop {
+            let (status, _, _) =
+                call(local_port, "GET", &format!("/{ECHO}/headers"), &[], b"").await?;
+            if status != 200 {
+                break;
+            }
+            ensure!(
+                revoked_at.elapsed() < Duration::from_secs(5),
+                "calls still pass 5 s after revocation"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let refused_after = revoked_at.elapsed();
+        ensure!(
+            refused_after < Duration::from_secs(1),
+            "refused only after {refused_after:?}"
+        );
+        let direct = gateway
+            .send(
+                "GET",
+                "/v1/forward/headers",
+                Some(&session.token),
+                Vec::new(),
+            )
+            .await?;
+        ensure!(
+            direct.status == 403,
+            "a replayed session passed after revocation: {direct:?}"
+        );
+        ensure!(
+            reason(&String::from_utf8_lossy(&direct.body)) == "ApiKeyRevoked",
+            "{direct:?}"
+        );
+        println!("gateway: revocation refused the next call after {refused_after:?}");
+
+        // The key is nowhere on the pod's side: not in the sidecar's env, files or log.
+        rig.sidecar.stop(Duration::from_secs(5));
+        let log = std::fs::read_to_string(&rig.sidecar_log)?;
+        ensure!(!log.contains(&key), "the sidecar's log holds the key");
+        ensure!(
+            !log.contains(&session.token),
+            "the sidecar's log holds a session"
+        );
+        ensure!(
+            !contents(&rig.out).contains(&key),
+            "the pod's volume holds the key"
+        );
+        ensure!(
+            !rig.sidecar_env.iter().any(|(_, v)| v.contains(&key)),
+            "the sidecar's env holds the key"
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// The platform team's KeyProvider for Gitea: a token in `Authorization: token`, reads and
+/// writes under the namespace's own organization.
+fn gitea_provider(name: &str, ns: &str, upstream: &str) -> KeyProvider {
+    let mut kp = provider(name, ns, upstream);
+    if let Some(gateway) = kp.spec.gateway.as_mut() {
+        gateway.key_secret_ref.name = "gitea-key".into();
+        gateway.presentation.header = Some(HeaderPresentation {
+            name: "Authorization".into(),
+            prefix: Some("token ".into()),
+        });
+        gateway.timeout = Some("30s".into());
+    }
+    kp.spec.guardrails.allowed_actions = vec!["GET".into(), "POST".into(), "PUT".into()];
+    kp.spec.guardrails.allowed_resources = vec!["/api/v1/repos/{namespace}/*".into()];
+    kp
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_team_reads_its_gitea_repository_through_the_gateway_and_a_rotation_fails_no_call()
+-> anyhow::Result<()> {
+    let cluster = shared_with_crds().await?;
+    in_namespace(cluster, "gw-gitea", |client, ns| async move {
+        let gitea = keybroker_e2e::gitea::Gitea::start().await?;
+        // The namespace's organization, and another team's; the token may write to both.
+        gitea.create_org(&ns).await?;
+        gitea
+            .create_repo_with_file(&ns, "docs", "README.md", b"# team docs\n")
+            .await?;
+        gitea.create_org("other-team").await?;
+        gitea
+            .create_repo_with_file("other-team", "secret", "README.md", b"# theirs\n")
+            .await?;
+        let (old_id, old_token) = gitea
+            .create_token("keybroker", &["write:repository"])
+            .await?;
+        let provider_name = format!("gitea-{ns}");
+        let mut reader = apikey("docs", &provider_name, None);
+        reader.spec.scope.resources = vec!["/api/v1/repos/{namespace}/docs/*".into()];
+        let mut rig = rig(
+            &client,
+            &ns,
+            ("gitea-key", &old_token),
+            gitea_provider(&provider_name, &ns, gitea.url()),
+            vec![reader],
+        )
+        .await?;
+        let port = rig.local_port;
+        let readme = format!("/docs/api/v1/repos/{ns}/docs/raw/README.md");
+
+        let (status, _, body) = call(port, "GET", &readme, &[], b"").await?;
+        ensure!(status == 200 && body == "# team docs\n", "{status}: {body}");
+        // Writing, and the other team's repository: refused by the gateway, though the token
+        // itself could do both.
+        let write = serde_json::json!({"content": "eA==", "message": "x"}).to_string();
+        for (method, path, body) in [
+            (
+                "POST",
+                format!("/docs/api/v1/repos/{ns}/docs/contents/new.md"),
+                write.as_bytes(),
+            ),
+            (
+                "GET",
+                "/docs/api/v1/repos/other-team/secret/raw/README.md".to_owned(),
+                &b""[..],
+            ),
+        ] {
+            let (status, _, answer) = call(
+                port,
+                method,
+                &path,
+                &[("content-type", "application/json")],
+                body,
+            )
+            .await?;
+            ensure!(
+                status == 403 && reason(&answer) == "OutsideScope",
+                "{method} {path}: {status} {answer}"
+            );
+        }
+        // The key reaches Gitea only through the gateway: without it the repository is hidden,
+        // and a wrong key is refused by Gitea itself.
+        let raw = format!("/api/v1/repos/{ns}/docs/raw/README.md");
+        let anonymous = gitea
+            .send(
+                hyper::Method::GET,
+                &raw,
+                keybroker_e2e::gitea::Auth::None,
+                None,
+            )
+            .await?;
+        ensure!(anonymous.status == 404, "{}", anonymous.status);
+        let wrong = format!("{}x", &old_token[..old_token.len() - 1]);
+        let forged = gitea
+            .send(
+                hyper::Method::GET,
+                &raw,
+                keybroker_e2e::gitea::Auth::Token(&wrong),
+                None,
+            )
+            .await?;
+        ensure!(forged.status == 401, "a wrong key: {}", forged.status);
+
+        // Rotation while the app calls in a loop: a new token with the same scopes becomes the
+        // key, the old one stays as previousKey for the grace window, then is deleted at Gitea.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let looping = {
+            let (stop, readme) = (Arc::clone(&stop), readme.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match call(port, "GET", &readme, &[], b"").await {
+                        Ok((200, _, _)) => ok += 1,
+                        Ok((status, _, body)) => failed.push(format!("{status} {body}")),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                (ok, failed)
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (_, new_token) = gitea
+            .create_token("keybroker-2", &["write:repository"])
+            .await?;
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
+            .patch(
+                "gitea-key",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    serde_json::json!({"stringData": {"key": new_token, "previousKey": old_token}}),
+                ),
+            )
+            .await?;
+        // The gateway rereads the key within 5 s; then the old token goes.
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        gitea.delete_token(old_id).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (ok, failed) = looping.await?;
+        ensure!(
+            failed.is_empty(),
+            "calls failed during the rotation: {failed:?}"
+        );
+        ensure!(ok >= 20, "only {ok} calls during the rotation");
+        let old = gitea
+            .send(
+                hyper::Method::GET,
+                &raw,
+                keybroker_e2e::gitea::Auth::Token(&old_token),
+                None,
+            )
+            .await?;
+        ensure!(
+            old.status == 401,
+            "the old token still works at Gitea: {}",
+            old.status
+        );
+        println!("gateway: {ok} calls through a key rotation, 0 failed");
+
+        rig.sidecar.stop(Duration::from_secs(5));
+        let log = std::fs::read_to_string(&rig.sidecar_log)?;
+        for secret in [&old_token, &new_token] {
+            ensure!(
+                !log.contains(secret.as_str()),
+                "the sidecar's log holds a key"
+            );
+            ensure!(
+                !contents(&rig.out).contains(secret.as_str()),
+                "the pod's volume holds a key"
+            );
+        }
+        Ok(())
+    })
+    .await
+}

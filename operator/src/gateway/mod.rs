@@ -1,0 +1,691 @@
+//! The gateway role: forwards the pods' calls for gateway ApiKeys to their upstream, adding the
+//! upstream's key, which never leaves this process.
+//!
+//! `ANY /v1/forward/<upstream path>` with `Authorization: Bearer <gateway session>`:
+//!
+//! 1. the session is verified offline (HMAC, expiry; see `providers::gateway::session`);
+//! 2. the pod and ApiKey are authorized from the caches exactly as for an exchange (revoked,
+//!    deleted, pod gone or changed, service account or namespace no longer allowed: refused at
+//!    once), and the session's grant must still be the ApiKey's;
+//! 3. the path must be canonical, and method and path within the ApiKey's scope;
+//! 4. the body within the guardrails' size limit, the call within the ApiKey's budget;
+//! 5. then the call goes to the upstream with the key added, the app's own credentials and
+//!    hop-by-hop headers removed; the answer streams back as it arrives, the key redacted
+//!    wherever the upstream echoes it. A 401 to the current key is retried once with the
+//!    previous key during a rotation (calls without a body).
+//!
+//! Refusals are JSON `{reason, message, retryable}` and never reach the upstream. One audit
+//! record per call: ApiKey, namespace, pod, method, path, upstream status, bytes, duration,
+//! outcome; never the key, never bodies.
+
+pub mod budget;
+pub mod server;
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::{Body, Bytes, Frame, Incoming};
+use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+use tracing::{info, warn};
+
+use crate::broker::Stores;
+use crate::broker::authz::{self, PodIdentity};
+use crate::crd::{GatewayProvider, KeyProvider};
+use crate::providers::gateway::check::{self, Keys, Origin};
+use crate::providers::gateway::forward::{self, Redactor};
+use crate::providers::gateway::scope::{self, GatewayScope};
+use crate::providers::gateway::session::{Claims, SessionError, SessionKey};
+use budget::Budgets;
+
+/// The body of every answer: the upstream's, streamed, or a refusal.
+pub type GatewayBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, GatewayBody>;
+
+/// How long the key and the upstream client of a provider are reused before the key Secret is
+/// read again: a rotated key is picked up within this.
+const UPSTREAM_TTL: Duration = Duration::from_secs(5);
+/// The upstream's response-header timeout when the provider does not set one.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a call was refused: the HTTP status, a stable reason, and what to change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub status: StatusCode,
+    pub reason: &'static str,
+    pub message: String,
+    pub retryable: bool,
+    pub retry_after: Option<u64>,
+}
+
+impl Refused {
+    fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason,
+            message: message.into(),
+            retryable: false,
+            retry_after: None,
+        }
+    }
+
+    fn retryable(mut self) -> Self {
+        self.retryable = true;
+        self
+    }
+
+    /// The JSON answer; never reaches the upstream.
+    pub fn response(&self) -> Response<GatewayBody> {
+        let body = serde_json::json!({
+            "reason": self.reason,
+            "message": self.message,
+            "retryable": self.retryable,
+        });
+        let mut response = Response::new(full(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Ok(reason) = HeaderValue::from_str(self.reason) {
+            response
+                .headers_mut()
+                .insert(keybroker_contract::REFUSAL_HEADER, reason);
+        }
+        if let Some(seconds) = self.retry_after
+            && let Ok(value) = HeaderValue::from_str(&seconds.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
+    }
+}
+
+fn full(bytes: Bytes) -> GatewayBody {
+    http_body_util::Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A provider's upstream, ready to call.
+struct Upstream {
+    resource_version: String,
+    loaded: Instant,
+    origin: Origin,
+    client: UpstreamClient,
+    keys: Keys,
+    timeout: Duration,
+}
+
+/// The forwarding logic, independent of the HTTP server around it.
+pub struct Gateway {
+    kube: kube::Client,
+    stores: Stores,
+    sessions: Arc<SessionKey>,
+    upstreams: Mutex<HashMap<String, Arc<Upstream>>>,
+    budgets: Budgets,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").finish_non_exhaustive()
+    }
+}
+
+/// What the audit record of one call holds.
+#[derive(Debug, Default)]
+struct Call {
+    api_key: String,
+    namespace: String,
+    pod: String,
+    method: String,
+    path: String,
+    client: String,
+}
+
+impl Gateway {
+    /// A gateway over the broker's caches (shared, so each resource is watched once per
+    /// process) and the session key the broker signs with.
+    pub fn new(kube: kube::Client, stores: Stores, sessions: Arc<SessionKey>) -> Arc<Self> {
+        Arc::new(Self {
+            kube,
+            stores,
+            sessions,
+            upstreams: Mutex::default(),
+            budgets: Budgets::default(),
+        })
+    }
+
+    /// Handles one call end to end; every outcome is a response.
+    pub async fn handle(&self, req: Request<Incoming>, client: &str) -> Response<GatewayBody> {
+        let started = Instant::now();
+        let mut call = Call {
+            method: req.method().as_str().to_owned(),
+            path: req.uri().path().to_owned(),
+            client: client.to_owned(),
+            ..Call::default()
+        };
+        match self.forward(req, &mut call, started).await {
+            Ok(response) => response,
+            Err(refused) => {
+                audit(&call, "refused", refused.reason, 0, 0, 0, started);
+                refused.response()
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        call: &mut Call,
+        started: Instant,
+    ) -> Result<Response<GatewayBody>, Refused> {
+        let Some(rest) = req
+            .uri()
+            .path()
+            .strip_prefix(keybroker_contract::paths::FORWARD)
+            .map(str::to_owned)
+        else {
+            return Err(Refused::new(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!(
+                    "the gateway serves {}/<upstream path>",
+                    keybroker_contract::paths::FORWARD
+                ),
+            ));
+        };
+        call.path = rest.clone();
+        let claims = self.session(&req)?;
+        call.api_key = claims.api_key.clone();
+        call.namespace = claims.namespace.clone();
+        call.pod = claims.pod.clone();
+        let (provider, scope) = self.authorize(&claims).await?;
+        let Some(gateway) = provider.spec.gateway.as_ref() else {
+            return Err(Refused::new(
+                StatusCode::FORBIDDEN,
+                "ApiKeyNotReady",
+                format!("ApiKey {}'s provider is not a gateway", claims.api_key),
+            ));
+        };
+        forward::check_path(&rest).map_err(|e| {
+            Refused::new(StatusCode::BAD_REQUEST, "PathNotCanonical", e.to_string())
+        })?;
+        if req
+            .uri()
+            .query()
+            .is_some_and(|q| q.len() > forward::MAX_PATH_BYTES)
+        {
+            return Err(Refused::new(
+                StatusCode::URI_TOO_LONG,
+                "QueryTooLong",
+                format!("the query is longer than {} bytes", forward::MAX_PATH_BYTES),
+            ));
+        }
+        if !scope.allows(req.method().as_str(), &rest) {
+            return Err(Refused::new(
+                StatusCode::FORBIDDEN,
+                "OutsideScope",
+                format!(
+                    "{} {rest} is not within ApiKey {}'s scope; widen its scope.actions or scope.resources (within the provider's guardrails)",
+                    req.method(),
+                    claims.api_key
+                ),
+            ));
+        }
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > scope.max_request_bytes) {
+            return Err(too_large(scope.max_request_bytes));
+        }
+        self.budgets
+            .try_acquire(
+                &format!("{}/{}", claims.namespace, claims.api_key),
+                scope.requests_per_minute,
+                scope.requests_per_day,
+                Instant::now(),
+            )
+            .map_err(|exhausted| {
+                let mut refused = Refused::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "BudgetExhausted",
+                    format!(
+                        "ApiKey {} used its budget of {} requests per {}; retry after {} s or raise spec.budget (within the provider's guardrails)",
+                        claims.api_key,
+                        exhausted.limit,
+                        exhausted.window,
+                        exhausted.retry_after.as_secs().max(1)
+                    ),
+                )
+                .retryable();
+                refused.retry_after = Some(exhausted.retry_after.as_secs().max(1));
+                refused
+            })?;
+        let upstream = self.upstream(&provider, gateway).await?;
+        let bodyless = declared == Some(0)
+            || (declared.is_none()
+                && matches!(
+                    *req.method(),
+                    hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
+                )
+                && req.body().is_end_stream());
+        let (parts, body) = req.into_parts();
+        let limit = usize::try_from(scope.max_request_bytes).unwrap_or(usize::MAX);
+        let body: GatewayBody = http_body_util::Limited::new(body, limit).boxed();
+        let send = |key: &str, body: GatewayBody| {
+            let request = upstream_request(&parts, &rest, gateway, &upstream.origin, key, body);
+            let client = upstream.client.clone();
+            let timeout = upstream.timeout;
+            async move {
+                let request = request?;
+                match tokio::time::timeout(timeout, client.request(request)).await {
+                    Ok(Ok(response)) => Ok(response),
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "the upstream did not answer");
+                        Err(Refused::new(
+                            StatusCode::BAD_GATEWAY,
+                            "UpstreamUnreachable",
+                            "the upstream could not be reached; the platform team finds the error in the keybroker gateway's log",
+                        )
+                        .retryable())
+                    }
+                    Err(_) => Err(Refused::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "UpstreamTimeout",
+                        format!(
+                            "the upstream sent no answer within {} s (the provider's spec.gateway.timeout)",
+                            timeout.as_secs()
+                        ),
+                    )
+                    .retryable()),
+                }
+            }
+        };
+        let mut response = send(&upstream.keys.current, body).await?;
+        if response.status() == StatusCode::UNAUTHORIZED
+            && bodyless
+            && let Some(previous) = &upstream.keys.previous
+        {
+            info!(api_key = %claims.api_key, namespace = %claims.namespace, "the upstream refused the current key; retrying once with the previous one");
+            response = send(previous, full(Bytes::new())).await?;
+        }
+        let keys: Vec<&str> = std::iter::once(upstream.keys.current.as_str())
+            .chain(upstream.keys.previous.as_deref())
+            .collect();
+        let status = response.status();
+        let (parts, body) = response.into_parts();
+        let mut answer = Response::new(
+            Redacting {
+                inner: body,
+                redactor: Redactor::new(&keys),
+                finished: false,
+                bytes: 0,
+                audit: Some(Audit {
+                    call: std::mem::take(call),
+                    status: status.as_u16(),
+                    started,
+                }),
+            }
+            .boxed(),
+        );
+        *answer.status_mut() = status;
+        *answer.headers_mut() = forward::response_headers(&parts.headers, &keys);
+        Ok(answer)
+    }
+
+    fn session(&self, req: &Request<Incoming>) -> Result<Claims, Refused> {
+        let token = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(SessionError::Missing);
+        let now = k8s_openapi::jiff::Timestamp::now().as_second();
+        token
+            .and_then(|t| self.sessions.verify(t, now))
+            .map_err(|e| {
+                let refused =
+                    Refused::new(StatusCode::UNAUTHORIZED, "SessionInvalid", e.to_string());
+                if e == SessionError::Expired {
+                    refused.retryable()
+                } else {
+                    refused
+                }
+            })
+    }
+
+    /// Authorizes the session's pod for its ApiKey from the caches, like an exchange, and
+    /// compiles the ApiKey's gateway scope.
+    async fn authorize(
+        &self,
+        claims: &Claims,
+    ) -> Result<(Arc<KeyProvider>, GatewayScope), Refused> {
+        let ns = &claims.namespace;
+        let identity = PodIdentity {
+            namespace: ns.clone(),
+            service_account: claims.service_account.clone(),
+            pod_name: claims.pod.clone(),
+            pod_uid: claims.pod_uid.clone(),
+        };
+        let key = self
+            .stores
+            .keys
+            .get(&ObjectRef::new(&claims.api_key).within(ns));
+        let pod = match self
+            .stores
+            .pods
+            .get(&ObjectRef::new(&claims.pod).within(ns))
+        {
+            Some(pod) => Some(pod),
+            None => kube::Api::<Pod>::namespaced(self.kube.clone(), ns)
+                .get_opt(&claims.pod)
+                .await
+                .map_err(|e| {
+                    warn!(error = %e, "reading a pod for a gateway call");
+                    Refused::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "LookupFailed",
+                        "the gateway could not read the pod right now; retrying",
+                    )
+                    .retryable()
+                })?
+                .map(Arc::new),
+        };
+        let provider = key.as_ref().and_then(|k| {
+            self.stores
+                .providers
+                .get(&ObjectRef::new(&k.spec.provider_ref.name))
+        });
+        let labels: BTreeMap<String, String> = self
+            .stores
+            .namespaces
+            .get(&ObjectRef::new(ns))
+            .map(|n| n.labels().clone())
+            .unwrap_or_default();
+        let grant = authz::authorize(
+            &identity,
+            &claims.api_key,
+            key.as_deref(),
+            pod.as_deref(),
+            provider.as_deref(),
+            &labels,
+            &self.stores.sidecar_image,
+        )
+        .map_err(|denial| {
+            Refused::new(StatusCode::FORBIDDEN, denial.reason(), denial.to_string())
+        })?;
+        if grant.id != claims.grant {
+            return Err(Refused::new(
+                StatusCode::FORBIDDEN,
+                "SessionSuperseded",
+                format!(
+                    "ApiKey {}'s rights changed since this session was issued; the sidecar fetches a new one",
+                    claims.api_key
+                ),
+            )
+            .retryable());
+        }
+        let (Some(key), Some(provider)) = (key, provider) else {
+            return Err(Refused::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "LookupFailed",
+                "the ApiKey or its provider vanished; retrying",
+            )
+            .retryable());
+        };
+        let (_, scope) = scope::compile(&key.spec, &provider.spec.guardrails, ns)
+            .map_err(|r| Refused::new(StatusCode::FORBIDDEN, r.reason(), r.to_string()))?;
+        Ok((provider, scope))
+    }
+
+    /// The provider's upstream client and key, reloaded after [`UPSTREAM_TTL`] or when the
+    /// provider changed.
+    async fn upstream(
+        &self,
+        provider: &KeyProvider,
+        gateway: &GatewayProvider,
+    ) -> Result<Arc<Upstream>, Refused> {
+        let name = provider.name_any();
+        let version = provider.resource_version().unwrap_or_default();
+        if let Ok(cache) = self.upstreams.lock()
+            && let Some(upstream) = cache.get(&name)
+            && upstream.resource_version == version
+            && upstream.loaded.elapsed() < UPSTREAM_TTL
+        {
+            return Ok(Arc::clone(upstream));
+        }
+        let unavailable = |detail: String| {
+            warn!(provider = %name, %detail, "the gateway's upstream is not usable");
+            Refused::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ProviderUnavailable",
+                format!("KeyProvider {name} is not usable right now; its status says why"),
+            )
+            .retryable()
+        };
+        let origin = check::origin(&gateway.upstream).map_err(|e| unavailable(e.to_string()))?;
+        let keys = check::key(&self.kube, gateway)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let client = upstream_client(gateway).map_err(unavailable)?;
+        let timeout = gateway
+            .timeout
+            .as_deref()
+            .and_then(|t| crate::policy::parse_ttl("timeout", t).ok())
+            .unwrap_or(DEFAULT_TIMEOUT);
+        let upstream = Arc::new(Upstream {
+            resource_version: version,
+            loaded: Instant::now(),
+            origin,
+            client,
+            keys,
+            timeout,
+        });
+        if let Ok(mut cache) = self.upstreams.lock() {
+            cache.insert(name, Arc::clone(&upstream));
+        }
+        Ok(upstream)
+    }
+}
+
+/// A client for the upstream: its CA bundle, or the system's roots.
+fn upstream_client(gateway: &GatewayProvider) -> Result<UpstreamClient, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = match &gateway.ca_bundle {
+        None => hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_native_roots(provider)
+            .map_err(|e| format!("TLS roots: {e}"))?,
+        Some(bundle) => {
+            let certificates =
+                crate::providers::aws::check::ca_certificates(bundle).map_err(|e| e.summary())?;
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add_parsable_certificates(certificates);
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS: {e}"))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
+        }
+    };
+    let connector = builder.https_or_http().enable_http1().build();
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector))
+}
+
+/// The request to the upstream: its origin and the app's path and query, the app's headers
+/// less its credentials and hop-by-hop ones, and the key as the provider presents it.
+fn upstream_request(
+    parts: &hyper::http::request::Parts,
+    path: &str,
+    gateway: &GatewayProvider,
+    origin: &Origin,
+    key: &str,
+    body: GatewayBody,
+) -> Result<Request<GatewayBody>, Refused> {
+    let header_name = gateway
+        .presentation
+        .header
+        .as_ref()
+        .and_then(|h| HeaderName::from_bytes(h.name.as_bytes()).ok());
+    let query = match &gateway.presentation.query_parameter {
+        Some(name) => Some(forward::query_with_key(parts.uri.query(), name, key)),
+        None => parts.uri.query().map(str::to_owned),
+    };
+    let scheme = if origin.https { "https" } else { "http" };
+    let uri = match &query {
+        Some(q) => format!("{scheme}://{}{path}?{q}", origin.authority()),
+        None => format!("{scheme}://{}{path}", origin.authority()),
+    };
+    let bad = || {
+        Refused::new(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the request could not be forwarded as sent (path or query)",
+        )
+    };
+    let uri: Uri = uri.parse().map_err(|_| bad())?;
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.headers_mut() = forward::request_headers(&parts.headers, header_name.as_ref());
+    if let (Some(name), Some(presentation)) = (header_name, &gateway.presentation.header) {
+        let value = format!("{}{key}", presentation.prefix.as_deref().unwrap_or(""));
+        let mut value = HeaderValue::from_str(&value).map_err(|_| bad())?;
+        value.set_sensitive(true);
+        request.headers_mut().insert(name, value);
+    }
+    Ok(request)
+}
+
+fn too_large(max: u64) -> Refused {
+    Refused::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "RequestTooLarge",
+        format!(
+            "the request body is larger than the provider's guardrails.maxRequestBytes ({max} bytes)"
+        ),
+    )
+}
+
+/// What the audit record of a forwarded call needs once its answer has streamed.
+struct Audit {
+    call: Call,
+    status: u16,
+    started: Instant,
+}
+
+/// The upstream's answer on its way to the app: streamed frame by frame, the key redacted,
+/// counted, and audited when it ends (or the app goes away).
+struct Redacting {
+    inner: Incoming,
+    redactor: Redactor,
+    finished: bool,
+    bytes: u64,
+    audit: Option<Audit>,
+}
+
+impl Body for Redacting {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => {
+                    this.bytes += data.len() as u64;
+                    Poll::Ready(Some(Ok(Frame::data(this.redactor.push(&data)))))
+                }
+                // Trailers are not forwarded (they could carry what headers may not).
+                Err(_) => Poll::Ready(Some(Ok(Frame::data(Bytes::new())))),
+            },
+            Poll::Ready(Some(Err(e))) => {
+                this.finished = true;
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(None) => {
+                this.finished = true;
+                let tail = this.redactor.finish();
+                if tail.is_empty() {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Ready(Some(Ok(Frame::data(tail))))
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Redacting {
+    fn drop(&mut self) {
+        if let Some(a) = self.audit.take() {
+            let outcome = if self.finished {
+                "forwarded"
+            } else {
+                "forwarded_incomplete"
+            };
+            audit(
+                &a.call,
+                outcome,
+                "",
+                a.status,
+                self.bytes,
+                self.redactor.redacted,
+                a.started,
+            );
+        }
+    }
+}
+
+/// One audit record per call: identifiers, status, sizes and time; never the key or a body.
+fn audit(
+    call: &Call,
+    outcome: &str,
+    reason: &str,
+    upstream_status: u16,
+    bytes: u64,
+    redacted: u64,
+    started: Instant,
+) {
+    info!(
+        target: "keybroker::audit",
+        outcome,
+        reason,
+        api_key = %call.api_key,
+        namespace = %call.namespace,
+        pod = %call.pod,
+        method = %call.method,
+        path = %call.path,
+        upstream_status,
+        response_bytes = bytes,
+        redacted,
+        duration_ms = started.elapsed().as_millis() as u64,
+        client = %call.client,
+        "gateway call"
+    );
+}
