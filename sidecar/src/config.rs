@@ -59,9 +59,10 @@ pub struct Args {
         default_value_t = SocketAddr::from(([127, 0, 0, 1], ports::CREDENTIALS))
     )]
     pub credentials_addr: SocketAddr,
-    /// The local gateway for gateway ApiKeys (`/<apikey>/<path>`); loopback only.
-    #[arg(long, env = env::GATEWAY_ADDR, default_value_t = SocketAddr::from(([127, 0, 0, 1], ports::GATEWAY)))]
-    pub gateway_addr: SocketAddr,
+    /// The local gateway for gateway ApiKeys (`/<apikey>/<path>`); loopback only. The webhook
+    /// sets it for pods with a gateway ApiKey; without it no gateway port is opened.
+    #[arg(long, env = env::GATEWAY_ADDR)]
+    pub gateway_addr: Option<SocketAddr>,
     /// /startupz, /livez and /metrics (probed by the kubelet from the pod IP).
     #[arg(long, env = env::HEALTH_ADDR, default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::HEALTH)))]
     pub health_addr: SocketAddr,

@@ -107,7 +107,7 @@ async fn run(args: Args) -> Result<(), Error> {
     let names = config::api_keys(&args.api_keys)?;
     let file_mode = config::file_mode(&args.file_mode)?;
     let credentials_addr = config::credentials_addr(args.credentials_addr)?;
-    let gateway_addr = gateway::check_addr(args.gateway_addr)?;
+    let gateway_addr = args.gateway_addr.map(gateway::check_addr).transpose()?;
     let refresh_fraction = config::refresh_fraction(args.refresh_fraction)?;
 
     std::fs::create_dir_all(&args.output_dir).map_err(|source| Error::OutputDir {
@@ -132,7 +132,10 @@ async fn run(args: Args) -> Result<(), Error> {
     };
     let credentials = bind(credentials_addr, "--credentials-addr").await?;
     let health = bind(args.health_addr, "--health-addr").await?;
-    let local_gateway = bind(gateway_addr, "--gateway-addr").await?;
+    let local_gateway = match gateway_addr {
+        Some(addr) => Some(bind(addr, "--gateway-addr").await?),
+        None => None,
+    };
     let mut terminate = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
 
@@ -144,11 +147,13 @@ async fn run(args: Args) -> Result<(), Error> {
     tokio::spawn(http::serve(health, move |method, path, _| {
         http::health(&probed, method, path)
     }));
-    tokio::spawn(gateway::serve(
-        local_gateway,
-        Arc::clone(&keys),
-        broker.connector(),
-    ));
+    if let Some(listener) = local_gateway {
+        tokio::spawn(gateway::serve(
+            listener,
+            Arc::clone(&keys),
+            broker.connector(),
+        ));
+    }
     let ctx = Arc::new(Ctx {
         broker,
         writer,

@@ -388,7 +388,10 @@ fn plan(
         None => patch.add("/spec/volumes", &volumes),
         Some(_) => volumes.iter().for_each(|v| patch.add("/spec/volumes/-", v)),
     }
-    let sidecar = sidecar::sidecar(&names, &access, settings);
+    let has_gateway = names
+        .iter()
+        .any(|n| keys.get(n.as_str()).is_some_and(|k| k.gateway.is_some()));
+    let sidecar = sidecar::sidecar(&names, &access, settings, has_gateway);
     match &spec.init_containers {
         // First, so regular init containers (and everything after them) start with credentials.
         None => patch.add("/spec/initContainers", &[&sidecar]),

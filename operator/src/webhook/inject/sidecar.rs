@@ -35,8 +35,14 @@ pub(super) fn volumes(settings: &Settings) -> Vec<Value> {
 
 /// The native sidecar: an init container with `restartPolicy: Always` whose startupProbe
 /// passes once the first credentials are written, so app containers start with them in place.
-pub(super) fn sidecar(names: &[String], access: &FileAccess, settings: &Settings) -> Container {
-    let env = [
+/// `gateway`: the pod has a gateway ApiKey, so the sidecar opens its local gateway.
+pub(super) fn sidecar(
+    names: &[String],
+    access: &FileAccess,
+    settings: &Settings,
+    gateway: bool,
+) -> Container {
+    let mut env = vec![
         (env::BROKER_URL, settings.broker_url.clone()),
         (env::BROKER_CA, settings.broker_ca.clone()),
         (env::API_KEYS, names.join(",")),
@@ -48,14 +54,16 @@ pub(super) fn sidecar(names: &[String], access: &FileAccess, settings: &Settings
             format!("127.0.0.1:{}", settings.credentials_port),
         ),
         (
-            env::GATEWAY_ADDR,
-            format!("127.0.0.1:{}", settings.gateway_port),
-        ),
-        (
             env::HEALTH_ADDR,
             format!("0.0.0.0:{}", settings.health_port),
         ),
     ];
+    if gateway {
+        env.push((
+            env::GATEWAY_ADDR,
+            format!("127.0.0.1:{}", settings.gateway_port),
+        ));
+    }
     let probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
