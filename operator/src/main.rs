@@ -330,7 +330,9 @@ async fn main() -> anyhow::Result<()> {
         let (metrics, serving_stops) = (Arc::clone(&metrics), serving_stops.clone());
         let (client, gateway_url) = (client.clone(), args.gateway_url.clone());
         roles.push(Box::pin(async move {
-            let broker = Broker::start_with_metrics(client.clone(), &sidecar_image, metrics).await;
+            let broker =
+                Broker::start_with_metrics(client.clone(), &sidecar_image, Arc::clone(&metrics))
+                    .await;
             if let (Some(url), Some(key)) = (gateway_url, &sessions) {
                 broker.link_gateway(GatewayLink {
                     url,
@@ -351,7 +353,12 @@ async fn main() -> anyhow::Result<()> {
             };
             let serve_gateway = async {
                 if let (Some(listener), Some(key)) = (gateway_listener, &sessions) {
-                    let gateway = Gateway::new(client.clone(), broker.stores(), Arc::clone(key));
+                    let gateway = Gateway::with_metrics(
+                        client.clone(),
+                        broker.stores(),
+                        Arc::clone(key),
+                        Arc::clone(&metrics),
+                    );
                     gateway::server::serve_until(
                         listener,
                         Arc::clone(&tls),

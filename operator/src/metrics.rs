@@ -35,6 +35,16 @@ pub struct ExchangeLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayLabels {
+    /// `forwarded` or `refused`.
+    pub outcome: &'static str,
+    /// The refusal reason (`""` when forwarded).
+    pub reason: &'static str,
+    /// The upstream's status class (`2xx`..`5xx`; `""` when refused).
+    pub upstream: &'static str,
+}
+
 /// Every metric keybroker-operator exports, registered in one registry.
 #[derive(Debug)]
 pub struct Metrics {
@@ -51,6 +61,10 @@ pub struct Metrics {
     /// Broker exchanges answered, by outcome and refusal reason.
     pub exchanges: Family<ExchangeLabels, Counter>,
     pub exchange_duration: Histogram,
+    /// Gateway calls answered, by outcome, refusal reason and upstream status class.
+    pub gateway_calls: Family<GatewayLabels, Counter>,
+    /// Time to the answer's headers (forwarded) or the refusal.
+    pub gateway_call_duration: Histogram,
 }
 
 impl Default for Metrics {
@@ -77,6 +91,18 @@ impl Default for Metrics {
             "broker_exchange_duration_seconds",
             "Time to answer one token exchange (TokenReview, authorization and minting)",
             exchange_duration.clone(),
+        );
+        let gateway_calls = Family::<GatewayLabels, Counter>::default();
+        let gateway_call_duration = Histogram::new(exponential_buckets(0.0002, 2.0, 17));
+        registry.register(
+            "gateway_calls",
+            "Calls answered by the gateway, by outcome, refusal reason and upstream status class",
+            gateway_calls.clone(),
+        );
+        registry.register(
+            "gateway_call_duration_seconds",
+            "Time from a gateway call to its answer's headers (or its refusal)",
+            gateway_call_duration.clone(),
         );
         registry.register(
             "webhook_admissions",
@@ -124,11 +150,44 @@ impl Default for Metrics {
             admission_duration,
             exchanges,
             exchange_duration,
+            gateway_calls,
+            gateway_call_duration,
         }
     }
 }
 
 impl Metrics {
+    /// Counts a gateway call: refused (with its reason) or forwarded (with the upstream's
+    /// status).
+    pub fn gateway_call(
+        &self,
+        reason: Option<&'static str>,
+        upstream_status: u16,
+        took: std::time::Duration,
+    ) {
+        let upstream = match upstream_status {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "",
+        };
+        let labels = match reason {
+            Some(reason) => GatewayLabels {
+                outcome: "refused",
+                reason,
+                upstream: "",
+            },
+            None => GatewayLabels {
+                outcome: "forwarded",
+                reason: "",
+                upstream,
+            },
+        };
+        self.gateway_calls.get_or_create(&labels).inc();
+        self.gateway_call_duration.observe(took.as_secs_f64());
+    }
+
     /// Counts a reconciliation of `kind` and times it until the guard drops.
     pub fn reconcile(self: &Arc<Self>, kind: &'static str) -> ReconcileTimer {
         self.reconciles.get_or_create(&KindLabels { kind }).inc();
@@ -194,5 +253,31 @@ impl Drop for ReconcileTimer {
             .reconcile_duration
             .get_or_create(&KindLabels { kind: self.kind })
             .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_calls_are_counted_by_outcome_reason_and_status_class() {
+        let m = Metrics::default();
+        m.gateway_call(None, 200, std::time::Duration::from_millis(3));
+        m.gateway_call(None, 503, std::time::Duration::from_millis(3));
+        m.gateway_call(
+            Some("OutsideScope"),
+            0,
+            std::time::Duration::from_micros(80),
+        );
+        let text = m.encode().unwrap();
+        for line in [
+            r#"keybroker_gateway_calls_total{outcome="forwarded",reason="",upstream="2xx"} 1"#,
+            r#"keybroker_gateway_calls_total{outcome="forwarded",reason="",upstream="5xx"} 1"#,
+            r#"keybroker_gateway_calls_total{outcome="refused",reason="OutsideScope",upstream=""} 1"#,
+            "keybroker_gateway_call_duration_seconds_count 3",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
     }
 }

@@ -518,6 +518,15 @@ async fn an_app_without_a_key_calls_the_upstream_within_scope_budget_and_until_r
             "{status}: {body}"
         );
 
+        // A body above the provider's maxRequestBytes (64 KiB): 413, not forwarded.
+        let big = vec![b'x'; 100 * 1024];
+        let (status, _, body) =
+            call(local_port, "GET", &format!("/{ECHO}/headers"), &[], &big).await?;
+        ensure!(
+            status == 413 && reason(&body) == "RequestTooLarge",
+            "{status}: {body}"
+        );
+
         // Server-sent events arrive as the upstream produces them, not at the end.
         let (status, times, text) =
             chunk_times(local_port, &format!("/{ECHO}/sse?count=3&duration=1500ms")).await?;

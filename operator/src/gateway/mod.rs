@@ -43,6 +43,7 @@ use tracing::{info, warn};
 use crate::broker::Stores;
 use crate::broker::authz::{self, PodIdentity};
 use crate::crd::{GatewayProvider, KeyProvider};
+use crate::metrics::Metrics;
 use crate::providers::gateway::check::{self, Keys, Origin};
 use crate::providers::gateway::forward::{self, Redactor};
 use crate::providers::gateway::scope::{self, GatewayScope};
@@ -135,6 +136,7 @@ pub struct Gateway {
     sessions: Arc<SessionKey>,
     upstreams: Mutex<HashMap<String, Arc<Upstream>>>,
     budgets: Budgets,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -158,12 +160,23 @@ impl Gateway {
     /// A gateway over the broker's caches (shared, so each resource is watched once per
     /// process) and the session key the broker signs with.
     pub fn new(kube: kube::Client, stores: Stores, sessions: Arc<SessionKey>) -> Arc<Self> {
+        Self::with_metrics(kube, stores, sessions, Arc::new(Metrics::default()))
+    }
+
+    /// [`Gateway::new`], counting calls in `metrics`.
+    pub fn with_metrics(
+        kube: kube::Client,
+        stores: Stores,
+        sessions: Arc<SessionKey>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             kube,
             stores,
             sessions,
             upstreams: Mutex::default(),
             budgets: Budgets::default(),
+            metrics,
         })
     }
 
@@ -177,8 +190,14 @@ impl Gateway {
             ..Call::default()
         };
         match self.forward(req, &mut call, started).await {
-            Ok(response) => response,
+            Ok(response) => {
+                self.metrics
+                    .gateway_call(None, response.status().as_u16(), started.elapsed());
+                response
+            }
             Err(refused) => {
+                self.metrics
+                    .gateway_call(Some(refused.reason), 0, started.elapsed());
                 audit(&call, "refused", refused.reason, 0, 0, 0, started);
                 refused.response()
             }
