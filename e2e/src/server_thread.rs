@@ -144,7 +144,7 @@ impl ServerThread {
             let key =
                 session::load_or_create(&client, &session_secret.0, &session_secret.1).await?;
             let caches = Broker::start(client.clone(), crate::fixtures::SIDECAR_IMAGE).await;
-            let gateway = Gateway::new(client, caches.stores(), Arc::new(key));
+            let gateway = Gateway::new(client, caches.stores(), Arc::new(key), &session_secret.0);
             let serving: BoxFuture<'static, ()> = Box::pin(gateway_server::serve_until(
                 listener,
                 tls,

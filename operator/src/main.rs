@@ -329,6 +329,7 @@ async fn main() -> anyhow::Result<()> {
         });
         let (metrics, serving_stops) = (Arc::clone(&metrics), serving_stops.clone());
         let (client, gateway_url) = (client.clone(), args.gateway_url.clone());
+        let namespace = args.namespace.clone();
         roles.push(Box::pin(async move {
             let broker =
                 Broker::start_with_metrics(client.clone(), &sidecar_image, Arc::clone(&metrics))
@@ -357,6 +358,7 @@ async fn main() -> anyhow::Result<()> {
                         client.clone(),
                         broker.stores(),
                         Arc::clone(key),
+                        &namespace,
                         Arc::clone(&metrics),
                     );
                     gateway::server::serve_until(

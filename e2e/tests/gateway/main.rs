@@ -39,6 +39,8 @@ use keybroker_operator::webhook::inject;
 /// The ApiKeys of the test pod: one for most calls, one with a budget of three a minute.
 const ECHO: &str = "echo";
 const TIGHT: &str = "tight";
+/// Budget 20 a minute, spent through two gateway replicas at once.
+const PAIR: &str = "pair";
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -202,6 +204,7 @@ fn contents(dir: &PathBuf) -> String {
 /// What a gateway test runs: the controller, broker and gateway (one CA), the pod stored as
 /// injected, and its sidecar.
 struct Rig {
+    tls: Arc<rustls::ServerConfig>,
     local_port: u16,
     broker_port: u16,
     gateway_port: u16,
@@ -355,6 +358,7 @@ async fn rig(
         .with_context(|| format!("{startup} never passed"))?;
 
     Ok(Rig {
+        tls,
         local_port,
         broker_port,
         gateway_port,
@@ -387,6 +391,7 @@ async fn an_app_without_a_key_calls_the_upstream_within_scope_budget_and_until_r
             vec![
                 apikey(ECHO, &provider_name, None),
                 apikey(TIGHT, &provider_name, Some(3)),
+                apikey(PAIR, &provider_name, Some(20)),
             ],
         )
         .await?;
@@ -560,6 +565,58 @@ async fn an_app_without_a_key_calls_the_upstream_within_scope_budget_and_until_r
             "{status}: {body}"
         );
         ensure!(headers.contains_key("retry-after"), "{headers:?}");
+
+        // Two gateway replicas, 40 concurrent calls of one ApiKey split between them: exactly
+        // the budget of 20 passes, the rest is 429.
+        let second_port = free_port()?;
+        let _second = ServerThread::gateway(
+            &keybroker_e2e::shared().await?.kubeconfig,
+            format!("127.0.0.1:{second_port}").parse()?,
+            Arc::clone(&rig.tls),
+            (ns.clone(), "gateway-session".to_owned()),
+        )
+        .await?;
+        let broker = https::Client::new(format!("127.0.0.1:{broker_port}").parse()?, &rig.ca_cert)?;
+        let pair: ExchangeResponse = broker
+            .send(
+                "POST",
+                "/v1/exchange",
+                Some(&rig.pod_token),
+                serde_json::to_vec(&ExchangeRequest {
+                    api_key: PAIR.into(),
+                })?,
+            )
+            .await?
+            .json()?;
+        let pair_token = pair
+            .session
+            .context("no session for the pair ApiKey")?
+            .token;
+        let replicas = [
+            https::Client::new(format!("127.0.0.1:{gateway_port}").parse()?, &rig.ca_cert)?,
+            https::Client::new(format!("127.0.0.1:{second_port}").parse()?, &rig.ca_cert)?,
+        ];
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            let client = replicas[i % 2].clone();
+            let token = pair_token.clone();
+            calls.spawn(async move {
+                client
+                    .send("GET", "/v1/forward/headers", Some(&token), Vec::new())
+                    .await
+                    .map(|r| r.status.as_u16())
+            });
+        }
+        let mut statuses = Vec::new();
+        while let Some(done) = calls.join_next().await {
+            statuses.push(done??);
+        }
+        let passed = statuses.iter().filter(|s| **s == 200).count();
+        let limited = statuses.iter().filter(|s| **s == 429).count();
+        ensure!(
+            passed == 20 && limited == 20,
+            "200: {passed}, 429: {limited}, all: {statuses:?}"
+        );
 
         // A session replayed from outside the sidecar (an attacker who stole the pod's token
         // exchanges it, then calls the gateway directly): works until revocation, refused after.

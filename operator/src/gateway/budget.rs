@@ -1,12 +1,29 @@
-//! Per-ApiKey call budgets: requests per minute and per day, in fixed windows, counted in this
-//! replica. Bounded by the number of ApiKeys (one entry each).
+//! Per-ApiKey call budgets (requests per minute and per day) that hold across gateway
+//! replicas: each replica leases a slice of what is left in the current windows from a shared
+//! ConfigMap (one per ApiKey, in the operator's namespace) with an optimistic write (the
+//! resourceVersion must not have moved), then spends the slice locally. Windows are aligned to
+//! the clock (the minute, the UTC day), so every replica agrees where one ends.
+//!
+//! Never more calls than the budget pass, whatever the number of replicas: a slice is leased
+//! before it is spent, and a lease that lost a race is retried on the new state. A slice left
+//! unspent when its window ends is lost (at most one slice per replica per window), so small
+//! budgets lease one call at a time and are exact.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-const MINUTE: Duration = Duration::from_secs(60);
-const DAY: Duration = Duration::from_secs(24 * 3600);
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Api;
+use kube::api::{ObjectMeta, PostParams};
+use sha2::{Digest, Sha256};
+use tracing::warn;
+
+const MINUTE: i64 = 60;
+const DAY: i64 = 24 * 3600;
+/// Lease attempts before the call is refused as unavailable; after a lost race a replica waits
+/// a little (growing, jittered), so two replicas leasing in lockstep drift apart.
+const ATTEMPTS: u32 = 32;
 
 /// A budget that is used up: which window, its limit, and when it opens again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,57 +33,239 @@ pub struct Exhausted {
     pub retry_after: Duration,
 }
 
-#[derive(Debug)]
-struct Windows {
-    minute: (Instant, u64),
-    day: (Instant, u64),
+/// Why a call could not be counted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BudgetError {
+    Exhausted(Exhausted),
+    /// The shared counters could not be read or written (logged).
+    Unavailable,
 }
 
-/// The counters of every ApiKey seen.
+/// What the shared ConfigMap records for one ApiKey: the windows' starts (unix s) and the calls
+/// leased in them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub minute: i64,
+    pub minute_used: u64,
+    pub day: i64,
+    pub day_used: u64,
+}
+
+impl Usage {
+    fn parse(data: Option<&BTreeMap<String, String>>) -> Self {
+        let get = |k: &str| {
+            data.and_then(|d| d.get(k))
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(0)
+        };
+        Self {
+            minute: get("minute"),
+            minute_used: u64::try_from(get("minuteUsed")).unwrap_or(0),
+            day: get("day"),
+            day_used: u64::try_from(get("dayUsed")).unwrap_or(0),
+        }
+    }
+
+    fn data(&self) -> BTreeMap<String, String> {
+        [
+            ("minute", self.minute.to_string()),
+            ("minuteUsed", self.minute_used.to_string()),
+            ("day", self.day.to_string()),
+            ("dayUsed", self.day_used.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// The usage at `now`: windows that ended start again from zero.
+    pub fn at(self, now: i64) -> Self {
+        let (minute, day) = (now - now.rem_euclid(MINUTE), now - now.rem_euclid(DAY));
+        Self {
+            minute,
+            minute_used: if self.minute == minute {
+                self.minute_used
+            } else {
+                0
+            },
+            day,
+            day_used: if self.day == day { self.day_used } else { 0 },
+        }
+    }
+}
+
+/// How many calls to lease at once for a budget of `per_minute`: one for small budgets (exact),
+/// up to a fiftieth of the minute's budget for large ones (fewer writes).
+pub fn slice_size(per_minute: u32) -> u64 {
+    u64::from(per_minute / 50).max(1)
+}
+
+/// Pure: the slice to lease from `usage` (already at `now`), or which window is used up.
+pub fn lease(usage: &Usage, per_minute: u32, per_day: u64, now: i64) -> Result<u64, Exhausted> {
+    let free_minute = u64::from(per_minute).saturating_sub(usage.minute_used);
+    let free_day = per_day.saturating_sub(usage.day_used);
+    let secs = |t: i64| Duration::from_secs(u64::try_from(t - now).unwrap_or(0).max(1));
+    if free_day == 0 {
+        return Err(Exhausted {
+            window: "day",
+            limit: per_day,
+            retry_after: secs(usage.day + DAY),
+        });
+    }
+    if free_minute == 0 {
+        return Err(Exhausted {
+            window: "minute",
+            limit: u64::from(per_minute),
+            retry_after: secs(usage.minute + MINUTE),
+        });
+    }
+    Ok(slice_size(per_minute).min(free_minute).min(free_day))
+}
+
+/// What this replica holds of one ApiKey's budget.
 #[derive(Debug, Default)]
+struct Slice {
+    /// The minute and day windows the slice was leased in.
+    minute: i64,
+    day: i64,
+    remaining: u64,
+}
+
+/// The budgets of every ApiKey this replica forwarded for.
+#[derive(Debug)]
 pub struct Budgets {
-    windows: Mutex<HashMap<String, Windows>>,
+    maps: Api<ConfigMap>,
+    slices: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slice>>>>,
 }
 
 impl Budgets {
-    /// Counts one call of `key` if both windows have room.
-    pub fn try_acquire(
+    /// Budgets shared through ConfigMaps in `namespace`.
+    pub fn new(kube: kube::Client, namespace: &str) -> Self {
+        Self {
+            maps: Api::namespaced(kube, namespace),
+            slices: Mutex::default(),
+        }
+    }
+
+    /// Counts one call of ApiKey `namespace/name` at `now` (unix s) if the budget has room.
+    pub async fn try_acquire(
         &self,
-        key: &str,
+        namespace: &str,
+        name: &str,
         per_minute: u32,
         per_day: u64,
-        now: Instant,
-    ) -> Result<(), Exhausted> {
-        let mut windows = self
-            .windows
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let w = windows.entry(key.to_owned()).or_insert(Windows {
-            minute: (now, 0),
-            day: (now, 0),
-        });
-        for (window, span) in [(&mut w.minute, MINUTE), (&mut w.day, DAY)] {
-            if now.duration_since(window.0) >= span {
-                *window = (now, 0);
-            }
+        now: i64,
+    ) -> Result<(), BudgetError> {
+        let id = format!("{namespace}/{name}");
+        let slice = {
+            let mut slices = self
+                .slices
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            Arc::clone(slices.entry(id.clone()).or_default())
+        };
+        let mut slice = slice.lock().await;
+        let current = Usage::default().at(now);
+        if slice.minute == current.minute && slice.day == current.day && slice.remaining > 0 {
+            slice.remaining -= 1;
+            return Ok(());
         }
-        let checks = [
-            ("minute", u64::from(per_minute), w.minute, MINUTE),
-            ("day", per_day, w.day, DAY),
-        ];
-        for (window, limit, (start, used), span) in checks {
-            if used >= limit {
-                return Err(Exhausted {
-                    window,
-                    limit,
-                    retry_after: (start + span).saturating_duration_since(now),
-                });
-            }
-        }
-        w.minute.1 += 1;
-        w.day.1 += 1;
+        let leased = self
+            .lease(namespace, name, per_minute, per_day, now)
+            .await?;
+        *slice = Slice {
+            minute: current.minute,
+            day: current.day,
+            remaining: leased - 1,
+        };
         Ok(())
     }
+
+    /// Leases a slice from the shared ConfigMap, creating it on first use.
+    async fn lease(
+        &self,
+        namespace: &str,
+        name: &str,
+        per_minute: u32,
+        per_day: u64,
+        now: i64,
+    ) -> Result<u64, BudgetError> {
+        let object = object_name(namespace, name);
+        let unavailable = |e: kube::Error| {
+            warn!(api_key = name, namespace, error = %e, "the shared budget could not be read or written");
+            BudgetError::Unavailable
+        };
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                let mut jitter = [0u8; 1];
+                let _ = aws_lc_rs::rand::fill(&mut jitter);
+                let ms = u64::from(attempt.min(10)) + u64::from(jitter[0] % 8);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            let existing = self.maps.get_opt(&object).await.map_err(unavailable)?;
+            let usage = Usage::parse(existing.as_ref().and_then(|m| m.data.as_ref())).at(now);
+            let n = lease(&usage, per_minute, per_day, now).map_err(BudgetError::Exhausted)?;
+            let next = Usage {
+                minute_used: usage.minute_used + n,
+                day_used: usage.day_used + n,
+                ..usage
+            };
+            let written = match existing {
+                Some(mut map) => {
+                    // The resourceVersion read stays in the object: the write fails with a
+                    // conflict if another replica leased meanwhile.
+                    map.data = Some(next.data());
+                    self.maps
+                        .replace(&object, &PostParams::default(), &map)
+                        .await
+                }
+                None => {
+                    let map = ConfigMap {
+                        metadata: ObjectMeta {
+                            name: Some(object.clone()),
+                            labels: Some(
+                                [
+                                    ("app.kubernetes.io/managed-by", "keybroker"),
+                                    ("keybroker.dev/budget-of", "apikey"),
+                                ]
+                                .into_iter()
+                                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                                .collect(),
+                            ),
+                            annotations: Some(
+                                [(
+                                    "keybroker.dev/apikey".to_owned(),
+                                    format!("{namespace}/{name}"),
+                                )]
+                                .into(),
+                            ),
+                            ..ObjectMeta::default()
+                        },
+                        data: Some(next.data()),
+                        ..ConfigMap::default()
+                    };
+                    self.maps.create(&PostParams::default(), &map).await
+                }
+            };
+            match written {
+                Ok(_) => return Ok(n),
+                Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        warn!(
+            api_key = name,
+            namespace, "the shared budget stayed contended; refusing the call"
+        );
+        Err(BudgetError::Unavailable)
+    }
+}
+
+/// The ConfigMap of ApiKey `namespace/name`: a hash, so any name fits and none collide.
+pub fn object_name(namespace: &str, name: &str) -> String {
+    let digest = Sha256::digest(format!("{namespace}/{name}").as_bytes());
+    let hex: String = digest.iter().take(10).map(|b| format!("{b:02x}")).collect();
+    format!("keybroker-budget-{hex}")
 }
 
 #[cfg(test)]
@@ -74,20 +273,67 @@ mod tests {
     use super::*;
 
     #[test]
-    fn budgets_count_per_key_and_reopen_with_their_window() {
-        let b = Budgets::default();
-        let t0 = Instant::now();
-        for _ in 0..3 {
-            b.try_acquire("team-a/k", 3, 100, t0).unwrap();
-        }
-        let e = b.try_acquire("team-a/k", 3, 100, t0).unwrap_err();
-        assert_eq!((e.window, e.limit, e.retry_after), ("minute", 3, MINUTE));
-        b.try_acquire("team-b/k", 3, 100, t0).unwrap();
-        b.try_acquire("team-a/k", 3, 100, t0 + MINUTE).unwrap();
-        let day = Budgets::default();
-        day.try_acquire("k", 10, 1, t0).unwrap();
-        let e = day.try_acquire("k", 10, 1, t0 + MINUTE * 2).unwrap_err();
-        assert_eq!(e.window, "day");
-        assert_eq!(e.retry_after, DAY - MINUTE * 2);
+    fn windows_align_to_the_clock_and_reset_when_they_end() {
+        let t = 1_800_000_030; // 30 s into a minute
+        let u = Usage {
+            minute: t - 30,
+            minute_used: 5,
+            day: t - t.rem_euclid(DAY),
+            day_used: 50,
+        };
+        assert_eq!(u.at(t), u);
+        let later = u.at(t + 40);
+        assert_eq!(
+            (later.minute, later.minute_used, later.day_used),
+            (t + 30, 0, 50)
+        );
+        let tomorrow = u.at(u.day + DAY + 1);
+        assert_eq!((tomorrow.minute_used, tomorrow.day_used), (0, 0));
+    }
+
+    #[test]
+    fn leases_never_exceed_what_is_left_and_say_when_it_reopens() {
+        let now = 1_800_000_030;
+        let fresh = Usage::default().at(now);
+        assert_eq!(
+            lease(&fresh, 20, 1000, now),
+            Ok(1),
+            "small budgets: one at a time"
+        );
+        assert_eq!(lease(&fresh, 600, 1000, now), Ok(12));
+        let nearly = Usage {
+            minute_used: 595,
+            ..fresh
+        };
+        assert_eq!(lease(&nearly, 600, 1000, now), Ok(5));
+        let full = Usage {
+            minute_used: 600,
+            ..fresh
+        };
+        let e = lease(&full, 600, 1000, now).unwrap_err();
+        assert_eq!(
+            (e.window, e.limit, e.retry_after),
+            ("minute", 600, Duration::from_secs(30))
+        );
+        let day = Usage {
+            day_used: 1000,
+            ..fresh
+        };
+        assert_eq!(lease(&day, 600, 1000, now).unwrap_err().window, "day");
+    }
+
+    #[test]
+    fn counters_round_trip_through_the_config_map() {
+        let u = Usage {
+            minute: 60,
+            minute_used: 3,
+            day: 0,
+            day_used: 9,
+        };
+        assert_eq!(Usage::parse(Some(&u.data())), u);
+        assert_eq!(Usage::parse(None), Usage::default());
+        assert_eq!(object_name("team-a", "k"), object_name("team-a", "k"));
+        assert_ne!(object_name("team-a", "k"), object_name("team-b", "k"));
+        assert!(object_name("a", "b").len() <= 63);
     }
 }

@@ -8,7 +8,8 @@
 //!    deleted, pod gone or changed, service account or namespace no longer allowed: refused at
 //!    once), and the session's grant must still be the ApiKey's;
 //! 3. the path must be canonical, and method and path within the ApiKey's scope;
-//! 4. the body within the guardrails' size limit, the call within the ApiKey's budget;
+//! 4. the body within the guardrails' size limit, the call within the ApiKey's budget (shared
+//!    by every gateway replica, see [`budget`]);
 //! 5. then the call goes to the upstream with the key added, the app's own credentials and
 //!    hop-by-hop headers removed; the answer streams back as it arrives, the key redacted
 //!    wherever the upstream echoes it. A 401 to the current key is retried once with the
@@ -48,7 +49,7 @@ use crate::providers::gateway::check::{self, Keys, Origin};
 use crate::providers::gateway::forward::{self, Redactor};
 use crate::providers::gateway::scope::{self, GatewayScope};
 use crate::providers::gateway::session::{Claims, SessionError, SessionKey};
-use budget::Budgets;
+use budget::{BudgetError, Budgets};
 
 /// The body of every answer: the upstream's, streamed, or a refusal.
 pub type GatewayBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -159,8 +160,21 @@ struct Call {
 impl Gateway {
     /// A gateway over the broker's caches (shared, so each resource is watched once per
     /// process) and the session key the broker signs with.
-    pub fn new(kube: kube::Client, stores: Stores, sessions: Arc<SessionKey>) -> Arc<Self> {
-        Self::with_metrics(kube, stores, sessions, Arc::new(Metrics::default()))
+    /// Budgets are shared with the other replicas through ConfigMaps in `namespace` (the
+    /// operator's own).
+    pub fn new(
+        kube: kube::Client,
+        stores: Stores,
+        sessions: Arc<SessionKey>,
+        namespace: &str,
+    ) -> Arc<Self> {
+        Self::with_metrics(
+            kube,
+            stores,
+            sessions,
+            namespace,
+            Arc::new(Metrics::default()),
+        )
     }
 
     /// [`Gateway::new`], counting calls in `metrics`.
@@ -168,14 +182,15 @@ impl Gateway {
         kube: kube::Client,
         stores: Stores,
         sessions: Arc<SessionKey>,
+        namespace: &str,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            budgets: Budgets::new(kube.clone(), namespace),
             kube,
             stores,
             sessions,
             upstreams: Mutex::default(),
-            budgets: Budgets::default(),
             metrics,
         })
     }
@@ -271,28 +286,39 @@ impl Gateway {
         if declared.is_some_and(|n| n > scope.max_request_bytes) {
             return Err(too_large(scope.max_request_bytes));
         }
+        let now = k8s_openapi::jiff::Timestamp::now().as_second();
         self.budgets
             .try_acquire(
-                &format!("{}/{}", claims.namespace, claims.api_key),
+                &claims.namespace,
+                &claims.api_key,
                 scope.requests_per_minute,
                 scope.requests_per_day,
-                Instant::now(),
+                now,
             )
-            .map_err(|exhausted| {
-                let mut refused = Refused::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "BudgetExhausted",
-                    format!(
-                        "ApiKey {} used its budget of {} requests per {}; retry after {} s or raise spec.budget (within the provider's guardrails)",
-                        claims.api_key,
-                        exhausted.limit,
-                        exhausted.window,
-                        exhausted.retry_after.as_secs().max(1)
-                    ),
+            .await
+            .map_err(|e| match e {
+                BudgetError::Exhausted(exhausted) => {
+                    let mut refused = Refused::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "BudgetExhausted",
+                        format!(
+                            "ApiKey {} used its budget of {} requests per {}; retry after {} s or raise spec.budget (within the provider's guardrails)",
+                            claims.api_key,
+                            exhausted.limit,
+                            exhausted.window,
+                            exhausted.retry_after.as_secs().max(1)
+                        ),
+                    )
+                    .retryable();
+                    refused.retry_after = Some(exhausted.retry_after.as_secs().max(1));
+                    refused
+                }
+                BudgetError::Unavailable => Refused::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "BudgetUnavailable",
+                    "the gateway could not count the call against the ApiKey's budget right now; retrying",
                 )
-                .retryable();
-                refused.retry_after = Some(exhausted.retry_after.as_secs().max(1));
-                refused
+                .retryable(),
             })?;
         let upstream = self.upstream(&provider, gateway).await?;
         let bodyless = declared == Some(0)
