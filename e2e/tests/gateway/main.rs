@@ -79,6 +79,7 @@ fn provider(name: &str, ns: &str, upstream: &str) -> KeyProvider {
                     "/anything/{namespace}/*".into(),
                     "/headers".into(),
                     "/response-headers".into(),
+                    "/base64/*".into(),
                     "/sse".into(),
                     "/delay/*".into(),
                 ],
@@ -109,6 +110,7 @@ fn apikey(name: &str, provider: &str, budget: Option<u32>) -> ApiKey {
                     "/anything/{namespace}/*".into(),
                     "/headers".into(),
                     "/response-headers".into(),
+                    "/base64/*".into(),
                     "/sse".into(),
                     "/delay/*".into(),
                 ],
@@ -460,6 +462,25 @@ async fn an_app_without_a_key_calls_the_upstream_within_scope_budget_and_until_r
                 .get("x-echo")
                 .is_some_and(|v| v == "[redacted by keybroker]"),
             "{headers:?}"
+        );
+        // A body with a length (go-httpbin's /base64 decodes into a Content-Length answer) that
+        // holds the key: redacted, so the length changes, and the answer still arrives whole.
+        let echoed = format!("token={key};");
+        let encoded = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE,
+            echoed.as_bytes(),
+        );
+        let (status, _, body) = call(
+            local_port,
+            "GET",
+            &format!("/{ECHO}/base64/{encoded}"),
+            &[],
+            b"",
+        )
+        .await?;
+        ensure!(
+            status == 200 && body == "token=[redacted by keybroker];",
+            "{status}: {body}"
         );
         let (status, _, body) = call(
             local_port,

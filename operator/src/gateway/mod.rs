@@ -328,6 +328,7 @@ impl Gateway {
                     hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
                 )
                 && req.body().is_end_stream());
+        let method = req.method().clone();
         let (parts, body) = req.into_parts();
         let limit = usize::try_from(scope.max_request_bytes).unwrap_or(usize::MAX);
         let body: GatewayBody = http_body_util::Limited::new(body, limit).boxed();
@@ -389,6 +390,11 @@ impl Gateway {
         );
         *answer.status_mut() = status;
         *answer.headers_mut() = forward::response_headers(&parts.headers, &keys);
+        // Redaction can change the body's length: the answer goes out chunked instead (a HEAD
+        // answer has no body and keeps the upstream's length).
+        if method != hyper::Method::HEAD {
+            answer.headers_mut().remove(header::CONTENT_LENGTH);
+        }
         Ok(answer)
     }
 
