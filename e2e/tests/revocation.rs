@@ -211,31 +211,37 @@ async fn a_narrowed_scope_revokes_the_wide_credentials_and_renews_the_pod() -> a
             fixtures::object_arn(&s.ns, "reports/*"),
             fixtures::object_arn(&s.ns, "invoices/*"),
         ];
+        // The grant before the change, read before it: read after, it may already be the new one
+        // or still the old one.
+        let narrow = fixtures::recorded_grant(&s.client, &s.ns, "uploader", None).await?;
         api.patch(
             "uploader",
             &PatchParams::default(),
             &Patch::Merge(serde_json::json!({"spec": {"scope": {"resources": wide}}})),
         )
         .await?;
-        let first = fixtures::recorded_grant(&s.client, &s.ns, "uploader", None).await?;
+        // A new grant recorded together with the widened policy, read from one object.
         let wide_grant = eventually("the widened grant", SETUP_WITHIN, || {
-            let first = first.clone();
-            let (client, ns) = (s.client.clone(), s.ns.clone());
-            async move {
-                let g = fixtures::recorded_grant(&client, &ns, "uploader", None)
-                    .await
-                    .ok()?;
-                (g != first || wide_recorded(&client, &ns).await).then_some(g)
+            let (client, ns, narrow) = (s.client.clone(), s.ns.clone(), narrow.clone());
+            async move { wide_recorded(&client, &ns).await.filter(|g| *g != narrow) }
+        })
+        .await?;
+        // Once a second, for up to a minute: every exchange that mints counts against the
+        // provider's 60 issuances a minute, and polling at the usual 200 ms would spend that
+        // cap in 12 s while the broker's cache catches up with the widened grant.
+        let started = Instant::now();
+        let issued = loop {
+            let answer = exchange(&s.broker, &s.token, "uploader").await;
+            match answer {
+                Ok(r) if r.grant == wide_grant => break r,
+                other => ensure!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "no credentials of the widened grant {wide_grant} after 60 s; last answer: {:?}",
+                    other.map(|r| r.grant).map_err(|e| e.to_string())
+                ),
             }
-        })
-        .await?;
-        let issued = eventually("wide credentials", SETUP_WITHIN, || async {
-            exchange(&s.broker, &s.token, "uploader")
-                .await
-                .ok()
-                .filter(|r| r.grant == wide_grant)
-        })
-        .await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
         let invoices = format!("{}/invoices/a.csv", s.ns);
         let reports = format!("{}/reports/a.csv", s.ns);
         let mut boto3 = CachedClient::start(
@@ -281,13 +287,17 @@ async fn a_narrowed_scope_revokes_the_wide_credentials_and_renews_the_pod() -> a
 }
 
 /// Whether the recorded session policy already names the invoices prefix.
-async fn wide_recorded(client: &Client, ns: &str) -> bool {
-    Api::<ApiKey>::namespaced(client.clone(), ns)
+/// The grant recorded with a session policy that holds the widened resources, if it is.
+async fn wide_recorded(client: &Client, ns: &str) -> Option<String> {
+    let status = Api::<ApiKey>::namespaced(client.clone(), ns)
         .get("uploader")
         .await
-        .ok()
-        .and_then(|k| k.status?.session_policy)
-        .is_some_and(|p| p.contains("invoices"))
+        .ok()?
+        .status?;
+    let wide = status
+        .session_policy
+        .is_some_and(|p| p.contains("invoices"));
+    if wide { status.grant } else { None }
 }
 
 /// Gets credentials, applies `withdraw`, and checks MinIO refuses the credentials in time.
