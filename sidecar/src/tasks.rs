@@ -145,18 +145,7 @@ async fn attempt(ctx: &Ctx, key: &Key, failures: &mut u32) -> Duration {
     match key.install(epoch, creds, response.grant.clone(), &ctx.writer) {
         Ok(Installed::Written) => {
             *failures = 0;
-            let broker_says = response
-                .refresh_at
-                .parse::<Timestamp>()
-                .ok()
-                .filter(|t| *t > Timestamp::now())
-                .map(until);
-            let delay = schedule::refresh_in(
-                until(expiration),
-                broker_says,
-                ctx.refresh_fraction,
-                random::unit(),
-            );
+            let delay = next_refresh(ctx, &response.refresh_at, expiration);
             info!(
                 apikey = key.name,
                 access_key_id,
@@ -180,6 +169,22 @@ async fn attempt(ctx: &Ctx, key: &Key, failures: &mut u32) -> Duration {
             delay
         }
     }
+}
+
+/// When to exchange again for what expires at `expiration`: the broker's `refresh_at` if it is
+/// in the future, within the refresh fraction of the lifetime.
+fn next_refresh(ctx: &Ctx, refresh_at: &str, expiration: Timestamp) -> Duration {
+    let broker_says = refresh_at
+        .parse::<Timestamp>()
+        .ok()
+        .filter(|t| *t > Timestamp::now())
+        .map(until);
+    schedule::refresh_in(
+        until(expiration),
+        broker_says,
+        ctx.refresh_fraction,
+        random::unit(),
+    )
 }
 
 /// Holds a gateway session (a gateway ApiKey: nothing is written); the delay until the next
@@ -210,18 +215,7 @@ fn install_session(
     match key.install_session(epoch, session, response.grant.clone()) {
         Installed::Written => {
             *failures = 0;
-            let broker_says = response
-                .refresh_at
-                .parse::<Timestamp>()
-                .ok()
-                .filter(|t| *t > Timestamp::now())
-                .map(until);
-            let delay = schedule::refresh_in(
-                until(expiration),
-                broker_says,
-                ctx.refresh_fraction,
-                random::unit(),
-            );
+            let delay = next_refresh(ctx, &response.refresh_at, expiration);
             info!(apikey = key.name, expiration = %expiration, refresh_in_seconds = delay.as_secs_f64(), "gateway session held");
             delay
         }

@@ -7,11 +7,9 @@ use std::time::Duration;
 use aws_sdk_sts::config::{BehaviorVersion, Credentials, Region, SharedCredentialsProvider};
 use aws_sdk_sts::error::ProvideErrorMetadata;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Api;
 
-use crate::crd::{AwsProvider, KeyProviderStatus, Revocation};
-use crate::status::ready_transition;
+use crate::crd::AwsProvider;
 
 /// Every STS call of the check must finish within this.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -297,33 +295,6 @@ fn innermost_cause(error: &(dyn std::error::Error + 'static)) -> Option<String> 
         source = next;
     }
     Some(source.to_string())
-}
-
-/// The KeyProvider status for a verification outcome (lastTransitionTime kept unless the Ready
-/// status flips).
-pub fn desired_status(
-    current: Option<&KeyProviderStatus>,
-    outcome: &Result<String, Problem>,
-    revocation: Revocation,
-    generation: Option<i64>,
-    now: Time,
-) -> KeyProviderStatus {
-    let (status, reason, message) = match outcome {
-        Ok(verified) => ("True", "Verified", verified.clone()),
-        Err(problem) => ("False", problem.reason(), problem.summary()),
-    };
-    KeyProviderStatus {
-        conditions: vec![ready_transition(
-            current.map(|s| s.conditions.as_slice()).unwrap_or_default(),
-            status,
-            reason,
-            message,
-            generation,
-            now,
-        )],
-        observed_generation: generation,
-        revocation: Some(super::revoke::describe(revocation).to_owned()),
-    }
 }
 
 #[cfg(test)]
