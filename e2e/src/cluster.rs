@@ -92,6 +92,8 @@ pub struct Cluster {
     pub kubeconfig: PathBuf,
     /// `https://127.0.0.1:<port>`, or `https://<node address>:<port>` with a node.
     pub server: String,
+    /// The address the control plane listens on: 127.0.0.1, or the node's address.
+    host: String,
     /// The CA that signed the apiserver's serving certificate.
     pub ca_cert: PathBuf,
     pub minio: Option<Minio>,
@@ -166,6 +168,7 @@ impl Cluster {
             dir: opts.dir.clone(),
             kubeconfig: opts.dir.join("kubeconfig"),
             server: String::new(),
+            host: String::new(),
             ca_cert: opts.dir.join("pki/ca.crt"),
             minio: None,
             components: Vec::new(),
@@ -174,6 +177,18 @@ impl Cluster {
             node: None,
             parts: None,
         }
+    }
+
+    /// The address the control plane listens on, where a server of a test that pods must reach
+    /// listens too (with a node, the node's address; see [`Cluster::join`]).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The namespaces the control plane's components joined (none without a node): a server
+    /// started in them is reached by pods like the control plane.
+    pub fn join(&self) -> Join {
+        self.join
     }
 
     /// The node, when started with [`Cluster::start_with_node`].
@@ -257,6 +272,7 @@ impl Cluster {
         ] = free_ports()?;
         let server = format!("https://{host}:{api_port}");
         self.server = server.clone();
+        self.host = host.clone();
         let kubelet_client = ca.issue_client(
             &pki_dir,
             "apiserver-kubelet-client",
@@ -683,19 +699,46 @@ fn write_file(path: &Path, contents: &str) -> Result<(), Error> {
     })
 }
 
-/// `N` distinct free ports on 127.0.0.1. All listeners are held until every port is chosen, so
-/// the ports differ from each other; another process may still take one before we bind it,
-/// which the readiness wait then reports.
+/// `N` distinct free ports on 127.0.0.1, below the kernel's ephemeral range. A port from that
+/// range can become the source port of any outgoing connection on the machine between our
+/// check and the component's own bind (the apiservers of parallel tests make many); below it,
+/// only a bind by port number can take it. The search starts at a random port, so parallel
+/// harnesses rarely meet, and all listeners are held until every port is chosen, so the ports
+/// differ from each other.
 pub(crate) fn free_ports<const N: usize>() -> Result<[u16; N], Error> {
-    let listeners = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(Error::Port)?;
+    let range = quiet_port_range();
+    let span = u32::from(range.end - range.start);
+    let offset = rand::random_range(0..span);
+    let mut listeners = Vec::with_capacity(N);
+    for step in 0..span {
+        if listeners.len() == N {
+            break;
+        }
+        let port = range.start + u16::try_from((offset + step) % span).unwrap_or(0);
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            listeners.push(listener);
+        }
+    }
+    // A machine whose ephemeral range leaves nothing below it: the kernel's choice.
+    while listeners.len() < N {
+        listeners.push(TcpListener::bind("127.0.0.1:0").map_err(Error::Port)?);
+    }
     let mut ports = [0u16; N];
     for (port, listener) in ports.iter_mut().zip(&listeners) {
         *port = listener.local_addr().map_err(Error::Port)?.port();
     }
     Ok(ports)
+}
+
+/// Ports no outgoing connection takes: from 10000 to the start of
+/// `net.ipv4.ip_local_port_range` (32768 unless the machine changed it).
+fn quiet_port_range() -> std::ops::Range<u16> {
+    const FLOOR: u16 = 10_000;
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32_768u16);
+    FLOOR..ephemeral_start.max(FLOOR + 1)
 }
 
 fn mkdir(path: &Path) -> Result<(), Error> {
@@ -725,7 +768,9 @@ mod tests {
         unique.sort_unstable();
         unique.dedup();
         assert_eq!(unique.len(), 6, "{ports:?}");
+        let quiet = quiet_port_range();
         for port in ports {
+            assert!(quiet.contains(&port), "{port} outside {quiet:?}");
             TcpListener::bind(("127.0.0.1", port)).unwrap();
         }
     }

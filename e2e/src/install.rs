@@ -210,34 +210,44 @@ pub async fn publish_minio(cluster: &Cluster, client: &kube::Client) -> anyhow::
         .endpoint
         .strip_prefix("https://")
         .context("MinIO's endpoint is not https:// (a cluster with a node serves TLS)")?;
-    let (ip, port) = authority
-        .rsplit_once(':')
-        .context("MinIO's endpoint has no port")?;
-    let port: i32 = port.parse().context("MinIO's port")?;
+    let addr: std::net::SocketAddr = authority.parse().context("MinIO's endpoint")?;
+    publish_node_server(client, "minio", 9000, addr).await
+}
+
+/// Service `<name>.<name>.svc:<port>` for a server of the harness at `addr` on the node's
+/// address: a selector-less Service whose EndpointSlice names `addr`, so pods and the
+/// in-cluster operator reach it by name through cluster DNS and kube-proxy.
+pub async fn publish_node_server(
+    client: &kube::Client,
+    name: &str,
+    port: u16,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<()> {
     let apply = PatchParams::apply(FIELD_MANAGER).force();
-    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": "minio"}}))?;
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
     Api::<Namespace>::all(client.clone())
-        .patch("minio", &apply, &Patch::Apply(&ns))
+        .patch(name, &apply, &Patch::Apply(&ns))
         .await?;
     let service: Service = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": "minio", "namespace": "minio" },
-        "spec": { "ports": [{ "name": "s3", "port": 9000, "targetPort": port, "protocol": "TCP" }] },
+        "metadata": { "name": name, "namespace": name },
+        "spec": { "ports": [{ "name": "main", "port": port, "targetPort": addr.port(), "protocol": "TCP" }] },
     }))?;
-    Api::<Service>::namespaced(client.clone(), "minio")
-        .patch("minio", &apply, &Patch::Apply(&service))
+    Api::<Service>::namespaced(client.clone(), name)
+        .patch(name, &apply, &Patch::Apply(&service))
         .await?;
+    let slice_name = format!("{name}-node");
     let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
         "metadata": {
-            "name": "minio-node",
-            "namespace": "minio",
-            "labels": { "kubernetes.io/service-name": "minio" },
+            "name": slice_name,
+            "namespace": name,
+            "labels": { "kubernetes.io/service-name": name },
         },
         "addressType": "IPv4",
-        "endpoints": [{ "addresses": [ip], "conditions": { "ready": true } }],
-        "ports": [{ "name": "s3", "port": port, "protocol": "TCP" }],
+        "endpoints": [{ "addresses": [addr.ip().to_string()], "conditions": { "ready": true } }],
+        "ports": [{ "name": "main", "port": addr.port(), "protocol": "TCP" }],
     }))?;
-    Api::<EndpointSlice>::namespaced(client.clone(), "minio")
-        .patch("minio-node", &apply, &Patch::Apply(&slice))
+    Api::<EndpointSlice>::namespaced(client.clone(), name)
+        .patch(&slice_name, &apply, &Patch::Apply(&slice))
         .await?;
     Ok(())
 }

@@ -139,6 +139,24 @@ fn every_optional_part_renders() -> anyhow::Result<()> {
 }
 
 #[test]
+fn without_the_gateway_nothing_of_it_is_rendered() -> anyhow::Result<()> {
+    let (ok, out) = template(&["--set", "gateway.enabled=false,networkPolicy.enabled=true"])?;
+    ensure!(ok, "{out}");
+    for absent in [
+        "keybroker-gateway",
+        "--gateway-url",
+        "port: gateway",
+        "containerPort: 8444",
+        "configmaps",
+        "broker,gateway",
+    ] {
+        ensure!(!out.contains(absent), "{absent:?} rendered:\n{out}");
+    }
+    ensure!(out.contains("--roles=controller,webhook,broker\n"), "{out}");
+    Ok(())
+}
+
+#[test]
 fn the_schema_refuses_bad_values() -> anyhow::Result<()> {
     for (set, expected) in [
         ("webhook.timeoutSeconds=30", "timeoutSeconds"),
@@ -146,6 +164,7 @@ fn the_schema_refuses_bad_values() -> anyhow::Result<()> {
         ("replicaCount=0", "replicaCount"),
         ("imagee.tag=x", "imagee"),
         ("certManager.enabled=true", "name"),
+        ("gateway.url=http://gw.example:8444", "url"),
         (
             "sidecar.tokenExpirationSeconds=60",
             "tokenExpirationSeconds",

@@ -494,3 +494,146 @@ async fn a_deleted_pods_sidecar_removes_the_files_and_its_token_is_refused_after
     })
     .await
 }
+
+/// The app of a gateway ApiKey: plain `urllib` on the base URL the webhook set (the sidecar on
+/// loopback), never a key. It prints what the upstream echoed of `Authorization`, a call outside
+/// the ApiKey's scope, then calls every 100 ms on one kept-alive process and prints every change
+/// of outcome with the time.
+const GATEWAY_APP: &str = r#"
+import json, os, time, urllib.request, urllib.error
+base = os.environ["ECHO_BASE_URL"]
+ns = os.environ["NS"]
+
+def get(path):
+    try:
+        with urllib.request.urlopen(base + path, timeout=5) as r:
+            return str(r.status), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return str(e.code), e.read().decode()
+    except Exception as e:
+        return type(e).__name__, ""
+
+status, body = get("/headers")
+echoed = json.loads(body).get("headers", {}).get("Authorization", []) if status == "200" else body
+print("inside", status, json.dumps(echoed), flush=True)
+status, body = get("/status/200")
+print("outside", status, body.replace("\n", " "), flush=True)
+last = None
+while True:
+    status, _ = get("/anything/" + ns + "/loop")
+    if status != last:
+        print("loop", status, "at", time.time(), flush=True)
+        last = status
+    time.sleep(0.1)
+"#;
+
+#[tokio::test]
+async fn a_gateway_apikey_reaches_its_upstream_through_the_charts_gateway_without_the_key()
+-> anyhow::Result<()> {
+    use keybroker_e2e::httpbin::{self, Httpbin};
+    use keybroker_operator::crd::{AppEnv, KeyProvider};
+    let cluster = cluster().await?;
+    // An upstream outside the cluster, reached by name: TLS with a CA of its own.
+    let upstream = Httpbin::start_on_node(cluster, &["httpbin.httpbin.svc"]).await?;
+    let admin = cluster.client().await?;
+    install::publish_node_server(&admin, "httpbin", 443, upstream.addr()).await?;
+    in_namespace(cluster, "gateway", |client, ns| async move {
+        let key = format!("sk-live-{}", rand::distr::SampleString::sample_string(&rand::distr::Alphanumeric, &mut rand::rng(), 24));
+        let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+            "metadata": { "name": format!("httpbin-key-{ns}"), "namespace": install::NAMESPACE },
+            "stringData": { "key": key },
+        }))?;
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), install::NAMESPACE)
+            .create(&PostParams::default(), &secret)
+            .await?;
+        let provider_name = format!("httpbin-{ns}");
+        let mut provider = httpbin::provider(&provider_name, install::NAMESPACE, "https://httpbin.httpbin.svc");
+        if let Some(gateway) = provider.spec.gateway.as_mut() {
+            gateway.key_secret_ref.name = format!("httpbin-key-{ns}");
+            gateway.ca_bundle = upstream.ca_pem().map(str::to_owned);
+            gateway.app_env = Some(AppEnv { name: "ECHO_BASE_URL".into(), path_suffix: None });
+            gateway.timeout = Some("5s".into());
+        }
+        Api::<KeyProvider>::all(client.clone())
+            .create(&PostParams::default(), &provider)
+            .await?;
+        Api::<keybroker_operator::crd::ApiKey>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &httpbin::apikey("echo", &provider_name, None))
+            .await?;
+        fixtures::service_account(&client, &ns, "app").await?;
+        fixtures::recorded_grant(&client, &ns, "echo", None).await?;
+
+        let deployment: Deployment = serde_json::from_value(json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": { "name": "app", "namespace": ns },
+            "spec": {
+                "replicas": 1,
+                "selector": { "matchLabels": { "app": "app" } },
+                "template": {
+                    "metadata": {
+                        "labels": { "app": "app", "keybroker.dev/inject": "true" },
+                        "annotations": { "keybroker.dev/apikeys": "echo" },
+                    },
+                    "spec": {
+                        "serviceAccountName": "app",
+                        "terminationGracePeriodSeconds": 5,
+                        "securityContext": { "runAsNonRoot": true, "runAsUser": 1000 },
+                        "containers": [{
+                            "name": "app",
+                            "image": APP_IMAGE,
+                            "imagePullPolicy": "Never",
+                            "args": ["-u", "-c", GATEWAY_APP],
+                            "env": [{ "name": "NS", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } }],
+                        }],
+                    },
+                },
+            },
+        }))?;
+        let pod = running_pod(&client, &deployment).await?;
+
+        // The gateway added the key at the upstream, which echoed it; the app got it redacted.
+        let inside = app_line(&client, &pod, "inside").await?;
+        ensure!(
+            inside == r#"200 ["Bearer [redacted by keybroker]"]"#,
+            "the call in scope: {inside} (upstream log:\n{})",
+            upstream.log_tail(10)
+        );
+        let outside = app_line(&client, &pod, "outside").await?;
+        ensure!(
+            outside.starts_with("403 ") && outside.contains("scope"),
+            "a path outside the scope was not refused with a reason: {outside}"
+        );
+        ensure!(app_line(&client, &pod, "loop").await?.starts_with("200 "), "the app's loop never got through");
+
+        // Revoked: the next call of the running app, on the session its sidecar holds, is refused.
+        let revoked = now();
+        fixtures::revoke(&client, &ns, "echo").await?;
+        let refused = app_line_where(&client, &pod, "loop", |r| !r.starts_with("200 ")).await?;
+        // The gateway refuses the revoked session, or the sidecar, having dropped it, answers
+        // AccessWithdrawn: either way final, never a "try again".
+        ensure!(
+            refused.starts_with("401 ") || refused.starts_with("403 "),
+            "after the revocation the app's call gave {refused}"
+        );
+        eprintln!(
+            "measured: in a real pod, from spec.revoked: true to the gateway refusing the app's call {:.0} ms",
+            (at(&refused).context("no time")? - revoked) * 1000.0
+        );
+
+        // The key is nowhere the app, the pod or the tenant can read.
+        let stored = Api::<Pod>::namespaced(client.clone(), &ns)
+            .get(pod.metadata.name.as_deref().context("name")?)
+            .await?;
+        let mut seen = serde_json::to_string(&stored)?;
+        for container in ["app", "keybroker-sidecar"] {
+            seen.push_str(&logs(&client, &pod, container).await?);
+        }
+        seen.push_str(&serde_json::to_string(
+            &Api::<keybroker_operator::crd::ApiKey>::namespaced(client.clone(), &ns).get("echo").await?,
+        )?);
+        ensure!(!seen.contains(&key), "the upstream's key is visible to the tenant");
+        Ok(())
+    })
+    .await
+}

@@ -84,8 +84,9 @@ module_dir() {
 # (kube-proxy and the CNI portmap/bridge plugins), conntrack (kube-proxy), busybox-static (the
 # test image's userland), tini (init of the node's PID namespace: reaps orphans, and its death
 # kills every process of the node); for keybroker's own images, musl-tools (musl-gcc: aws-lc in
-# the static builds of `make release-static`) and python3-venv (pip for the app image's boto3).
-node_debs=(runc iptables nftables conntrack busybox-static tini musl-tools python3-venv)
+# the static builds of `make release-static`) and python3-venv (pip for the app image's boto3);
+# git for Gitea (the gateway tests' upstream keeps its repositories with it).
+node_debs=(runc iptables nftables conntrack busybox-static tini musl-tools python3-venv git)
 ensure_debs() {
   local missing=() pkg
   for pkg in "${node_debs[@]}"; do

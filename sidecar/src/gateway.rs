@@ -26,7 +26,7 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use crate::files::Error;
-use crate::state::Key;
+use crate::state::{Key, Removal};
 
 /// Connections the local gateway serves at once.
 const MAX_CONNECTIONS: usize = 256;
@@ -96,7 +96,43 @@ fn refusal(status: StatusCode, reason: &str, message: &str, retryable: bool) -> 
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    if let Ok(value) = HeaderValue::from_str(reason) {
+        response
+            .headers_mut()
+            .insert(keybroker_contract::REFUSAL_HEADER, value);
+    }
     response
+}
+
+/// The answer while an ApiKey holds no session: final when the broker took its access away,
+/// "try again" while the first session or a renewal is still coming.
+fn no_session(name: &str, withdrawn: Option<Removal>) -> Response<Body> {
+    match withdrawn {
+        Some(Removal::Revoked) => refusal(
+            StatusCode::FORBIDDEN,
+            "AccessWithdrawn",
+            &format!(
+                "ApiKey {name} was revoked or deleted; its owners can restore it (spec.revoked: false)"
+            ),
+            false,
+        ),
+        Some(_) => refusal(
+            StatusCode::FORBIDDEN,
+            "AccessWithdrawn",
+            &format!(
+                "the broker refused ApiKey {name} to this pod (its service account or namespace is not allowed, or the ApiKey is not Ready); the sidecar's log says which"
+            ),
+            false,
+        ),
+        None => refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NoSession",
+            &format!(
+                "ApiKey {name} has no gateway session yet (not a gateway ApiKey, or the broker is unreachable); the sidecar's log says which"
+            ),
+            true,
+        ),
+    }
 }
 
 /// Serves the local gateway on `listener` (loopback) for `keys`.
@@ -152,14 +188,7 @@ async fn forward(req: Request<Incoming>, keys: &[Key], tls: &TlsConnector) -> Re
         );
     };
     let Some(session) = key.session() else {
-        return refusal(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "NoSession",
-            &format!(
-                "ApiKey {name} has no gateway session now (not a gateway ApiKey, revoked, or the broker is unreachable); the sidecar's log says which"
-            ),
-            true,
-        );
+        return no_session(name, key.withdrawn());
     };
     // The session's URL is the gateway's forwarding base; the app's path goes after it.
     let uri = match req.uri().query() {
@@ -300,5 +329,38 @@ mod tests {
         ] {
             assert!(validate_session(&bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn without_a_session_the_app_learns_whether_to_retry() {
+        for (withdrawn, status, reason, retryable) in [
+            (None, 503, "NoSession", true),
+            (Some(Removal::Revoked), 403, "AccessWithdrawn", false),
+            (Some(Removal::Refused), 403, "AccessWithdrawn", false),
+        ] {
+            let answer = no_session("echo", withdrawn);
+            assert_eq!(answer.status().as_u16(), status, "{withdrawn:?}");
+            assert_eq!(
+                answer.headers()[keybroker_contract::REFUSAL_HEADER],
+                reason,
+                "{withdrawn:?}"
+            );
+            let Either::Right(body) = answer.into_body() else {
+                panic!("a refusal has a body of its own");
+            };
+            let body = collected(body);
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["reason"], reason);
+            assert_eq!(json["retryable"], retryable);
+            assert!(json["message"].as_str().unwrap().contains("echo"));
+        }
+    }
+
+    fn collected(body: Full<Bytes>) -> Bytes {
+        use http_body_util::BodyExt;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(body.collect()).unwrap().to_bytes()
     }
 }

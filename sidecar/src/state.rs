@@ -28,7 +28,7 @@ pub enum Removal {
 }
 
 impl Removal {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Removal::Revoked => "revoked",
             Removal::Refused => "refused",
@@ -52,6 +52,9 @@ struct Inner {
     session: Option<ValidSession>,
     /// The broker's grant the held credentials were minted under.
     grant: Option<String>,
+    /// Why access was last taken away for good (revoked, refused), until access is held
+    /// again: what the local gateway tells the app instead of "try again".
+    withdrawn: Option<Removal>,
     /// Bumped on every removal; an exchange that started under an older epoch is stale.
     epoch: u64,
     /// First credentials were written once (the startup probe).
@@ -109,6 +112,7 @@ impl Key {
         }
         writer.publish(&self.name, &files::render(&creds))?;
         inner.held = Some(creds);
+        inner.withdrawn = None;
         inner.grant = Some(grant).filter(|g| !g.is_empty());
         inner.started = true;
         inner.refreshes += 1;
@@ -124,11 +128,17 @@ impl Key {
             return Installed::Superseded;
         }
         inner.session = Some(session);
+        inner.withdrawn = None;
         inner.grant = Some(grant).filter(|g| !g.is_empty());
         inner.started = true;
         inner.refreshes += 1;
         self.holding.send_replace(true);
         Installed::Written
+    }
+
+    /// Why access was taken away for good, while none is held again (see [`Removal`]).
+    pub fn withdrawn(&self) -> Option<Removal> {
+        self.lock().withdrawn
     }
 
     /// The session the local gateway forwards with, if one is held.
@@ -142,6 +152,9 @@ impl Key {
         inner.epoch += 1;
         let held = inner.held.take().is_some() | inner.session.take().is_some();
         inner.grant = None;
+        if cause != Removal::Expired {
+            inner.withdrawn = Some(cause);
+        }
         self.holding.send_replace(false);
         if held {
             *inner.removals.entry(cause).or_default() += 1;
@@ -320,6 +333,30 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn a_withdrawal_is_remembered_until_access_is_held_again() {
+        let dir = root("withdrawn");
+        let writer = Writer::new(&dir, 0o440);
+        let key = Key::new("k");
+        assert_eq!(key.withdrawn(), None);
+        key.remove(Removal::Refused, &writer).unwrap();
+        assert_eq!(key.withdrawn(), Some(Removal::Refused));
+        let epoch = key.epoch();
+        key.install(
+            epoch,
+            valid("AK1", "2030-01-01T00:00:00Z"),
+            "g1".into(),
+            &writer,
+        )
+        .unwrap();
+        assert_eq!(key.withdrawn(), None);
+        // Expiry while refreshes fail is not final: the app may retry.
+        key.remove(Removal::Expired, &writer).unwrap();
+        assert_eq!(key.withdrawn(), None);
+        key.remove(Removal::Revoked, &writer).unwrap();
+        assert_eq!(key.withdrawn(), Some(Removal::Revoked));
     }
 
     #[test]

@@ -32,6 +32,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s-broker.%s.svc" (include "keybroker.fullname" .) .Release.Namespace -}}
 {{- end -}}
 
+{{- define "keybroker.gatewayHost" -}}
+{{- printf "%s-gateway.%s.svc" (include "keybroker.fullname" .) .Release.Namespace -}}
+{{- end -}}
+
 {{- define "keybroker.webhookHost" -}}
 {{- printf "%s-webhook.%s.svc" (include "keybroker.fullname" .) .Release.Namespace -}}
 {{- end -}}

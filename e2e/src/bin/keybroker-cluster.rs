@@ -122,6 +122,9 @@ async fn up(args: DirArgs) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let mut child = launcher
         .process_group(0)
+        // Its error, not a backtrace, is what the tail below shows when it fails.
+        .env("RUST_BACKTRACE", "0")
+        .env("RUST_LIB_BACKTRACE", "0")
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

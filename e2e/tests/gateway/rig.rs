@@ -10,18 +10,15 @@ use anyhow::Context;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, PostParams};
 
 use keybroker_contract::wire::AUDIENCE;
+pub(crate) use keybroker_e2e::httpbin::{apikey, provider};
 use keybroker_e2e::process::Component;
 use keybroker_e2e::server_thread::ServerThread;
 use keybroker_e2e::sidecar::binary;
 use keybroker_e2e::{Lifetime, fixtures, pki};
-use keybroker_operator::crd::{
-    ApiKey, ApiKeySpec, Budget, GatewayProvider, Guardrails, HeaderPresentation, KeyPresentation,
-    KeyProvider, KeyProviderSpec, ProviderRef, Scope, SecretRef,
-};
+use keybroker_operator::crd::{ApiKey, HeaderPresentation, KeyProvider};
 use keybroker_operator::tls::ReloadingCert;
 use keybroker_operator::webhook::inject;
 
@@ -29,83 +26,6 @@ pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
-}
-
-/// The platform team's KeyProvider for go-httpbin: the key in `Authorization: Bearer`, GET on
-/// a few paths, 1 s upstream timeout, 64 KiB bodies.
-pub(crate) fn provider(name: &str, ns: &str, upstream: &str) -> KeyProvider {
-    let mut kp = KeyProvider::new(
-        name,
-        KeyProviderSpec {
-            aws: None,
-            gateway: Some(GatewayProvider {
-                upstream: upstream.to_owned(),
-                ca_bundle: None,
-                key_secret_ref: SecretRef {
-                    namespace: ns.to_owned(),
-                    name: "httpbin-key".into(),
-                },
-                presentation: KeyPresentation {
-                    header: Some(HeaderPresentation {
-                        name: "Authorization".into(),
-                        prefix: Some("Bearer ".into()),
-                    }),
-                    query_parameter: None,
-                },
-                app_env: None,
-                timeout: Some("1s".into()),
-            }),
-            namespace_selector: LabelSelector::default(),
-            guardrails: Guardrails {
-                allowed_actions: vec!["GET".into(), "POST".into()],
-                allowed_resources: vec![
-                    "/anything/{namespace}/*".into(),
-                    "/headers".into(),
-                    "/response-headers".into(),
-                    "/base64/*".into(),
-                    "/sse".into(),
-                    "/delay/*".into(),
-                ],
-                default_ttl: None,
-                max_ttl: None,
-                max_issuances_per_minute: None,
-                max_request_bytes: Some(64 * 1024),
-                max_requests_per_minute: Some(1000),
-                max_requests_per_day: None,
-            },
-        },
-    );
-    kp.metadata.labels = Some([("e2e-scope".to_owned(), ns.to_owned())].into());
-    kp
-}
-
-pub(crate) fn apikey(name: &str, provider: &str, budget: Option<u32>) -> ApiKey {
-    ApiKey::new(
-        name,
-        ApiKeySpec {
-            provider_ref: ProviderRef {
-                name: provider.to_owned(),
-            },
-            service_account_names: vec!["app".into()],
-            scope: Scope {
-                actions: vec!["GET".into()],
-                resources: vec![
-                    "/anything/{namespace}/*".into(),
-                    "/headers".into(),
-                    "/response-headers".into(),
-                    "/base64/*".into(),
-                    "/sse".into(),
-                    "/delay/*".into(),
-                ],
-            },
-            ttl: None,
-            revoked: false,
-            budget: budget.map(|n| Budget {
-                requests_per_minute: Some(n),
-                requests_per_day: None,
-            }),
-        },
-    )
 }
 
 /// A plain-HTTP call to the sidecar's local gateway, as the app makes it: status, headers,
