@@ -273,6 +273,10 @@ pub async fn service_account(client: &Client, ns: &str, name: &str) -> anyhow::R
     Ok(())
 }
 
+/// The namespace in-process brokers and gateways keep their shared counts in (the operator's
+/// own in a cluster): every control plane has it.
+pub const COUNTS_NAMESPACE: &str = "default";
+
 /// The sidecar image the tests' webhooks inject and their brokers accept.
 pub const SIDECAR_IMAGE: &str = "registry.invalid/keybroker-sidecar:test";
 

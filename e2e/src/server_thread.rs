@@ -101,7 +101,12 @@ impl ServerThread {
         tls: Arc<rustls::ServerConfig>,
     ) -> anyhow::Result<Self> {
         Self::start("broker", kubeconfig, addr, |client, listener| async move {
-            let broker = Broker::start(client, crate::fixtures::SIDECAR_IMAGE).await;
+            let broker = Broker::start(
+                client,
+                crate::fixtures::COUNTS_NAMESPACE,
+                crate::fixtures::SIDECAR_IMAGE,
+            )
+            .await;
             let serving: BoxFuture<'static, ()> =
                 Box::pin(broker_server::serve(listener, tls, broker));
             Ok(serving)
@@ -121,7 +126,12 @@ impl ServerThread {
         Self::start("broker", kubeconfig, addr, |client, listener| async move {
             let key =
                 session::load_or_create(&client, &session_secret.0, &session_secret.1).await?;
-            let broker = Broker::start(client, crate::fixtures::SIDECAR_IMAGE).await;
+            let broker = Broker::start(
+                client,
+                crate::fixtures::COUNTS_NAMESPACE,
+                crate::fixtures::SIDECAR_IMAGE,
+            )
+            .await;
             broker.link_gateway(GatewayLink {
                 url: gateway_url,
                 key: Arc::new(key),
@@ -143,7 +153,12 @@ impl ServerThread {
         Self::start("gateway", kubeconfig, addr, |client, listener| async move {
             let key =
                 session::load_or_create(&client, &session_secret.0, &session_secret.1).await?;
-            let caches = Broker::start(client.clone(), crate::fixtures::SIDECAR_IMAGE).await;
+            let caches = Broker::start(
+                client.clone(),
+                crate::fixtures::COUNTS_NAMESPACE,
+                crate::fixtures::SIDECAR_IMAGE,
+            )
+            .await;
             let gateway = Gateway::new(client, caches.stores(), Arc::new(key), &session_secret.0);
             let serving: BoxFuture<'static, ()> = Box::pin(gateway_server::serve_until(
                 listener,

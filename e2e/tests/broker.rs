@@ -43,6 +43,7 @@ async fn serve_broker_with_metrics(
     let metrics = Arc::new(Metrics::default());
     let broker = Broker::start_with_metrics(
         client.clone(),
+        fixtures::COUNTS_NAMESPACE,
         fixtures::SIDECAR_IMAGE,
         Arc::clone(&metrics),
     )
@@ -68,7 +69,12 @@ async fn issued_credentials_work_inside_the_scope_only() -> anyhow::Result<()> {
         let cluster = shared().await?;
         fixtures::uploader(cluster, &client, &ns).await?;
         let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
-        let broker = Broker::start(client.clone(), fixtures::SIDECAR_IMAGE).await;
+        let broker = Broker::start(
+            client.clone(),
+            fixtures::COUNTS_NAMESPACE,
+            fixtures::SIDECAR_IMAGE,
+        )
+        .await;
         let issued = broker
             .exchange(&token, &request("uploader"), "127.0.0.1:1")
             .await?;
@@ -146,7 +152,7 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
         fixtures::uploader(cluster, &client, &ns).await?;
         let provider = format!("{ns}-s3");
         let metrics = Arc::new(Metrics::default());
-        let broker = Broker::start_with_metrics(client.clone(), fixtures::SIDECAR_IMAGE, Arc::clone(&metrics)).await;
+        let broker = Broker::start_with_metrics(client.clone(), fixtures::COUNTS_NAMESPACE, fixtures::SIDECAR_IMAGE, Arc::clone(&metrics)).await;
         let refusal = |result: Result<_, keybroker_operator::broker::ExchangeError>| match result {
             Ok(_) => "issued".to_owned(),
             Err(e) => e.reason().to_owned(),
@@ -415,7 +421,8 @@ async fn over_https_bad_requests_get_clear_refusals() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn the_issuance_cap_answers_429_with_retry_after() -> anyhow::Result<()> {
+async fn the_issuance_cap_holds_across_two_brokers_and_answers_429_with_retry_after()
+-> anyhow::Result<()> {
     let cluster = shared_with_crds().await?;
     in_namespace(cluster, "brk-cap", |client, ns| async move {
         let cluster = shared().await?;
@@ -425,32 +432,36 @@ async fn the_issuance_cap_answers_429_with_retry_after() -> anyhow::Result<()> {
                 &format!("{ns}-s3"),
                 &PatchParams::default(),
                 &Patch::Merge(serde_json::json!({
-                    "spec": {"guardrails": {"maxIssuancesPerMinute": 2}}
+                    "spec": {"guardrails": {"maxIssuancesPerMinute": 4}}
                 })),
             )
             .await?;
-        let https = serve_broker(&client).await?;
+        // Two replicas behind one Service: the cap is the ApiKey's, not each replica's.
+        let replicas = [serve_broker(&client).await?, serve_broker(&client).await?];
         let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
-        for _ in 0..2 {
-            let ok = https
+        keybroker_e2e::with_room_in_this_minute(Duration::from_secs(30)).await;
+        for i in 0..4 {
+            let ok = replicas[i % 2]
                 .send("POST", "/v1/exchange", Some(&token), body("uploader"))
                 .await?;
-            ensure!(ok.status == 200, "{ok:?}");
+            ensure!(ok.status == 200, "issuance {i}: {ok:?}");
         }
-        let capped = https
-            .send("POST", "/v1/exchange", Some(&token), body("uploader"))
-            .await?;
-        let refusal: Refusal = capped.json()?;
-        ensure!(
-            capped.status == 429 && refusal.reason == "RateLimited" && refusal.retryable,
-            "{capped:?}"
-        );
-        let retry: u64 = capped
-            .retry_after
-            .as_deref()
-            .context("no Retry-After")?
-            .parse()?;
-        ensure!((1..=60).contains(&retry), "Retry-After {retry}");
+        for https in &replicas {
+            let capped = https
+                .send("POST", "/v1/exchange", Some(&token), body("uploader"))
+                .await?;
+            let refusal: Refusal = capped.json()?;
+            ensure!(
+                capped.status == 429 && refusal.reason == "RateLimited" && refusal.retryable,
+                "{capped:?}"
+            );
+            let retry: u64 = capped
+                .retry_after
+                .as_deref()
+                .context("no Retry-After")?
+                .parse()?;
+            ensure!((1..=60).contains(&retry), "Retry-After {retry}");
+        }
         Ok(())
     })
     .await

@@ -147,7 +147,7 @@ fn without_the_gateway_nothing_of_it_is_rendered() -> anyhow::Result<()> {
         "--gateway-url",
         "port: gateway",
         "containerPort: 8444",
-        "configmaps",
+        "gateway-session",
         "broker,gateway",
     ] {
         ensure!(!out.contains(absent), "{absent:?} rendered:\n{out}");

@@ -99,7 +99,12 @@ async fn setup(client: Client, ns: String) -> anyhow::Result<Setup> {
     fixtures::uploader(cluster, &client, &ns).await?;
     let controller = Controller::start(&client, &ns);
     fixtures::recorded_grant(&client, &ns, "uploader", None).await?;
-    let broker = Broker::start(client.clone(), fixtures::SIDECAR_IMAGE).await;
+    let broker = Broker::start(
+        client.clone(),
+        fixtures::COUNTS_NAMESPACE,
+        fixtures::SIDECAR_IMAGE,
+    )
+    .await;
     let token = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
     Ok(Setup {
         client,

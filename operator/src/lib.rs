@@ -2,6 +2,7 @@
 //! and broker roles built on them.
 
 pub mod broker;
+pub mod budget;
 pub mod controller;
 pub mod crd;
 pub mod events;

@@ -331,9 +331,13 @@ async fn main() -> anyhow::Result<()> {
         let (client, gateway_url) = (client.clone(), args.gateway_url.clone());
         let namespace = args.namespace.clone();
         roles.push(Box::pin(async move {
-            let broker =
-                Broker::start_with_metrics(client.clone(), &sidecar_image, Arc::clone(&metrics))
-                    .await;
+            let broker = Broker::start_with_metrics(
+                client.clone(),
+                &namespace,
+                &sidecar_image,
+                Arc::clone(&metrics),
+            )
+            .await;
             if let (Some(url), Some(key)) = (gateway_url, &sessions) {
                 broker.link_gateway(GatewayLink {
                     url,

@@ -7,11 +7,12 @@
 //! rest of what must not reach the upstream). Refusals from here are JSON like the gateway's.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use http_body_util::{Either, Full};
 use hyper::body::{Bytes, Incoming};
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -33,6 +34,11 @@ const MAX_CONNECTIONS: usize = 256;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Idle connections to the gateway kept at most (the gateway's cap of calls in flight per
+/// client), and for how long: under the gateway's own keep-alive limit (5 s), so it does not
+/// close one as a call goes out on it.
+const MAX_IDLE: usize = 64;
+const IDLE_FOR: Duration = Duration::from_secs(2);
 
 type Body = Either<Incoming, Full<Bytes>>;
 
@@ -138,6 +144,7 @@ fn no_session(name: &str, withdrawn: Option<Removal>) -> Response<Body> {
 /// Serves the local gateway on `listener` (loopback) for `keys`.
 pub async fn serve(listener: TcpListener, keys: Arc<[Key]>, tls: TlsConnector) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let client = Arc::new(Client::new(tls));
     loop {
         let Ok((tcp, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -148,12 +155,12 @@ pub async fn serve(listener: TcpListener, keys: Arc<[Key]>, tls: TlsConnector) {
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (keys, tls) = (Arc::clone(&keys), tls.clone());
+        let (keys, client) = (Arc::clone(&keys), Arc::clone(&client));
         tokio::spawn(async move {
             let _permit = permit;
             let service = service_fn(move |req| {
-                let (keys, tls) = (Arc::clone(&keys), tls.clone());
-                async move { Ok::<_, std::convert::Infallible>(forward(req, &keys, &tls).await) }
+                let (keys, client) = (Arc::clone(&keys), Arc::clone(&client));
+                async move { Ok::<_, std::convert::Infallible>(forward(req, &keys, &client).await) }
             });
             let served = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -169,7 +176,7 @@ pub async fn serve(listener: TcpListener, keys: Arc<[Key]>, tls: TlsConnector) {
 }
 
 /// `/<apikey>/<rest>` → the gateway, with the ApiKey's session.
-async fn forward(req: Request<Incoming>, keys: &[Key], tls: &TlsConnector) -> Response<Body> {
+async fn forward(req: Request<Incoming>, keys: &[Key], client: &Arc<Client>) -> Response<Body> {
     let path = req.uri().path();
     let (name, rest) = match path[1.min(path.len())..].split_once('/') {
         Some((name, rest)) => (name, format!("/{rest}")),
@@ -230,7 +237,7 @@ async fn forward(req: Request<Incoming>, keys: &[Key], tls: &TlsConnector) -> Re
     bearer.set_sensitive(true);
     parts.headers.insert(header::AUTHORIZATION, bearer);
     let request = Request::from_parts(parts, body);
-    match send(request, &session, tls).await {
+    match client.send(request, &session).await {
         Ok(response) => {
             // A session the gateway no longer takes (expired, rights changed): fetch a new one
             // now instead of at the next refresh.
@@ -252,40 +259,114 @@ async fn forward(req: Request<Incoming>, keys: &[Key], tls: &TlsConnector) -> Re
     }
 }
 
-/// One call over a new TLS connection to the gateway; the connection lives as long as the
-/// answer streams.
-async fn send(
-    request: Request<Incoming>,
-    session: &ValidSession,
-    tls: &TlsConnector,
-) -> Result<Response<Incoming>, String> {
-    let addr = format!("{}:{}", session.host, session.port);
-    let tcp = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect((session.host.as_str(), session.port)),
-    )
-    .await
-    .map_err(|_| format!("connecting to the gateway at {addr} timed out"))?
-    .map_err(|e| format!("connecting to the gateway at {addr}: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let name = ServerName::try_from(session.host.clone())
-        .map_err(|_| format!("{} is not a TLS server name", session.host))?;
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(name, tcp))
-        .await
-        .map_err(|_| format!("the TLS handshake with the gateway at {addr} timed out"))?
-        .map_err(|e| format!("the TLS handshake with the gateway at {addr}: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("talking to the gateway: {e}"))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            debug!(error = %e, "gateway connection ended with an error");
+/// Connections to the gateway, kept for the next calls once an answer is done: a TLS
+/// handshake per call would cost more than all the rest of the path.
+pub struct Client {
+    tls: TlsConnector,
+    idle: Mutex<Vec<Idle>>,
+}
+
+struct Idle {
+    sender: SendRequest<Incoming>,
+    host: String,
+    port: u16,
+    since: Instant,
+}
+
+impl Client {
+    pub fn new(tls: TlsConnector) -> Self {
+        Self {
+            tls,
+            idle: Mutex::new(Vec::new()),
         }
-    });
-    sender
-        .send_request(request)
+    }
+
+    /// One call to the gateway of `session`: on an idle connection if one is left, else on a
+    /// new one. A request the gateway's side closed under it before it went out is sent again.
+    async fn send(
+        self: &Arc<Self>,
+        mut request: Request<Incoming>,
+        session: &ValidSession,
+    ) -> Result<Response<Incoming>, String> {
+        while let Some(mut sender) = self.take_idle(&session.host, session.port) {
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    self.keep_when_done(sender, session);
+                    return Ok(response);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => request = unsent,
+                    None => return Err(format!("talking to the gateway: {}", e.error())),
+                },
+            }
+        }
+        let mut sender = self.connect(session).await?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("talking to the gateway: {e}"))?;
+        self.keep_when_done(sender, session);
+        Ok(response)
+    }
+
+    /// An idle connection to `host:port` that is still open and young enough that the gateway
+    /// will not close it under the request (its keep-alive limit is longer).
+    fn take_idle(&self, host: &str, port: u16) -> Option<SendRequest<Incoming>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|i| i.since.elapsed() < IDLE_FOR && !i.sender.is_closed());
+        let at = idle
+            .iter()
+            .rposition(|i| i.host == host && i.port == port && i.sender.is_ready())?;
+        Some(idle.swap_remove(at).sender)
+    }
+
+    /// Back among the idle connections once the answer was read to its end (an answer the app
+    /// dropped half-way closes the connection instead).
+    fn keep_when_done(self: &Arc<Self>, mut sender: SendRequest<Incoming>, session: &ValidSession) {
+        let (client, host, port) = (Arc::clone(self), session.host.clone(), session.port);
+        tokio::spawn(async move {
+            if sender.ready().await.is_err() {
+                return;
+            }
+            let mut idle = client.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < MAX_IDLE {
+                idle.push(Idle {
+                    sender,
+                    host,
+                    port,
+                    since: Instant::now(),
+                });
+            }
+        });
+    }
+
+    /// A new TLS connection to the gateway; it lives as long as calls use it.
+    async fn connect(&self, session: &ValidSession) -> Result<SendRequest<Incoming>, String> {
+        let addr = format!("{}:{}", session.host, session.port);
+        let tcp = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect((session.host.as_str(), session.port)),
+        )
         .await
-        .map_err(|e| format!("talking to the gateway: {e}"))
+        .map_err(|_| format!("connecting to the gateway at {addr} timed out"))?
+        .map_err(|e| format!("connecting to the gateway at {addr}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(session.host.clone())
+            .map_err(|_| format!("{} is not a TLS server name", session.host))?;
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(name, tcp))
+            .await
+            .map_err(|_| format!("the TLS handshake with the gateway at {addr} timed out"))?
+            .map_err(|e| format!("the TLS handshake with the gateway at {addr}: {e}"))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("talking to the gateway: {e}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "gateway connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
 }
 
 /// The local gateway's address must be loopback: it adds the pod's session to whatever it

@@ -230,6 +230,7 @@ async fn an_app_without_a_key_calls_the_upstream_within_scope_budget_and_until_r
         );
 
         // Budget: three calls a minute, then 429 with Retry-After; the other ApiKey is unaffected.
+        keybroker_e2e::with_room_in_this_minute(Duration::from_secs(30)).await;
         for i in 0..3 {
             let (status, _, body) =
                 call(local_port, "GET", &format!("/{TIGHT}/headers"), &[], b"").await?;
@@ -274,6 +275,7 @@ async fn an_app_without_a_key_calls_the_upstream_within_scope_budget_and_until_r
             https::Client::new(format!("127.0.0.1:{second_port}").parse()?, &rig.ca_cert)?,
         ];
         let mut calls = tokio::task::JoinSet::new();
+        keybroker_e2e::with_room_in_this_minute(Duration::from_secs(30)).await;
         for i in 0..40 {
             let client = replicas[i % 2].clone();
             let token = pair_token.clone();

@@ -6,7 +6,6 @@
 pub mod authn;
 pub mod authz;
 pub mod pollers;
-pub mod ratelimit;
 pub mod server;
 
 use std::collections::{BTreeMap, HashMap};
@@ -20,6 +19,7 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use tracing::info;
 
+use crate::budget::{BudgetError, Budgets, Counted};
 use crate::crd::{ApiKey, AwsProvider, KeyProvider};
 use crate::metrics::Metrics;
 use crate::providers::aws::{self, mint};
@@ -30,7 +30,6 @@ use crate::watch_cache_with;
 use authn::{Authenticator, AuthnError};
 use authz::{Denial, Grant, PodIdentity};
 use pollers::Pollers;
-use ratelimit::IssuanceCap;
 
 /// Issuances per minute per ApiKey when the provider does not say.
 pub const DEFAULT_ISSUANCES_PER_MINUTE: u32 = 60;
@@ -141,7 +140,8 @@ impl ExchangeError {
 pub struct Broker {
     client: kube::Client,
     authn: Authenticator,
-    cap: IssuanceCap,
+    /// `maxIssuancesPerMinute`, counted across every broker replica.
+    issuances: Budgets,
     keys: Store<ApiKey>,
     providers: Store<KeyProvider>,
     namespaces: Store<Namespace>,
@@ -180,13 +180,22 @@ impl Broker {
     /// returns once they are filled, so every exchange is decided without an API
     /// read. Changes reach the caches within milliseconds; revocation pollers are woken then.
     /// `sidecar_image` is the image the webhook injects (`--sidecar-image`).
-    pub async fn start(client: kube::Client, sidecar_image: &str) -> Arc<Self> {
-        Self::start_with_metrics(client, sidecar_image, Arc::new(Metrics::default())).await
+    /// Issuances are counted (`maxIssuancesPerMinute`) with the other replicas through
+    /// ConfigMaps in `namespace`, the operator's own.
+    pub async fn start(client: kube::Client, namespace: &str, sidecar_image: &str) -> Arc<Self> {
+        Self::start_with_metrics(
+            client,
+            namespace,
+            sidecar_image,
+            Arc::new(Metrics::default()),
+        )
+        .await
     }
 
     /// [`Broker::start`], counting exchanges in `metrics`.
     pub async fn start_with_metrics(
         client: kube::Client,
+        namespace: &str,
         sidecar_image: &str,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
@@ -253,8 +262,8 @@ impl Broker {
         };
         let broker = Arc::new(Self {
             authn: Authenticator::new(client.clone(), keybroker_contract::wire::AUDIENCE),
+            issuances: Budgets::new(client.clone(), namespace, Counted::Issuances),
             client,
-            cap: IssuanceCap::default(),
             keys,
             providers,
             namespaces,
@@ -447,11 +456,19 @@ impl Broker {
             .guardrails
             .max_issuances_per_minute
             .unwrap_or(DEFAULT_ISSUANCES_PER_MINUTE);
-        self.cap
-            .try_acquire(&format!("{ns}/{name}"), per_minute, Instant::now())
-            .map_err(|retry_after| ExchangeError::RateLimited {
-                name: name.to_owned(),
-                retry_after,
+        let now = k8s_openapi::jiff::Timestamp::now().as_second();
+        self.issuances
+            .try_acquire(ns, name, per_minute, u64::MAX, now)
+            .await
+            .map_err(|e| match e {
+                BudgetError::Exhausted(exhausted) => ExchangeError::RateLimited {
+                    name: name.to_owned(),
+                    retry_after: exhausted.retry_after,
+                },
+                BudgetError::Unavailable => ExchangeError::Lookup {
+                    what: format!("the issuance count of ApiKey {name}"),
+                    detail: "the shared count's ConfigMap (see the warning logged)".into(),
+                },
             })?;
         let response = match providers::kind(&provider) {
             Ok(Kind::Aws(aws)) => self.mint(identity, name, aws, &grant).await?,

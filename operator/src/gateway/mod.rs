@@ -9,7 +9,7 @@
 //!    once), and the session's grant must still be the ApiKey's;
 //! 3. the path must be canonical, and method and path within the ApiKey's scope;
 //! 4. the body within the guardrails' size limit, the call within the ApiKey's budget (shared
-//!    by every gateway replica, see [`budget`]);
+//!    by every gateway replica, see [`crate::budget`]);
 //! 5. then the call goes to the upstream with the key added, the app's own credentials and
 //!    hop-by-hop headers removed; the answer streams back as it arrives, the key redacted
 //!    wherever the upstream echoes it. A 401 to the current key is retried once with the
@@ -19,7 +19,6 @@
 //! record per call: ApiKey, namespace, pod, method, path, upstream status, bytes, duration,
 //! outcome; never the key, never bodies.
 
-pub mod budget;
 pub mod server;
 
 use std::collections::{BTreeMap, HashMap};
@@ -43,13 +42,13 @@ use tracing::{info, warn};
 
 use crate::broker::Stores;
 use crate::broker::authz::{self, PodIdentity};
+use crate::budget::{BudgetError, Budgets, Counted};
 use crate::crd::{GatewayProvider, KeyProvider};
 use crate::metrics::Metrics;
 use crate::providers::gateway::check::{self, Keys, Origin};
 use crate::providers::gateway::forward::{self, Redactor};
 use crate::providers::gateway::scope::{self, GatewayScope};
 use crate::providers::gateway::session::{Claims, SessionError, SessionKey};
-use budget::{BudgetError, Budgets};
 
 /// The body of every answer: the upstream's, streamed, or a refusal.
 pub type GatewayBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -186,7 +185,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            budgets: Budgets::new(kube.clone(), namespace),
+            budgets: Budgets::new(kube.clone(), namespace, Counted::Calls),
             kube,
             stores,
             sessions,

@@ -51,6 +51,8 @@ pub(crate) async fn broker(requests: usize, operator: &PathBuf) -> anyhow::Resul
         &operator,
         &[
             "--roles=broker".into(),
+            // Issuance counts go to ConfigMaps of the operator's namespace.
+            "--namespace=default".into(),
             format!("--broker-addr={addr}"),
             "--metrics-addr=127.0.0.1:0".into(),
             // The image the stored pods' sidecar runs: the broker serves only injected pods.

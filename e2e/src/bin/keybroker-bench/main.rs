@@ -11,6 +11,10 @@
 //! credentials on disk minus the broker's own exchange latency, steady-state RSS, CPU and
 //! wake-ups over an idle window, binary size.
 //!
+//! `gateway`: calls of a gateway ApiKey, app → release sidecar → gateway → go-httpbin, against
+//! the app calling go-httpbin directly: small and 1 MiB bodies, p50/p99 and throughput; the
+//! sidecar's RSS and its memory per idle keep-alive connection.
+//!
 //! `webhook`: AdmissionReviews (1- and 50-container pods) through the webhook vs. a minimal
 //! hyper+rustls server answering a fixed response, at several concurrencies and at 1,000 req/s.
 
@@ -27,6 +31,7 @@ use keybroker_e2e::{Cluster, Lifetime, Options, install_crds, run_dir};
 
 mod broker;
 mod controller;
+mod gateway;
 mod hostile;
 mod revocation;
 mod sidecar;
@@ -85,6 +90,12 @@ enum Bench {
         #[arg(long, default_value_t = 15)]
         starts: usize,
     },
+    /// Gateway calls through the sidecar and the gateway vs. straight to the upstream.
+    Gateway {
+        /// The sidecar binary (`make sidecar-static` builds the static one).
+        #[arg(long, default_value = "target/release/keybroker-sidecar")]
+        sidecar: PathBuf,
+    },
     /// The revocation drill: sidecars connected to the broker, ApiKeys revoked one by one; time
     /// to the provider refusing a cached credential and to the files gone.
     Revocation {
@@ -135,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
             starts,
         } => sidecar::sidecar_bench(&sidecar, idle_seconds, starts).await,
         Bench::Webhook { requests, operator } => webhook::webhook(requests, &operator).await,
+        Bench::Gateway { sidecar } => gateway::gateway(&sidecar).await,
         Bench::Revocation {
             sidecars,
             revocations,

@@ -1,7 +1,8 @@
-//! Per-ApiKey call budgets (requests per minute and per day) that hold across gateway
-//! replicas: each replica leases a slice of what is left in the current windows from a shared
-//! ConfigMap (one per ApiKey, in the operator's namespace) with an optimistic write (the
-//! resourceVersion must not have moved), then spends the slice locally. Windows are aligned to
+//! Per-ApiKey counts that hold across replicas: the gateway's call budgets (requests per minute
+//! and per day) and the broker's issuance cap (`maxIssuancesPerMinute`). Each replica leases a
+//! slice of what is left in the current windows from a shared ConfigMap (one per ApiKey and
+//! count, in the operator's namespace) with an optimistic write (the resourceVersion must not
+//! have moved), then spends the slice locally. Windows are aligned to
 //! the clock (the minute, the UTC day), so every replica agrees where one ends.
 //!
 //! Never more calls than the budget pass, whatever the number of replicas: a slice is leased
@@ -131,18 +132,38 @@ struct Slice {
     remaining: u64,
 }
 
-/// The budgets of every ApiKey this replica forwarded for.
+/// What is counted: each has ConfigMaps of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counted {
+    /// Calls through the gateway (`spec.budget`).
+    Calls,
+    /// Credentials or sessions the broker issued (`guardrails.maxIssuancesPerMinute`).
+    Issuances,
+}
+
+impl Counted {
+    fn label(self) -> &'static str {
+        match self {
+            Counted::Calls => "calls",
+            Counted::Issuances => "issuances",
+        }
+    }
+}
+
+/// One count of every ApiKey this replica served.
 #[derive(Debug)]
 pub struct Budgets {
     maps: Api<ConfigMap>,
+    counted: Counted,
     slices: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slice>>>>,
 }
 
 impl Budgets {
-    /// Budgets shared through ConfigMaps in `namespace`.
-    pub fn new(kube: kube::Client, namespace: &str) -> Self {
+    /// Counts of `counted` shared through ConfigMaps in `namespace`.
+    pub fn new(kube: kube::Client, namespace: &str, counted: Counted) -> Self {
         Self {
             maps: Api::namespaced(kube, namespace),
+            counted,
             slices: Mutex::default(),
         }
     }
@@ -190,7 +211,7 @@ impl Budgets {
         per_day: u64,
         now: i64,
     ) -> Result<u64, BudgetError> {
-        let object = object_name(namespace, name);
+        let object = object_name(self.counted, namespace, name);
         let unavailable = |e: kube::Error| {
             warn!(api_key = name, namespace, error = %e, "the shared budget could not be read or written");
             BudgetError::Unavailable
@@ -227,6 +248,7 @@ impl Budgets {
                                 [
                                     ("app.kubernetes.io/managed-by", "keybroker"),
                                     ("keybroker.dev/budget-of", "apikey"),
+                                    ("keybroker.dev/counts", self.counted.label()),
                                 ]
                                 .into_iter()
                                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -261,11 +283,15 @@ impl Budgets {
     }
 }
 
-/// The ConfigMap of ApiKey `namespace/name`: a hash, so any name fits and none collide.
-pub fn object_name(namespace: &str, name: &str) -> String {
+/// The ConfigMap of `counted` for ApiKey `namespace/name`: a hash, so any name fits and none
+/// collide.
+pub fn object_name(counted: Counted, namespace: &str, name: &str) -> String {
     let digest = Sha256::digest(format!("{namespace}/{name}").as_bytes());
     let hex: String = digest.iter().take(10).map(|b| format!("{b:02x}")).collect();
-    format!("keybroker-budget-{hex}")
+    match counted {
+        Counted::Calls => format!("keybroker-budget-{hex}"),
+        Counted::Issuances => format!("keybroker-issuances-{hex}"),
+    }
 }
 
 #[cfg(test)]
@@ -332,8 +358,14 @@ mod tests {
         };
         assert_eq!(Usage::parse(Some(&u.data())), u);
         assert_eq!(Usage::parse(None), Usage::default());
-        assert_eq!(object_name("team-a", "k"), object_name("team-a", "k"));
-        assert_ne!(object_name("team-a", "k"), object_name("team-b", "k"));
-        assert!(object_name("a", "b").len() <= 63);
+        let calls = |ns, name| object_name(Counted::Calls, ns, name);
+        assert_eq!(calls("team-a", "k"), calls("team-a", "k"));
+        assert_ne!(calls("team-a", "k"), calls("team-b", "k"));
+        assert_ne!(
+            calls("team-a", "k"),
+            object_name(Counted::Issuances, "team-a", "k")
+        );
+        let longest = "x".repeat(253);
+        assert!(object_name(Counted::Issuances, &longest, &longest).len() <= 63);
     }
 }
