@@ -78,15 +78,14 @@ pub fn run_dir() -> std::io::Result<PathBuf> {
 /// Waits until at least `room` is left of the current clock minute: per-minute counts
 /// (budgets, the issuance cap) use windows aligned to the clock, so a test that spends one and
 /// expects a refusal must not straddle a minute's end.
-pub async fn with_room_in_this_minute(room: std::time::Duration) {
+pub async fn with_room_in_this_minute(room: Duration) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let into =
-        std::time::Duration::from_millis(u64::try_from(now.as_millis() % 60_000).unwrap_or(0));
-    let left = std::time::Duration::from_secs(60).saturating_sub(into);
+    let into = Duration::from_millis(u64::try_from(now.as_millis() % 60_000).unwrap_or(0));
+    let left = Duration::from_secs(60).saturating_sub(into);
     if left < room {
-        tokio::time::sleep(left + std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(left + Duration::from_millis(50)).await;
     }
 }
 
