@@ -705,7 +705,7 @@ fn write_file(path: &Path, contents: &str) -> Result<(), Error> {
 /// only a bind by port number can take it. The search starts at a random port, so parallel
 /// harnesses rarely meet, and all listeners are held until every port is chosen, so the ports
 /// differ from each other.
-pub(crate) fn free_ports<const N: usize>() -> Result<[u16; N], Error> {
+pub fn free_ports<const N: usize>() -> Result<[u16; N], Error> {
     let range = quiet_port_range();
     let span = u32::from(range.end - range.start);
     let offset = rand::random_range(0..span);

@@ -381,6 +381,8 @@ pub fn check_addr(addr: SocketAddr) -> Result<SocketAddr, crate::config::Error> 
 
 #[cfg(test)]
 mod tests {
+    use http_body_util::BodyExt;
+
     use super::*;
 
     fn session(token: &str, url: &str, expiration: &str) -> GatewaySession {
@@ -412,8 +414,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn without_a_session_the_app_learns_whether_to_retry() {
+    #[tokio::test]
+    async fn without_a_session_the_app_learns_whether_to_retry() {
         for (withdrawn, status, reason, retryable) in [
             (None, 503, "NoSession", true),
             (Some(Removal::Revoked), 403, "AccessWithdrawn", false),
@@ -429,19 +431,11 @@ mod tests {
             let Either::Right(body) = answer.into_body() else {
                 panic!("a refusal has a body of its own");
             };
-            let body = collected(body);
+            let body = body.collect().await.unwrap().to_bytes();
             let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
             assert_eq!(json["reason"], reason);
             assert_eq!(json["retryable"], retryable);
             assert!(json["message"].as_str().unwrap().contains("echo"));
         }
-    }
-
-    fn collected(body: Full<Bytes>) -> Bytes {
-        use http_body_util::BodyExt;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        rt.block_on(body.collect()).unwrap().to_bytes()
     }
 }

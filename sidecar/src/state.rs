@@ -28,7 +28,7 @@ pub enum Removal {
 }
 
 impl Removal {
-    pub fn label(self) -> &'static str {
+    fn label(self) -> &'static str {
         match self {
             Removal::Revoked => "revoked",
             Removal::Refused => "refused",

@@ -13,10 +13,10 @@ pub(crate) use keybroker_e2e::httpbin::{apikey, provider};
 use keybroker_e2e::sidecar::binary;
 use keybroker_operator::crd::{ApiKey, HeaderPresentation, KeyProvider};
 
+/// A free loopback port, below the ephemeral range (see [`keybroker_e2e::cluster::free_ports`]).
 pub(crate) fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    let [port] = keybroker_e2e::cluster::free_ports()?;
+    Ok(port)
 }
 
 /// [`gateway_rig::start`] on the shared control plane with the debug sidecar.
