@@ -214,6 +214,7 @@ pub fn provider(name: &str, key_namespace: &str, upstream: &str) -> KeyProvider 
                 },
                 app_env: None,
                 timeout: Some("1s".into()),
+                rotation: None,
             }),
             namespace_selector: LabelSelector::default(),
             guardrails: Guardrails {

@@ -125,6 +125,50 @@ pub struct GatewayProvider {
     #[schemars(length(min = 2, max = 16), regex(pattern = r"^([0-9]+m)?([0-9]+s)?$"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    /// Rotate the key on a schedule through the upstream's own key-management API: mint a new
+    /// key with the current one's scopes, make it `key` (the old one stays as `previousKey`),
+    /// and after the grace window delete the old one at the upstream. The operator then owns the
+    /// key Secret's `key` and `previousKey`, and needs `update` on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<KeyRotation>,
+}
+
+/// A rotation schedule and the upstream's key-management API: exactly one kind.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("[has(self.gitea)].filter(k, k).size() == 1").message("set exactly one rotation kind: gitea"))]
+#[x_kube(validation = Rule::new("duration(has(self.grace) ? self.grace : '10m') < duration(self.every)").message("grace (default 10m) must be shorter than every"))]
+#[serde(rename_all = "camelCase")]
+pub struct KeyRotation {
+    /// How often a new key is minted, e.g. `720h` (30 days). At least 1m.
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1m') && duration(self) <= duration('87600h')").message("must be a duration such as 720h or 24h, at least 1m"))]
+    #[schemars(
+        length(min = 2, max = 16),
+        regex(pattern = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$")
+    )]
+    pub every: String,
+    /// How long the previous key keeps working after the new one became current, e.g. `10m`:
+    /// calls already on their way with it, and gateway replicas that have not reread the
+    /// Secret yet (they do within 5 s). Default 10m, at least 30s.
+    #[x_kube(validation = Rule::new("duration(self) >= duration('30s')").message("must be a duration such as 10m, at least 30s"))]
+    #[schemars(
+        length(min = 2, max = 16),
+        regex(pattern = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$")
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace: Option<String>,
+    /// Gitea (or Forgejo) personal access tokens, managed through `/api/v1/users/{user}/tokens`
+    /// on the upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gitea: Option<GiteaRotation>,
+}
+
+/// Rotating a Gitea access token.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GiteaRotation {
+    /// Secret with the Gitea account that owns the token, data keys `username` and `password`:
+    /// Gitea creates and deletes access tokens only under basic auth.
+    pub credentials_secret_ref: SecretRef,
 }
 
 /// How the key is presented: exactly one of a header or a query parameter.
@@ -260,6 +304,28 @@ pub struct KeyProviderStatus {
     /// What revoking a credential does with this provider, in plain words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revocation: Option<String>,
+    /// The key's rotation (`spec.gateway.rotation`): when the current key became current, what
+    /// is due next and when, and the last problem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationStatus>,
+}
+
+/// Where a key rotation stands. Changes only when a step is taken or fails.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationStatus {
+    /// When the current key became current.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_since: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// `Rotate` (mint a new key) or `RetirePrevious` (delete the previous key at the upstream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_step: Option<String>,
+    /// When the next step is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_step_at: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Why the last step failed, and what to change; cleared by the next step that succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// A request for short-lived credentials, used by the pods of the listed service accounts.

@@ -19,13 +19,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 
 use keybroker_contract::wire::{ExchangeRequest, ExchangeResponse};
 use keybroker_e2e::httpbin::Httpbin;
 use keybroker_e2e::server_thread::ServerThread;
 use keybroker_e2e::{https, in_namespace, shared_with_crds};
-use keybroker_operator::crd::ApiKey;
+use keybroker_operator::crd::{ApiKey, GiteaRotation, KeyProvider, KeyRotation, SecretRef};
 
 /// The ApiKeys of the test pod: one for most calls, one with a budget of three a minute.
 const ECHO: &str = "echo";
@@ -391,7 +392,7 @@ async fn an_app_without_a_key_calls_the_upstream_within_scope_budget_and_until_r
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_team_reads_its_gitea_repository_through_the_gateway_and_a_rotation_fails_no_call()
+async fn a_team_reads_its_gitea_repository_through_the_gateway_and_the_scheduled_rotation_fails_no_call()
 -> anyhow::Result<()> {
     let cluster = shared_with_crds().await?;
     in_namespace(cluster, "gw-gitea", |client, ns| async move {
@@ -409,13 +410,89 @@ async fn a_team_reads_its_gitea_repository_through_the_gateway_and_a_rotation_fa
             .create_token("keybroker", &["write:repository"])
             .await?;
         let provider_name = format!("gitea-{ns}");
+        // The account that owns the token, for the operator's rotation (basic auth).
+        Api::<Secret>::namespaced(client.clone(), &ns)
+            .create(
+                &PostParams::default(),
+                &Secret {
+                    metadata: ObjectMeta {
+                        name: Some("gitea-admin".into()),
+                        ..ObjectMeta::default()
+                    },
+                    string_data: Some(
+                        [
+                            ("username".to_owned(), gitea.admin_user().to_owned()),
+                            ("password".to_owned(), gitea.admin_password().to_owned()),
+                        ]
+                        .into(),
+                    ),
+                    ..Secret::default()
+                },
+            )
+            .await?;
+        let rotated = |name: &str, key_secret: &str, credentials: &str| {
+            let mut provider = gitea_provider(name, &ns, gitea.url());
+            if let Some(gateway) = provider.spec.gateway.as_mut() {
+                gateway.key_secret_ref.name = key_secret.into();
+                gateway.rotation = Some(KeyRotation {
+                    every: "1m".into(),
+                    grace: Some("30s".into()),
+                    gitea: Some(GiteaRotation {
+                        credentials_secret_ref: SecretRef {
+                            namespace: ns.clone(),
+                            name: credentials.into(),
+                        },
+                    }),
+                });
+            }
+            provider
+        };
+        let provider = rotated(&provider_name, "gitea-key", "gitea-admin");
+        // A second provider whose rotation credentials are wrong: its step fails, says so,
+        // and its key stays as it was.
+        let (_, kept_token) = gitea.create_token("kept", &["read:repository"]).await?;
+        let secret = |name: &str, data: &[(&str, &str)]| Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            string_data: Some(
+                data.iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
+            ..Secret::default()
+        };
+        let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+        secrets
+            .create(
+                &PostParams::default(),
+                &secret(
+                    "gitea-wrong",
+                    &[("username", gitea.admin_user()), ("password", "wrong")],
+                ),
+            )
+            .await?;
+        secrets
+            .create(
+                &PostParams::default(),
+                &secret("gitea-kept", &[("key", &kept_token)]),
+            )
+            .await?;
+        let broken_name = format!("gitea-broken-{ns}");
+        Api::<KeyProvider>::all(client.clone())
+            .create(
+                &PostParams::default(),
+                &rotated(&broken_name, "gitea-kept", "gitea-wrong"),
+            )
+            .await?;
         let mut reader = apikey("docs", &provider_name, None);
         reader.spec.scope.resources = vec!["/api/v1/repos/{namespace}/docs/*".into()];
         let mut rig = rig(
             &client,
             &ns,
             ("gitea-key", &old_token),
-            gitea_provider(&provider_name, &ns, gitea.url()),
+            provider,
             vec![reader],
         )
         .await?;
@@ -475,8 +552,9 @@ async fn a_team_reads_its_gitea_repository_through_the_gateway_and_a_rotation_fa
             .await?;
         ensure!(forged.status == 401, "a wrong key: {}", forged.status);
 
-        // Rotation while the app calls in a loop: a new token with the same scopes becomes the
-        // key, the old one stays as previousKey for the grace window, then is deleted at Gitea.
+        // The scheduled rotation (every minute from the key Secret's creation, 30 s of grace)
+        // while the app calls in a loop: a new token with the same scopes becomes the key, and
+        // after the grace window the old one is deleted at Gitea.
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let looping = {
             let (stop, readme) = (Arc::clone(&stop), readme.clone());
@@ -488,27 +566,39 @@ async fn a_team_reads_its_gitea_repository_through_the_gateway_and_a_rotation_fa
                         Ok((status, _, body)) => failed.push(format!("{status} {body}")),
                         Err(e) => failed.push(e.to_string()),
                     }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 (ok, failed)
             })
         };
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let (_, new_token) = gitea
-            .create_token("keybroker-2", &["write:repository"])
-            .await?;
-        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
-            .patch(
-                "gitea-key",
-                &PatchParams::default(),
-                &Patch::Merge(
-                    serde_json::json!({"stringData": {"key": new_token, "previousKey": old_token}}),
-                ),
-            )
-            .await?;
-        // The gateway rereads the key within 5 s; then the old token goes.
-        tokio::time::sleep(Duration::from_secs(7)).await;
-        gitea.delete_token(old_id).await?;
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let new_token = loop {
+            let secret = secrets.get("gitea-key").await?;
+            let field = |k: &str| {
+                secret
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(k))
+                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            };
+            let tokens = gitea.list_tokens().await?;
+            let key = field("key").unwrap_or_default();
+            if key != old_token
+                && field("previousKey").is_none()
+                && !tokens.iter().any(|t| t.id == old_id)
+            {
+                break key;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "no rotation within 3 minutes: {tokens:?}, status {:?}",
+                Api::<KeyProvider>::all(client.clone())
+                    .get(&provider_name)
+                    .await?
+                    .status
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
         tokio::time::sleep(Duration::from_secs(2)).await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let (ok, failed) = looping.await?;
@@ -516,7 +606,8 @@ async fn a_team_reads_its_gitea_repository_through_the_gateway_and_a_rotation_fa
             failed.is_empty(),
             "calls failed during the rotation: {failed:?}"
         );
-        ensure!(ok >= 20, "only {ok} calls during the rotation");
+        ensure!(ok >= 200, "only {ok} calls during the rotation");
+        // At Gitea: the old token refused, the new one the operator's, with the old one's scopes.
         let old = gitea
             .send(
                 hyper::Method::GET,
@@ -530,7 +621,96 @@ async fn a_team_reads_its_gitea_repository_through_the_gateway_and_a_rotation_fa
             "the old token still works at Gitea: {}",
             old.status
         );
-        println!("gateway: {ok} calls through a key rotation, 0 failed");
+        let tokens = gitea.list_tokens().await?;
+        let minted = tokens
+            .iter()
+            .find(|t| new_token.ends_with(&t.token_last_eight))
+            .context("the new key is not a Gitea token")?;
+        ensure!(
+            minted
+                .name
+                .starts_with(&format!("keybroker-{provider_name}-"))
+                && minted.scopes == ["write:repository"],
+            "{minted:?}"
+        );
+        // The KeyProvider says where the rotation stands; an Event per step.
+        let rotation = Api::<KeyProvider>::all(client.clone())
+            .get(&provider_name)
+            .await?
+            .status
+            .and_then(|s| s.rotation)
+            .context("no rotation status")?;
+        ensure!(
+            rotation.next_step.as_deref() == Some("Rotate") && rotation.last_error.is_none(),
+            "{rotation:?}"
+        );
+        let events =
+            Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), "default")
+                .list(&kube::api::ListParams::default())
+                .await?;
+        let steps: Vec<String> = events
+            .items
+            .iter()
+            .filter(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(provider_name.as_str())
+            })
+            .map(|e| {
+                format!(
+                    "{}/{}",
+                    e.reason.as_deref().unwrap_or(""),
+                    e.action.as_deref().unwrap_or("")
+                )
+            })
+            .collect();
+        for step in ["KeyRotated/Rotate", "KeyRotated/RetirePrevious"] {
+            ensure!(
+                steps.iter().any(|s| s == step),
+                "no {step} Event: {steps:?}"
+            );
+        }
+        for event in &events.items {
+            let note = event.note.as_deref().unwrap_or("");
+            ensure!(
+                !note.contains(&new_token) && !note.contains(&old_token),
+                "an Event holds a key"
+            );
+        }
+        // The broken provider: the step failed with what to change, the key is unchanged.
+        let broken = Api::<KeyProvider>::all(client.clone())
+            .get(&broken_name)
+            .await?
+            .status
+            .and_then(|s| s.rotation)
+            .context("no rotation status on the broken provider")?;
+        let error = broken.last_error.unwrap_or_default();
+        ensure!(
+            error.contains("Gitea answered 401 when listing the access tokens")
+                && error.contains("check the rotation credentials")
+                && !error.contains("wrong"),
+            "{error}"
+        );
+        let kept = secrets.get("gitea-kept").await?;
+        ensure!(
+            kept.data
+                .as_ref()
+                .and_then(|d| d.get("key"))
+                .map(|b| b.0.as_slice())
+                == Some(kept_token.as_bytes())
+                && kept
+                    .data
+                    .as_ref()
+                    .is_some_and(|d| !d.contains_key("previousKey")),
+            "the broken provider's key Secret changed"
+        );
+        ensure!(
+            events.items.iter().any(|e| {
+                e.reason.as_deref() == Some("KeyRotationFailed")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                        == Some(broken_name.as_str())
+            }),
+            "no KeyRotationFailed Event"
+        );
+        println!("gateway: {ok} calls through a scheduled key rotation, 0 failed");
 
         rig.sidecar.stop(Duration::from_secs(5));
         let log = std::fs::read_to_string(&rig.sidecar_log)?;

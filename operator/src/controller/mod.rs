@@ -24,7 +24,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use crate::crd::{ApiKey, ApiKeyStatus, KeyProvider};
+use crate::crd::{ApiKey, ApiKeyStatus, KeyProvider, RotationStatus};
 use crate::events::{EventType, Publisher};
 use crate::metrics::Metrics;
 use crate::providers;
@@ -392,18 +392,75 @@ async fn reconcile_provider(
         revoke::add_finalizer(&api, provider).await?;
         return Ok(Action::await_change());
     }
+    // A rotation step first, so that the verification reads the key Secret it left.
+    let current = provider.status.as_ref();
+    let (rotation, requeue) = match providers::kind(provider) {
+        Ok(providers::Kind::Gateway(gateway)) => match &gateway.rotation {
+            Some(rotation) => {
+                let pass = providers::gateway::rotation::pass(
+                    &ctx.client,
+                    &name,
+                    gateway,
+                    rotation,
+                    k8s_openapi::jiff::Timestamp::now().as_second(),
+                )
+                .await;
+                publish_rotation(
+                    &ctx,
+                    provider,
+                    current.and_then(|s| s.rotation.as_ref()),
+                    &pass,
+                )
+                .await;
+                (Some(pass.status), pass.requeue.min(PROVIDER_RECHECK))
+            }
+            None => (None, PROVIDER_RECHECK),
+        },
+        _ => (None, PROVIDER_RECHECK),
+    };
     let outcome = providers::verify(&ctx.client, provider).await;
     match &outcome {
         Ok(identity) => debug!(provider = %name, %identity, "KeyProvider verified"),
         Err(problem) => warn!(provider = %name, %problem, "KeyProvider not usable"),
     }
-    let current = provider.status.as_ref();
-    let desired = providers::desired_status(provider, &outcome, now());
+    let desired = providers::desired_status(provider, &outcome, rotation, now());
     if current != Some(&desired) {
         apply_status(&ctx, &api, KEYPROVIDER, &name, &desired).await?;
         info!(provider = %name, ready = outcome.is_ok(), "KeyProvider status changed");
     }
-    Ok(Action::requeue(PROVIDER_RECHECK))
+    Ok(Action::requeue(requeue))
+}
+
+/// An Event for a rotation step taken, or for a failure that is new (not one already in the
+/// status, so a step failing every minute does not flood Events).
+async fn publish_rotation(
+    ctx: &Context,
+    provider: &KeyProvider,
+    before: Option<&RotationStatus>,
+    pass: &providers::gateway::rotation::Pass,
+) {
+    let (type_, reason, action, note) = match (&pass.done, &pass.failed) {
+        (Some((step, note)), _) => (EventType::Normal, "KeyRotated", step.name(), note.clone()),
+        (None, Some(error)) => {
+            if before.and_then(|s| s.last_error.as_ref()) == pass.status.last_error.as_ref() {
+                return;
+            }
+            (
+                EventType::Warning,
+                "KeyRotationFailed",
+                pass.status.next_step.as_deref().unwrap_or("Rotate"),
+                error.to_string(),
+            )
+        }
+        (None, None) => return,
+    };
+    if let Err(e) = ctx
+        .events
+        .publish(&provider.object_ref(&()), type_, reason, action, &note)
+        .await
+    {
+        warn!(provider = %provider.name_any(), error = %e, "publishing a rotation Event");
+    }
 }
 
 /// Revokes, at a KeyProvider being deleted, the recorded grant of every ApiKey using it.

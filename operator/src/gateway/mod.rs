@@ -34,7 +34,6 @@ use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
@@ -533,7 +532,7 @@ impl Gateway {
         let keys = check::key(&self.kube, gateway)
             .await
             .map_err(|e| unavailable(e.to_string()))?;
-        let client = upstream_client(gateway).map_err(unavailable)?;
+        let client = check::client(gateway).map_err(unavailable)?;
         let timeout = gateway
             .timeout
             .as_deref()
@@ -552,32 +551,6 @@ impl Gateway {
         }
         Ok(upstream)
     }
-}
-
-/// A client for the upstream: its CA bundle, or the system's roots.
-fn upstream_client(gateway: &GatewayProvider) -> Result<UpstreamClient, String> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = match &gateway.ca_bundle {
-        None => hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(provider)
-            .map_err(|e| format!("TLS roots: {e}"))?,
-        Some(bundle) => {
-            let certificates =
-                crate::providers::aws::check::ca_certificates(bundle).map_err(|e| e.summary())?;
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add_parsable_certificates(certificates);
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| format!("TLS: {e}"))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
-        }
-    };
-    let connector = builder.https_or_http().enable_http1().build();
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector))
 }
 
 /// The request to the upstream: its origin and the app's path and query, the app's headers

@@ -13,7 +13,9 @@ pub mod gateway;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 
-use crate::crd::{ApiKeySpec, AwsProvider, GatewayProvider, KeyProvider, KeyProviderStatus};
+use crate::crd::{
+    ApiKeySpec, AwsProvider, GatewayProvider, KeyProvider, KeyProviderStatus, RotationStatus,
+};
 use crate::policy::{self, Compiled, Refusal};
 use crate::status::ready_transition;
 
@@ -101,6 +103,7 @@ pub fn describe_revocation(provider: &KeyProvider) -> &'static str {
 pub fn desired_status(
     provider: &KeyProvider,
     outcome: &Result<String, Problem>,
+    rotation: Option<RotationStatus>,
     now: Time,
 ) -> KeyProviderStatus {
     let current = provider.status.as_ref();
@@ -120,6 +123,7 @@ pub fn desired_status(
         )],
         observed_generation: generation,
         revocation: Some(describe_revocation(provider).to_owned()),
+        rotation,
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod check;
 pub mod forward;
+pub mod rotation;
 pub mod scope;
 pub mod session;
 
