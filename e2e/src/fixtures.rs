@@ -489,6 +489,7 @@ impl Controller {
         let scope = keybroker_operator::controller::Scope {
             namespace: Some(ns.to_owned()),
             provider_labels: Some(format!("e2e-scope={ns}")),
+            counts_namespace: Some(COUNTS_NAMESPACE.into()),
         };
         let lease = keybroker_operator::leader::LeaseConfig {
             name: "keybroker-controller".into(),

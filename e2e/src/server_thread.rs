@@ -159,7 +159,12 @@ impl ServerThread {
                 crate::fixtures::SIDECAR_IMAGE,
             )
             .await;
-            let gateway = Gateway::new(client, caches.stores(), Arc::new(key), &session_secret.0);
+            let gateway = Gateway::new(
+                client,
+                caches.stores(),
+                Arc::new(key),
+                crate::fixtures::COUNTS_NAMESPACE,
+            );
             let serving: BoxFuture<'static, ()> = Box::pin(gateway_server::serve_until(
                 listener,
                 tls,

@@ -41,6 +41,7 @@ fn start_controller(client: &Client, ns: &str, identity: &str) -> RunningControl
     let scope = Scope {
         namespace: Some(ns.to_owned()),
         provider_labels: Some(format!("e2e-scope={ns}")),
+        counts_namespace: Some(fixtures::COUNTS_NAMESPACE.into()),
     };
     let lease = LeaseConfig {
         name: "keybroker-controller".into(),

@@ -248,18 +248,15 @@ impl Budgets {
                                 [
                                     ("app.kubernetes.io/managed-by", "keybroker"),
                                     ("keybroker.dev/budget-of", "apikey"),
-                                    ("keybroker.dev/counts", self.counted.label()),
+                                    (COUNTS_LABEL, self.counted.label()),
                                 ]
                                 .into_iter()
                                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                                 .collect(),
                             ),
                             annotations: Some(
-                                [(
-                                    "keybroker.dev/apikey".to_owned(),
-                                    format!("{namespace}/{name}"),
-                                )]
-                                .into(),
+                                [(APIKEY_ANNOTATION.to_owned(), format!("{namespace}/{name}"))]
+                                    .into(),
                             ),
                             ..ObjectMeta::default()
                         },
@@ -281,6 +278,33 @@ impl Budgets {
         );
         Err(BudgetError::Unavailable)
     }
+}
+
+/// Label selector of every count's ConfigMap.
+pub const SELECTOR: &str = "keybroker.dev/budget-of=apikey";
+const APIKEY_ANNOTATION: &str = "keybroker.dev/apikey";
+const COUNTS_LABEL: &str = "keybroker.dev/counts";
+
+/// A count's ConfigMap, read: what it counts, for which ApiKey (`namespace`, `name`), and the
+/// usage it records. `None` for a ConfigMap that is not one.
+pub fn read(map: &ConfigMap) -> Option<(Counted, String, String, Usage)> {
+    let counted = match map.metadata.labels.as_ref()?.get(COUNTS_LABEL)?.as_str() {
+        "calls" => Counted::Calls,
+        "issuances" => Counted::Issuances,
+        _ => return None,
+    };
+    let (namespace, name) = map
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(APIKEY_ANNOTATION)?
+        .split_once('/')?;
+    Some((
+        counted,
+        namespace.to_owned(),
+        name.to_owned(),
+        Usage::parse(map.data.as_ref()),
+    ))
 }
 
 /// The ConfigMap of `counted` for ApiKey `namespace/name`: a hash, so any name fits and none

@@ -454,4 +454,23 @@ pub struct ApiKeyStatus {
     /// fetch new ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<String>,
+    /// What the ApiKey used today (UTC), as its broker and gateway replicas counted it;
+    /// refreshed every few seconds while it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<ApiKeyUsage>,
+}
+
+/// An ApiKey's usage in one UTC day.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyUsage {
+    /// The UTC day counted, e.g. `2026-12-02`.
+    pub day: String,
+    /// Gateway calls counted against the budget today. Includes calls a gateway replica
+    /// reserved and has not made yet (at most a fiftieth of the minute's budget per replica).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calls: Option<u64>,
+    /// Credentials (aws) or gateway sessions issued today.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuances: Option<u64>,
 }

@@ -273,6 +273,7 @@ async fn main() -> anyhow::Result<()> {
     let scope = Scope {
         namespace: args.watch_namespace,
         provider_labels: args.provider_selector,
+        counts_namespace: Some(args.namespace.clone()),
     };
 
     // The broker hands credentials only to pods whose token sits in a sidecar of this image.

@@ -77,6 +77,7 @@ pub fn evaluate(
 
 /// The status to write for `verdict`, keeping `current`'s lastTransitionTime when the Ready
 /// status did not flip, so that an unchanged verdict yields an identical status (and no write).
+/// `usage` is `current`'s: the reconciler never writes it (see `controller::usage`).
 pub fn desired_status(
     current: Option<&ApiKeyStatus>,
     verdict: &Verdict,
@@ -115,6 +116,9 @@ pub fn desired_status(
         scope_hash: compiled.map(|c| c.scope_hash.clone()),
         effective_ttl: compiled.map(|c| policy::format_ttl(c.ttl)),
         grant,
+        // Written by the usage loop under a field manager of its own; kept so that it does not
+        // count as a change here.
+        usage: current.and_then(|s| s.usage.clone()),
     }
 }
 

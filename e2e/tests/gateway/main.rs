@@ -297,6 +297,32 @@ async fn an_app_without_a_key_calls_the_upstream_within_scope_budget_and_until_r
             passed == 20 && limited == 20,
             "200: {passed}, 429: {limited}, all: {statuses:?}"
         );
+        // The ApiKeys' status shows today's usage as the replicas counted it: exactly the calls
+        // that passed (refused ones count nothing).
+        let apikeys = Api::<ApiKey>::namespaced(client.clone(), &ns);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let calls = |key: &ApiKey| {
+                key.status
+                    .as_ref()
+                    .and_then(|s| s.usage.as_ref())
+                    .and_then(|u| u.calls)
+            };
+            let (tight, pair) = (apikeys.get(TIGHT).await?, apikeys.get(PAIR).await?);
+            if calls(&tight) == Some(3) && calls(&pair) == Some(20) {
+                let day = pair.status.and_then(|s| s.usage).map(|u| u.day);
+                let today = k8s_openapi::jiff::Timestamp::now().to_string();
+                ensure!(day.as_deref() == today.get(..10), "{day:?} is not today");
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "usage in the status: {TIGHT} {:?}, {PAIR} {:?}",
+                tight.status.and_then(|s| s.usage),
+                pair.status.and_then(|s| s.usage)
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
 
         // A session replayed from outside the sidecar (an attacker who stole the pod's token
         // exchanges it, then calls the gateway directly): works until revocation, refused after.

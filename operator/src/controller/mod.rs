@@ -8,6 +8,7 @@
 //! are revoked at the provider.
 
 mod revoke;
+pub mod usage;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -45,6 +46,9 @@ pub struct Scope {
     pub namespace: Option<String>,
     /// Only KeyProviders with these labels, e.g. `tier=prod` (default: all).
     pub provider_labels: Option<String>,
+    /// Where the broker and gateway keep their shared counts (the operator's namespace): read
+    /// for `status.usage`. `None`: no usage in the status.
+    pub counts_namespace: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +133,15 @@ pub async fn run(
 
     let events = Publisher::new(client.clone(), FIELD_MANAGER, &instance);
     let (keys, keys_writer) = reflector::store();
+    let usage = {
+        let (client, keys, metrics) = (client.clone(), keys.clone(), Arc::clone(&metrics));
+        let (counts, watched) = (scope.counts_namespace.clone(), scope.namespace.clone());
+        async move {
+            if let Some(counts) = counts {
+                usage::run(client, counts, keys, watched, metrics).await;
+            }
+        }
+    };
     let ctx = Arc::new(Context {
         client: client.clone(),
         keys: keys.clone(),
@@ -193,12 +206,18 @@ pub async fn run(
             .run(reconcile_provider, provider_error_policy, ctx)
             .for_each(|_| async {})
     };
-    tokio::join!(
-        provider_reflector,
-        namespace_reflector,
-        apikey_controller,
-        provider_controller
-    );
+    // The usage loop ends with the controllers (it has no shutdown of its own to wait for).
+    tokio::select! {
+        () = usage => {}
+        _ = async {
+            tokio::join!(
+                provider_reflector,
+                namespace_reflector,
+                apikey_controller,
+                provider_controller
+            )
+        } => {}
+    }
 }
 
 fn keys_referencing(
@@ -297,8 +316,12 @@ async fn reconcile_apikey(
         return Ok(Action::await_change());
     }
 
-    // apply
-    apply_status(&ctx, &api, APIKEY, &name, &desired).await?;
+    // apply (not the usage: the usage loop owns it)
+    let applied = ApiKeyStatus {
+        usage: None,
+        ..desired.clone()
+    };
+    apply_status(&ctx, &api, APIKEY, &name, &applied).await?;
 
     // tell the user when the verdict changed
     let before = status::ready_condition(current).map(|c| (c.status.clone(), c.reason.clone()));

@@ -59,6 +59,28 @@ const UPSTREAM_TTL: Duration = Duration::from_secs(5);
 /// The upstream's response-header timeout when the provider does not set one.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A refused call's body is read (and dropped) up to this much, for this long, before the
+/// refusal is sent: a server that answers and closes with unread data in its socket resets the
+/// connection, and the client may then lose the answer itself. Past that, it closes.
+const DRAIN_BYTES: usize = 256 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(1);
+
+/// Reads `body` to its end within [`DRAIN_BYTES`] and [`DRAIN_TIME`]; whether it ended.
+async fn drained(body: Incoming) -> bool {
+    if body.is_end_stream() {
+        return true;
+    }
+    if body
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n > DRAIN_BYTES as u64)
+    {
+        return false;
+    }
+    let read = http_body_util::Limited::new(body, DRAIN_BYTES).collect();
+    matches!(tokio::time::timeout(DRAIN_TIME, read).await, Ok(Ok(_)))
+}
+
 /// Why a call was refused: the HTTP status, a stable reason, and what to change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refused {
@@ -202,7 +224,9 @@ impl Gateway {
             client: client.to_owned(),
             ..Call::default()
         };
-        match self.forward(req, &mut call, started).await {
+        let (parts, body) = req.into_parts();
+        let mut body = Some(body);
+        match self.forward(parts, &mut body, &mut call, started).await {
             Ok(response) => {
                 self.metrics
                     .gateway_call(None, response.status().as_u16(), started.elapsed());
@@ -212,19 +236,32 @@ impl Gateway {
                 self.metrics
                     .gateway_call(Some(refused.reason), 0, started.elapsed());
                 audit(&call, "refused", refused.reason, 0, 0, 0, started);
-                refused.response()
+                let mut response = refused.response();
+                if let Some(unread) = body
+                    && !drained(unread).await
+                {
+                    // The rest of the body is still coming: the connection cannot carry another
+                    // call, and saying so keeps the sidecar from reusing it.
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                response
             }
         }
     }
 
+    /// Forwards the call; takes `body` only once the call is going upstream, so that a refusal
+    /// leaves it to [`Self::handle`] to drain.
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: hyper::http::request::Parts,
+        body: &mut Option<Incoming>,
         call: &mut Call,
         started: Instant,
     ) -> Result<Response<GatewayBody>, Refused> {
         let Some(rest) = req
-            .uri()
+            .uri
             .path()
             .strip_prefix(keybroker_contract::paths::FORWARD)
             .map(str::to_owned)
@@ -255,7 +292,7 @@ impl Gateway {
             Refused::new(StatusCode::BAD_REQUEST, "PathNotCanonical", e.to_string())
         })?;
         if req
-            .uri()
+            .uri
             .query()
             .is_some_and(|q| q.len() > forward::MAX_PATH_BYTES)
         {
@@ -265,19 +302,18 @@ impl Gateway {
                 format!("the query is longer than {} bytes", forward::MAX_PATH_BYTES),
             ));
         }
-        if !scope.allows(req.method().as_str(), &rest) {
+        if !scope.allows(req.method.as_str(), &rest) {
             return Err(Refused::new(
                 StatusCode::FORBIDDEN,
                 "OutsideScope",
                 format!(
                     "{} {rest} is not within ApiKey {}'s scope; widen its scope.actions or scope.resources (within the provider's guardrails)",
-                    req.method(),
-                    claims.api_key
+                    req.method, claims.api_key
                 ),
             ));
         }
         let declared = req
-            .headers()
+            .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
@@ -322,12 +358,19 @@ impl Gateway {
         let bodyless = declared == Some(0)
             || (declared.is_none()
                 && matches!(
-                    *req.method(),
+                    req.method,
                     hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
                 )
-                && req.body().is_end_stream());
-        let method = req.method().clone();
-        let (parts, body) = req.into_parts();
+                && body.as_ref().is_none_or(Body::is_end_stream));
+        let method = req.method.clone();
+        let parts = req;
+        let body = body.take().ok_or_else(|| {
+            Refused::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Internal",
+                "the request body was already taken",
+            )
+        })?;
         let limit = usize::try_from(scope.max_request_bytes).unwrap_or(usize::MAX);
         let body: GatewayBody = http_body_util::Limited::new(body, limit).boxed();
         let send = |key: &str, body: GatewayBody| {
@@ -396,9 +439,9 @@ impl Gateway {
         Ok(answer)
     }
 
-    fn session(&self, req: &Request<Incoming>) -> Result<Claims, Refused> {
+    fn session(&self, req: &hyper::http::request::Parts) -> Result<Claims, Refused> {
         let token = req
-            .headers()
+            .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
