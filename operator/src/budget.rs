@@ -3,7 +3,9 @@
 //! slice of what is left in the current windows from a shared ConfigMap (one per ApiKey and
 //! count, in the operator's namespace) with an optimistic write (the resourceVersion must not
 //! have moved), then spends the slice locally. Windows are aligned to
-//! the clock (the minute, the UTC day), so every replica agrees where one ends.
+//! the clock (the minute, the UTC day), so every replica agrees where one ends. A replica writes
+//! on top of the ConfigMap as it last wrote it and reads it only after a conflict: uncontended,
+//! a lease is one write.
 //!
 //! Never more calls than the budget pass, whatever the number of replicas: a slice is leased
 //! before it is spent, and a lease that lost a race is retried on the new state. A slice left
@@ -130,6 +132,9 @@ struct Slice {
     minute: i64,
     day: i64,
     remaining: u64,
+    /// The shared ConfigMap as this replica last wrote it: the next lease writes on top of it
+    /// without reading first, and reads only when another replica wrote meanwhile (409).
+    last: Option<ConfigMap>,
 }
 
 /// What is counted: each has ConfigMaps of its own.
@@ -191,18 +196,21 @@ impl Budgets {
             slice.remaining -= 1;
             return Ok(());
         }
-        let leased = self
-            .lease(namespace, name, per_minute, per_day, now)
+        let last = slice.last.take();
+        let (leased, written) = self
+            .lease(namespace, name, per_minute, per_day, now, last)
             .await?;
         *slice = Slice {
             minute: current.minute,
             day: current.day,
             remaining: leased - 1,
+            last: written,
         };
         Ok(())
     }
 
-    /// Leases a slice from the shared ConfigMap, creating it on first use.
+    /// Leases a slice from the shared ConfigMap, creating it on first use: the slice, and the
+    /// ConfigMap as written. `last` is the ConfigMap as this replica last wrote it, if it did.
     async fn lease(
         &self,
         namespace: &str,
@@ -210,20 +218,26 @@ impl Budgets {
         per_minute: u32,
         per_day: u64,
         now: i64,
-    ) -> Result<u64, BudgetError> {
+        mut last: Option<ConfigMap>,
+    ) -> Result<(u64, Option<ConfigMap>), BudgetError> {
         let object = object_name(self.counted, namespace, name);
         let unavailable = |e: kube::Error| {
             warn!(api_key = name, namespace, error = %e, "the shared budget could not be read or written");
             BudgetError::Unavailable
         };
+        let mut wait = false;
         for attempt in 0..ATTEMPTS {
-            if attempt > 0 {
+            if std::mem::take(&mut wait) && attempt > 0 {
                 let mut jitter = [0u8; 1];
                 let _ = aws_lc_rs::rand::fill(&mut jitter);
                 let ms = u64::from(attempt.min(10)) + u64::from(jitter[0] % 8);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
-            let existing = self.maps.get_opt(&object).await.map_err(unavailable)?;
+            let cached = last.is_some();
+            let existing = match last.take() {
+                Some(map) => Some(map),
+                None => self.maps.get_opt(&object).await.map_err(unavailable)?,
+            };
             let usage = Usage::parse(existing.as_ref().and_then(|m| m.data.as_ref())).at(now);
             let n = lease(&usage, per_minute, per_day, now).map_err(BudgetError::Exhausted)?;
             let next = Usage {
@@ -267,8 +281,14 @@ impl Budgets {
                 }
             };
             match written {
-                Ok(_) => return Ok(n),
-                Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                Ok(map) => return Ok((n, Some(map))),
+                // What this replica wrote last is out of date (another replica leased, or the
+                // map was deleted): read it at once.
+                Err(kube::Error::Api(e)) if cached && matches!(e.code, 404 | 409) => continue,
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    wait = true;
+                    continue;
+                }
                 Err(e) => return Err(unavailable(e)),
             }
         }

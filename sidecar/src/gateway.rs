@@ -34,6 +34,9 @@ const MAX_CONNECTIONS: usize = 256;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// The most of an answer from the gateway held in memory per connection: a large body streams
+/// through in pieces of at most this, whatever the app's pace (hyper's default is 400 KiB).
+const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Idle connections to the gateway kept at most (the gateway's cap of calls in flight per
 /// client), and for how long: under the gateway's own keep-alive limit (5 s), so it does not
 /// close one as a call goes out on it.
@@ -357,7 +360,9 @@ impl Client {
             .await
             .map_err(|_| format!("the TLS handshake with the gateway at {addr} timed out"))?
             .map_err(|e| format!("the TLS handshake with the gateway at {addr}: {e}"))?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(READ_BUFFER_BYTES)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("talking to the gateway: {e}"))?;
         tokio::spawn(async move {

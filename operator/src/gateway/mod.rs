@@ -685,7 +685,7 @@ impl Body for Redacting {
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
                     this.bytes += data.len() as u64;
-                    Poll::Ready(Some(Ok(Frame::data(this.redactor.push(&data)))))
+                    Poll::Ready(Some(Ok(Frame::data(this.redactor.push(data)))))
                 }
                 // Trailers are not forwarded (they could carry what headers may not).
                 Err(_) => Poll::Ready(Some(Ok(Frame::data(Bytes::new())))),
