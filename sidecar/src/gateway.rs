@@ -34,9 +34,11 @@ const MAX_CONNECTIONS: usize = 256;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEADER_BYTES: usize = 16 * 1024;
-/// The most of an answer from the gateway held in memory per connection: a large body streams
-/// through in pieces of at most this, whatever the app's pace (hyper's default is 400 KiB).
-const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// The most of a call held in memory per connection to the gateway, each way (hyper's read
+/// buffer, rustls's unsent plaintext): a large body streams through in pieces of one TLS record,
+/// whatever the app's pace, and an idle pooled connection keeps little (hyper's default read
+/// buffer grows to 400 KiB).
+const READ_BUFFER_BYTES: usize = 16 * 1024;
 /// Idle connections to the gateway kept at most (the gateway's cap of calls in flight per
 /// client), and for how long: under the gateway's own keep-alive limit (5 s), so it does not
 /// close one as a call goes out on it.
@@ -356,10 +358,11 @@ impl Client {
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(session.host.clone())
             .map_err(|_| format!("{} is not a TLS server name", session.host))?;
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(name, tcp))
+        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(name, tcp))
             .await
             .map_err(|_| format!("the TLS handshake with the gateway at {addr} timed out"))?
             .map_err(|e| format!("the TLS handshake with the gateway at {addr}: {e}"))?;
+        stream.get_mut().1.set_buffer_limit(Some(READ_BUFFER_BYTES));
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .max_buf_size(READ_BUFFER_BYTES)
             .handshake(TokioIo::new(stream))
