@@ -421,6 +421,7 @@ async fn an_app_without_a_key_calls_the_upstream_within_scope_budget_and_until_r
 async fn a_team_reads_its_gitea_repository_through_the_gateway_and_the_scheduled_rotation_fails_no_call()
 -> anyhow::Result<()> {
     let cluster = shared_with_crds().await?;
+    keybroker_e2e::logs::capture();
     in_namespace(cluster, "gw-gitea", |client, ns| async move {
         let gitea = keybroker_e2e::gitea::Gitea::start().await?;
         // The namespace's organization, and another team's; the token may write to both.
@@ -736,6 +737,38 @@ async fn a_team_reads_its_gitea_repository_through_the_gateway_and_the_scheduled
             }),
             "no KeyRotationFailed Event"
         );
+        // Each step is an audit record naming the token, never its value; no log line holds
+        // a token or the account's password.
+        let logs = keybroker_e2e::logs::captured();
+        let record = |outcome: &str| {
+            logs.lines()
+                .find(|l| {
+                    l.contains("key rotation") && l.contains(&format!("\"outcome\":\"{outcome}\""))
+                })
+                .map(str::to_owned)
+        };
+        for outcome in [
+            "minted",
+            "made_current",
+            "previous_deleted",
+            "previous_forgotten",
+        ] {
+            ensure!(
+                record(outcome).is_some(),
+                "no audit record {outcome:?} of the rotation"
+            );
+        }
+        ensure!(
+            record("minted").is_some_and(|l| l.contains(&minted.name)),
+            "the audit record of the mint does not name the token"
+        );
+        for secret in [&old_token, &new_token, &kept_token] {
+            ensure!(!logs.contains(secret.as_str()), "a log line holds a token");
+        }
+        ensure!(
+            !logs.contains(gitea.admin_password()),
+            "a log line holds the rotation password"
+        );
         println!("gateway: {ok} calls through a scheduled key rotation, 0 failed");
 
         rig.sidecar.stop(Duration::from_secs(5));
@@ -750,6 +783,87 @@ async fn a_team_reads_its_gitea_repository_through_the_gateway_and_the_scheduled
                 "the pod's volume holds a key"
             );
         }
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_apiserver_refuses_gateway_providers_outside_the_schema_with_what_to_change()
+-> anyhow::Result<()> {
+    let cluster = shared_with_crds().await?;
+    in_namespace(cluster, "gw-schema", |client, ns| async move {
+        let rotation = |every: &str, grace: Option<&str>| KeyRotation {
+            every: every.into(),
+            grace: grace.map(str::to_owned),
+            gitea: Some(GiteaRotation {
+                credentials_secret_ref: SecretRef {
+                    namespace: ns.clone(),
+                    name: "gitea-admin".into(),
+                },
+            }),
+        };
+        type Change<'a> =
+            Box<dyn Fn(&mut keybroker_operator::crd::GatewayProvider) + Send + Sync + 'a>;
+        let cases: Vec<(&str, Change<'_>, &str)> = vec![
+            (
+                "path",
+                Box::new(|g| g.upstream = "https://api.example.com/v1".into()),
+                "must be an origin only",
+            ),
+            (
+                "http",
+                Box::new(|g| g.upstream = "http://api.example.com".into()),
+                "plain http only on loopback",
+            ),
+            (
+                "grace",
+                Box::new(move |g| g.rotation = Some(rotation("5m", None))),
+                "grace (default 10m) must be shorter than every",
+            ),
+            (
+                "every",
+                Box::new(|g| {
+                    g.rotation = Some(KeyRotation {
+                        every: "30s".into(),
+                        grace: None,
+                        gitea: None,
+                    })
+                }),
+                "at least 1m",
+            ),
+        ];
+        let api = Api::<KeyProvider>::all(client.clone());
+        for (name, change, says) in cases {
+            let mut provider = provider(&format!("{ns}-{name}"), &ns, "https://a.example");
+            if let Some(gateway) = provider.spec.gateway.as_mut() {
+                change(gateway);
+            }
+            match api.create(&PostParams::default(), &provider).await {
+                Err(kube::Error::Api(e)) if e.code == 422 => {
+                    ensure!(e.message.contains(says), "{name}: {}", e.message)
+                }
+                Err(e) => anyhow::bail!("{name}: {e}"),
+                Ok(_) => anyhow::bail!("{name}: the apiserver took it"),
+            }
+        }
+        // Within the rules: taken.
+        let mut provider = provider(&format!("{ns}-fine"), &ns, "https://a.example");
+        if let Some(gateway) = provider.spec.gateway.as_mut() {
+            gateway.rotation = Some(KeyRotation {
+                every: "720h".into(),
+                grace: Some("10m".into()),
+                gitea: Some(GiteaRotation {
+                    credentials_secret_ref: SecretRef {
+                        namespace: ns.clone(),
+                        name: "gitea-admin".into(),
+                    },
+                }),
+            });
+        }
+        api.create(&PostParams::default(), &provider).await?;
+        api.delete(&format!("{ns}-fine"), &Default::default())
+            .await?;
         Ok(())
     })
     .await

@@ -111,8 +111,9 @@ pub async fn run(
                         if key.status.as_ref().and_then(|s| s.usage.as_ref()) == Some(&usage) {
                             continue;
                         }
-                        write(&client, &namespace, &name, &usage).await;
-                        metrics.status_write("ApiKey");
+                        if write(&client, &namespace, &name, &usage).await {
+                            metrics.status_write("ApiKey");
+                        }
                     }
                     None if in_scope && last_day < today => {
                         forget(&maps_api, &namespace, &name).await;
@@ -125,14 +126,14 @@ pub async fn run(
     tokio::join!(reflector, publish);
 }
 
-/// Applies `status.usage` of ApiKey `namespace/name`, and only it.
-async fn write(client: &Client, namespace: &str, name: &str, usage: &ApiKeyUsage) {
+/// Applies `status.usage` of ApiKey `namespace/name`, and only it: whether it was written.
+async fn write(client: &Client, namespace: &str, name: &str, usage: &ApiKeyUsage) -> bool {
     let patch = serde_json::json!({
         "apiVersion": "keybroker.dev/v1alpha1",
         "kind": "ApiKey",
         "status": {"usage": usage},
     });
-    if let Err(e) = Api::<ApiKey>::namespaced(client.clone(), namespace)
+    match Api::<ApiKey>::namespaced(client.clone(), namespace)
         .patch_status(
             name,
             &PatchParams::apply(FIELD_MANAGER).force(),
@@ -140,7 +141,13 @@ async fn write(client: &Client, namespace: &str, name: &str, usage: &ApiKeyUsage
         )
         .await
     {
-        debug!(api_key = name, namespace, error = %e, "writing the usage of an ApiKey");
+        Ok(_) => true,
+        // Deleted since the cache saw it.
+        Err(kube::Error::Api(e)) if e.code == 404 => false,
+        Err(e) => {
+            warn!(api_key = name, namespace, error = %e, "writing the usage of an ApiKey");
+            false
+        }
     }
 }
 

@@ -171,9 +171,10 @@ impl Webhook {
         let mut keys = BTreeMap::new();
         let mut live_read_left = true;
         for name in names {
-            let facts = match self.cached_facts(&namespace, &name) {
-                Some(facts) => Some(facts),
-                // One live read per review: a pod naming many unknown ApiKeys costs no more.
+            let facts = match self.cached_key(&namespace, &name) {
+                Some(key) => Some(self.facts(&key, &mut live_read_left).await),
+                // One live read per review: a pod naming many unknown ApiKeys (or ApiKeys of
+                // unknown providers) costs no more.
                 None if live_read_left => {
                     live_read_left = false;
                     match self.live_facts(&namespace, &name).await {
@@ -206,11 +207,27 @@ impl Webhook {
         }
     }
 
-    /// What the watch cache knows of ApiKey `name`.
-    fn cached_facts(&self, namespace: &str, name: &str) -> Option<KeyFacts> {
+    /// ApiKey `name` as the watch cache knows it.
+    fn cached_key(&self, namespace: &str, name: &str) -> Option<ApiKey> {
         self.keys
             .get(&ObjectRef::new(name).within(namespace))
-            .map(|key| self.facts(&key))
+            .map(|key| (*key).clone())
+    }
+
+    /// A live read of KeyProvider `name`; `None` when it does not exist or cannot be read now.
+    async fn live_provider(&self, name: &str) -> Option<KeyProvider> {
+        let api = Api::<KeyProvider>::all(self.client.clone());
+        match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(name)).await {
+            Ok(Ok(provider)) => provider,
+            Ok(Err(e)) => {
+                warn!(name, error = %e, "reading a KeyProvider failed");
+                None
+            }
+            Err(_) => {
+                warn!(name, "reading a KeyProvider timed out");
+                None
+            }
+        }
     }
 
     /// A live read of ApiKey `name` (the cache may lag a just-created ApiKey by a few
@@ -218,7 +235,9 @@ impl Webhook {
     async fn live_facts(&self, namespace: &str, name: &str) -> Result<Option<KeyFacts>, String> {
         let api = Api::<ApiKey>::namespaced(self.client.clone(), namespace);
         match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(name)).await {
-            Ok(Ok(key)) => Ok(key.map(|key| self.facts(&key))),
+            // The read of the ApiKey was this review's live read.
+            Ok(Ok(Some(key))) => Ok(Some(self.facts(&key, &mut false).await)),
+            Ok(Ok(None)) => Ok(None),
             Ok(Err(e)) => {
                 // The apiserver's text stays in the log; the pod's owner gets what to do.
                 warn!(namespace, name, error = %e, "reading an ApiKey failed");
@@ -230,11 +249,18 @@ impl Webhook {
         }
     }
 
-    fn facts(&self, key: &ApiKey) -> KeyFacts {
+    /// What the pod's mutation needs of `key`; reads its KeyProvider live if the cache lacks it
+    /// and `live_read_left` (then spent).
+    async fn facts(&self, key: &ApiKey, live_read_left: &mut bool) -> KeyFacts {
         let ready = ready_condition(key.status.as_ref()).is_some_and(|c| c.status == "True");
-        let provider = self
-            .providers
-            .get(&ObjectRef::new(&key.spec.provider_ref.name));
+        let name = &key.spec.provider_ref.name;
+        let provider = match self.providers.get(&ObjectRef::new(name)) {
+            Some(provider) => Some(provider),
+            // The cache may lag a KeyProvider created just before the pod; without it a gateway
+            // ApiKey would be injected without its app env, for good.
+            None if std::mem::take(live_read_left) => self.live_provider(name).await.map(Arc::new),
+            None => None,
+        };
         let kind = provider.as_deref().and_then(|p| providers::kind(p).ok());
         let region = match kind {
             Some(Kind::Aws(aws)) => Some(aws.region.clone()),
