@@ -245,12 +245,7 @@ impl Redactor {
     /// once more of the body arrives: one starting before `at`, or at `at` and listed before
     /// `n`. Only keys that are parts of one another can do that.
     fn blocks(&self, rest: &[u8], at: usize, n: usize) -> bool {
-        let longest = self
-            .finders
-            .iter()
-            .map(|f| f.needle().len())
-            .max()
-            .unwrap_or(0);
+        let longest = self.longest();
         let from = rest.len().saturating_sub(longest.saturating_sub(1));
         (from..=at.min(rest.len())).any(|p| {
             let tail = &rest[p..];
@@ -260,14 +255,17 @@ impl Redactor {
         })
     }
 
-    /// The length of the longest tail of `rest` that is the start of a key (not a whole one).
-    fn held_back(&self, rest: &[u8]) -> usize {
-        let longest = self
-            .finders
+    fn longest(&self) -> usize {
+        self.finders
             .iter()
             .map(|f| f.needle().len())
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0)
+    }
+
+    /// The length of the longest tail of `rest` that is the start of a key (not a whole one).
+    fn held_back(&self, rest: &[u8]) -> usize {
+        let longest = self.longest();
         (1..longest.min(rest.len() + 1))
             .rev()
             .find(|&k| {

@@ -20,22 +20,19 @@
 
 use std::time::Duration;
 
-use base64::Engine;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
-use serde::Deserialize;
 use tracing::{info, warn};
 
-use super::check::{self, Keys, Origin};
+mod gitea;
+use gitea::Gitea;
+
+use super::check::{self, Keys};
 use super::{KEY, PREVIOUS_KEY};
-use crate::crd::{GatewayProvider, GiteaRotation, KeyRotation, RotationStatus, SecretRef};
+use crate::crd::{GatewayProvider, KeyRotation, RotationStatus, SecretRef};
 use crate::policy::parse_ttl;
 
 /// Annotation on the key Secret: when `key` became current (RFC 3339).
@@ -486,230 +483,10 @@ fn last_eight(key: &str) -> Option<&str> {
     key.len().checked_sub(8).and_then(|start| key.get(start..))
 }
 
-/// A token as Gitea lists it (never with its value).
-#[derive(Clone, Debug, Deserialize)]
-struct Token {
-    id: i64,
-    name: String,
-    #[serde(default)]
-    token_last_eight: String,
-    #[serde(default)]
-    scopes: Vec<String>,
-}
-
-/// A created token: Gitea shows its value once.
-#[derive(Deserialize)]
-struct Created {
-    id: i64,
-    sha1: String,
-}
-
-/// Gitea's token API for one user, with basic auth.
-struct Gitea {
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
-    origin: Origin,
-    user: String,
-    authorization: String,
-}
-
-impl Gitea {
-    async fn connect(
-        kube: &kube::Client,
-        gateway: &GatewayProvider,
-        rotation: &GiteaRotation,
-    ) -> Result<Self, RotationError> {
-        let r = &rotation.credentials_secret_ref;
-        let bad = |detail: &str| RotationError::Credentials {
-            namespace: r.namespace.clone(),
-            name: r.name.clone(),
-            detail: detail.to_owned(),
-        };
-        let secret = Api::<Secret>::namespaced(kube.clone(), &r.namespace)
-            .get_opt(&r.name)
-            .await
-            .map_err(|e| {
-                warn!(namespace = %r.namespace, name = %r.name, error = %e, "reading the rotation credentials");
-                bad("cannot be read by the operator")
-            })?
-            .ok_or_else(|| bad("does not exist"))?;
-        let field = |k: &str| {
-            secret
-                .data
-                .as_ref()
-                .and_then(|d| d.get(k))
-                .and_then(|b| std::str::from_utf8(&b.0).ok())
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-        };
-        let user = field("username").ok_or_else(|| bad("has no data key `username`"))?;
-        if !user
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        {
-            return Err(bad("`username` is not a Gitea user name"));
-        }
-        let password = field("password").ok_or_else(|| bad("has no data key `password`"))?;
-        let origin = check::origin(&gateway.upstream)?;
-        let client =
-            check::client(gateway).map_err(|detail| check::Problem::CaBundle { detail })?;
-        let authorization = format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-        );
-        Ok(Self {
-            client,
-            origin,
-            user,
-            authorization,
-        })
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!(
-            "{}://{}/api/v1/users/{}/tokens{path}",
-            if self.origin.https { "https" } else { "http" },
-            self.origin.authority(),
-            self.user
-        )
-    }
-
-    /// `(status, body)` of one call; the body bounded.
-    async fn call(
-        &self,
-        action: &'static str,
-        method: hyper::Method,
-        url: String,
-        body: Option<String>,
-    ) -> Result<(u16, Bytes), RotationError> {
-        let mut request = hyper::Request::builder()
-            .method(method)
-            .uri(url)
-            .header(hyper::header::AUTHORIZATION, &self.authorization)
-            .header(hyper::header::ACCEPT, "application/json");
-        if body.is_some() {
-            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|_| RotationError::Unreachable { action })?;
-        let call = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = response.status().as_u16();
-            let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            Ok::<_, String>((status, body))
-        };
-        match tokio::time::timeout(CALL_TIMEOUT, call).await {
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(error)) => {
-                warn!(upstream = %self.origin.authority(), action, %error, "Gitea's token API unreachable");
-                Err(RotationError::Unreachable { action })
-            }
-            Err(_) => {
-                warn!(upstream = %self.origin.authority(), action, "Gitea's token API did not answer in time");
-                Err(RotationError::Unreachable { action })
-            }
-        }
-    }
-
-    fn refused(&self, action: &'static str, status: u16, body: &Bytes) -> RotationError {
-        warn!(
-            upstream = %self.origin.authority(),
-            action,
-            status,
-            answer = %String::from_utf8_lossy(&body[..body.len().min(512)]),
-            "Gitea refused a token call"
-        );
-        RotationError::Refused {
-            action,
-            user: self.user.clone(),
-            status,
-        }
-    }
-
-    /// Every token of the user (names, scopes, last eight characters).
-    async fn tokens(&self) -> Result<Vec<Token>, RotationError> {
-        const ACTION: &str = "listing the access tokens";
-        let mut all = Vec::new();
-        for page in 1..=MAX_PAGES {
-            let (status, body) = self
-                .call(
-                    ACTION,
-                    hyper::Method::GET,
-                    self.url(&format!("?page={page}&limit=50")),
-                    None,
-                )
-                .await?;
-            if status != 200 {
-                return Err(self.refused(ACTION, status, &body));
-            }
-            let tokens: Vec<Token> =
-                serde_json::from_slice(&body).map_err(|_| self.refused(ACTION, status, &body))?;
-            let last = tokens.len() < 50;
-            all.extend(tokens);
-            if last {
-                break;
-            }
-        }
-        Ok(all)
-    }
-
-    /// Creates token `name` with `scopes`: `(id, value)`.
-    async fn create(&self, name: &str, scopes: &[String]) -> Result<(i64, String), RotationError> {
-        const ACTION: &str = "creating an access token";
-        let body = serde_json::json!({"name": name, "scopes": scopes}).to_string();
-        let (status, answer) = self
-            .call(ACTION, hyper::Method::POST, self.url(""), Some(body))
-            .await?;
-        if status != 201 {
-            return Err(self.refused(ACTION, status, &answer));
-        }
-        let created: Created = serde_json::from_slice(&answer).map_err(|_| {
-            warn!(upstream = %self.origin.authority(), "Gitea's answer to a token creation has no id and value");
-            RotationError::Refused {
-                action: ACTION,
-                user: self.user.clone(),
-                status,
-            }
-        })?;
-        if created.sha1.is_empty() {
-            return Err(RotationError::Refused {
-                action: ACTION,
-                user: self.user.clone(),
-                status,
-            });
-        }
-        Ok((created.id, created.sha1))
-    }
-
-    /// Deletes token `id`; one already gone counts as deleted.
-    async fn delete(&self, id: i64) -> Result<(), RotationError> {
-        const ACTION: &str = "deleting an access token";
-        let (status, body) = self
-            .call(
-                ACTION,
-                hyper::Method::DELETE,
-                self.url(&format!("/{id}")),
-                None,
-            )
-            .await?;
-        match status {
-            204 | 404 => Ok(()),
-            _ => Err(self.refused(ACTION, status, &body)),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::GiteaRotation;
 
     fn rotation(every: &str, grace: Option<&str>) -> KeyRotation {
         KeyRotation {
