@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-const ROOT: &str = "/sys/fs/cgroup";
-const PREFIX: &str = "kb-e2e-";
+pub(crate) const ROOT: &str = "/sys/fs/cgroup";
+pub(crate) const PREFIX: &str = "kb-e2e-";
 
 #[derive(Debug, thiserror::Error)]
 #[error("cgroup {path}: {source}")]
@@ -29,6 +29,7 @@ impl CgroupRoot {
     /// Creates `kb-e2e-<pid>-<tag>` in every hierarchy, after removing roots of dead processes.
     pub fn create(tag: &str) -> Result<Self, Error> {
         remove_stale();
+        crate::reaper::ensure_started();
         let name = format!("{PREFIX}{}-{tag}", std::process::id());
         for hierarchy in hierarchies() {
             let dir = hierarchy.join(&name);

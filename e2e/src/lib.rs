@@ -25,6 +25,7 @@ pub mod node;
 pub mod node_config;
 pub mod pki;
 pub mod process;
+mod reaper;
 pub mod server_thread;
 pub mod sidecar;
 pub mod tools;
@@ -48,6 +49,7 @@ const RUN_DIR_PREFIX: &str = "keybroker-e2e-";
 /// A fresh working directory `<tmp>/keybroker-e2e-<pid>-<n>`, after removing those left by
 /// test processes that no longer exist (their components died with them).
 pub fn run_dir() -> std::io::Result<PathBuf> {
+    reaper::ensure_started();
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let tmp = std::env::temp_dir();
     if let Ok(entries) = std::fs::read_dir(&tmp) {
