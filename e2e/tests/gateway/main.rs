@@ -15,6 +15,9 @@ mod upstreams;
 /// A team's Gitea repository through the gateway, and the scheduled rotation of its token.
 mod gitea;
 
+/// Bodies past the limit without a length, and calls with a body retried during a rotation.
+mod bodies;
+
 mod rig;
 use rig::*;
 

@@ -13,23 +13,23 @@
 //! 5. then the call goes to the upstream with the key added, the app's own credentials and
 //!    hop-by-hop headers removed; the answer streams back as it arrives, the key redacted
 //!    wherever the upstream echoes it. A 401 to the current key is retried once with the
-//!    previous key during a rotation (calls without a body).
+//!    previous key during a rotation (calls with a body of at most 64 KiB).
 //!
 //! Refusals are JSON `{reason, message, retryable}` and never reach the upstream. One audit
 //! record per call: ApiKey, namespace, pod, method, path, upstream status, bytes, duration,
 //! outcome; never the key, never bodies.
 
+mod authorized;
+mod bodies;
 pub mod server;
 
 use std::collections::{BTreeMap, HashMap};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
-use hyper::body::{Body, Bytes, Frame, Incoming};
+use hyper::body::{Body, Bytes, Incoming};
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
@@ -39,6 +39,8 @@ use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use tracing::{info, warn};
 
+use self::authorized::{Authorization, Authorizations, Inputs};
+use self::bodies::{Capped, Redacting};
 use crate::broker::Stores;
 use crate::broker::authz::{self, PodIdentity};
 use crate::budget::{BudgetError, Budgets, Counted};
@@ -46,7 +48,7 @@ use crate::crd::{GatewayProvider, KeyProvider};
 use crate::metrics::Metrics;
 use crate::providers::gateway::check::{self, Keys, Origin};
 use crate::providers::gateway::forward::{self, Redactor};
-use crate::providers::gateway::scope::{self, GatewayScope};
+use crate::providers::gateway::scope;
 use crate::providers::gateway::session::{Claims, SessionError, SessionKey};
 
 /// The body of every answer: the upstream's, streamed, or a refusal.
@@ -64,6 +66,23 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// connection, and the client may then lose the answer itself. Past that, it closes.
 const DRAIN_BYTES: usize = 256 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(1);
+
+/// While a rotation keeps the previous key, a body up to this size is read before the call is
+/// sent, so that a 401 to the current key can be retried with the previous one; larger bodies
+/// stream and are not retried.
+const REPLAY_BYTES: u64 = 64 * 1024;
+
+/// Whether the upstream request failed because its body was cut at the size limit.
+fn cut_at_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.is::<bodies::TooLarge>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
 
 /// Reads `body` to its end within [`DRAIN_BYTES`] and [`DRAIN_TIME`]; whether it ended.
 async fn drained(body: Incoming) -> bool {
@@ -156,6 +175,7 @@ pub struct Gateway {
     stores: Stores,
     sessions: Arc<SessionKey>,
     upstreams: Mutex<HashMap<String, Arc<Upstream>>>,
+    authorizations: Authorizations,
     budgets: Budgets,
     metrics: Arc<Metrics>,
 }
@@ -211,6 +231,7 @@ impl Gateway {
             stores,
             sessions,
             upstreams: Mutex::default(),
+            authorizations: Authorizations::default(),
             metrics,
         })
     }
@@ -280,7 +301,8 @@ impl Gateway {
         call.api_key = claims.api_key.clone();
         call.namespace = claims.namespace.clone();
         call.pod = claims.pod.clone();
-        let (provider, scope) = self.authorize(&claims).await?;
+        let authorization = self.authorize(&claims).await?;
+        let (provider, scope) = (&authorization.provider, &authorization.scope);
         let Some(gateway) = provider.spec.gateway.as_ref() else {
             return Err(Refused::new(
                 StatusCode::FORBIDDEN,
@@ -354,7 +376,7 @@ impl Gateway {
                 )
                 .retryable(),
             })?;
-        let upstream = self.upstream(&provider, gateway).await?;
+        let upstream = self.upstream(provider, gateway).await?;
         let bodyless = declared == Some(0)
             || (declared.is_none()
                 && matches!(
@@ -364,15 +386,32 @@ impl Gateway {
                 && body.as_ref().is_none_or(Body::is_end_stream));
         let method = req.method.clone();
         let parts = req;
-        let body = body.take().ok_or_else(|| {
+        let incoming = body.take().ok_or_else(|| {
             Refused::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Internal",
                 "the request body was already taken",
             )
         })?;
-        let limit = usize::try_from(scope.max_request_bytes).unwrap_or(usize::MAX);
-        let body: GatewayBody = http_body_util::Limited::new(body, limit).boxed();
+        // What is sent first, what can be sent again with the previous key, and where the rest
+        // of a body past the limit comes back.
+        let (first, replay, overflow): (GatewayBody, Option<Bytes>, _) = if bodyless {
+            (full(Bytes::new()), Some(Bytes::new()), None)
+        } else if upstream.keys.previous.is_some() && declared.is_some_and(|n| n <= REPLAY_BYTES) {
+            let read = tokio::time::timeout(upstream.timeout, incoming.collect()).await;
+            let Ok(Ok(read)) = read else {
+                return Err(Refused::new(
+                    StatusCode::BAD_REQUEST,
+                    "RequestBodyIncomplete",
+                    "the request body did not arrive whole; send it again",
+                ));
+            };
+            let bytes = read.to_bytes();
+            (full(bytes.clone()), Some(bytes), None)
+        } else {
+            let (capped, overflow) = Capped::new(incoming, scope.max_request_bytes);
+            (capped.boxed(), None, Some(overflow))
+        };
         let send = |key: &str, body: GatewayBody| {
             let request = upstream_request(&parts, &rest, gateway, &upstream.origin, key, body);
             let client = upstream.client.clone();
@@ -382,7 +421,9 @@ impl Gateway {
                 match tokio::time::timeout(timeout, client.request(request)).await {
                     Ok(Ok(response)) => Ok(response),
                     Ok(Err(e)) => {
-                        warn!(error = %e, "the upstream did not answer");
+                        if !cut_at_limit(&e) {
+                            warn!(error = %e, "the upstream did not answer");
+                        }
                         Err(Refused::new(
                             StatusCode::BAD_GATEWAY,
                             "UpstreamUnreachable",
@@ -402,13 +443,19 @@ impl Gateway {
                 }
             }
         };
-        let mut response = send(&upstream.keys.current, body).await?;
+        let sent = send(&upstream.keys.current, first).await;
+        // A body that grew past the limit (chunked, no length declared): 413, and the rest of
+        // it is drained by `handle` like any refused call's.
+        if let Some(rest) = overflow.and_then(|o| o.lock().ok()?.take()) {
+            *body = Some(rest);
+            return Err(too_large(scope.max_request_bytes));
+        }
+        let mut response = sent?;
         if response.status() == StatusCode::UNAUTHORIZED
-            && bodyless
-            && let Some(previous) = &upstream.keys.previous
+            && let (Some(previous), Some(replay)) = (&upstream.keys.previous, replay)
         {
             info!(api_key = %claims.api_key, namespace = %claims.namespace, "the upstream refused the current key; retrying once with the previous one");
-            response = send(previous, full(Bytes::new())).await?;
+            response = send(previous, full(replay)).await?;
         }
         let keys: Vec<&str> = std::iter::once(upstream.keys.current.as_str())
             .chain(upstream.keys.previous.as_deref())
@@ -416,17 +463,13 @@ impl Gateway {
         let status = response.status();
         let (parts, body) = response.into_parts();
         let mut answer = Response::new(
-            Redacting {
-                inner: body,
-                redactor: Redactor::new(&keys),
-                finished: false,
-                bytes: 0,
-                audit: Some(Audit {
-                    call: std::mem::take(call),
-                    status: status.as_u16(),
-                    started,
-                }),
-            }
+            Redacting::new(
+                body,
+                Redactor::new(&keys),
+                std::mem::take(call),
+                status.as_u16(),
+                started,
+            )
             .boxed(),
         );
         *answer.status_mut() = status;
@@ -463,18 +506,10 @@ impl Gateway {
     }
 
     /// Authorizes the session's pod for its ApiKey from the caches, like an exchange, and
-    /// compiles the ApiKey's gateway scope.
-    async fn authorize(
-        &self,
-        claims: &Claims,
-    ) -> Result<(Arc<KeyProvider>, GatewayScope), Refused> {
+    /// compiles the ApiKey's gateway scope; memoized by the objects' versions (see
+    /// [`authorized`]).
+    async fn authorize(&self, claims: &Claims) -> Result<Arc<Authorization>, Refused> {
         let ns = &claims.namespace;
-        let identity = PodIdentity {
-            namespace: ns.clone(),
-            service_account: claims.service_account.clone(),
-            pod_name: claims.pod.clone(),
-            pod_uid: claims.pod_uid.clone(),
-        };
         let key = self
             .stores
             .keys
@@ -504,25 +539,63 @@ impl Gateway {
                 .providers
                 .get(&ObjectRef::new(&k.spec.provider_ref.name))
         });
-        let labels: BTreeMap<String, String> = self
-            .stores
-            .namespaces
-            .get(&ObjectRef::new(ns))
-            .map(|n| n.labels().clone())
-            .unwrap_or_default();
-        let grant = authz::authorize(
-            &identity,
-            &claims.api_key,
+        let namespace = self.stores.namespaces.get(&ObjectRef::new(ns));
+        let inputs = Inputs::of(
+            claims,
             key.as_deref(),
             pod.as_deref(),
             provider.as_deref(),
-            &labels,
-            &self.stores.sidecar_image,
-        )
-        .map_err(|denial| {
-            Refused::new(StatusCode::FORBIDDEN, denial.reason(), denial.to_string())
-        })?;
-        if grant.id != claims.grant {
+            namespace.as_deref(),
+        );
+        let memoized = inputs.as_ref().and_then(|i| self.authorizations.get(i));
+        let authorization = match memoized {
+            Some(hit) => hit,
+            None => {
+                let labels: BTreeMap<String, String> = namespace
+                    .as_ref()
+                    .map(|n| n.labels().clone())
+                    .unwrap_or_default();
+                let identity = PodIdentity {
+                    namespace: ns.clone(),
+                    service_account: claims.service_account.clone(),
+                    pod_name: claims.pod.clone(),
+                    pod_uid: claims.pod_uid.clone(),
+                };
+                let grant = authz::authorize(
+                    &identity,
+                    &claims.api_key,
+                    key.as_deref(),
+                    pod.as_deref(),
+                    provider.as_deref(),
+                    &labels,
+                    &self.stores.sidecar_image,
+                )
+                .map_err(|denial| {
+                    Refused::new(StatusCode::FORBIDDEN, denial.reason(), denial.to_string())
+                })?;
+                let (Some(key), Some(provider)) = (key, provider) else {
+                    return Err(Refused::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "LookupFailed",
+                        "the ApiKey or its provider vanished; retrying",
+                    )
+                    .retryable());
+                };
+                let (_, scope) = scope::compile(&key.spec, &provider.spec.guardrails, ns)
+                    .map_err(|r| Refused::new(StatusCode::FORBIDDEN, r.reason(), r.to_string()))?;
+                let authorization = Arc::new(Authorization {
+                    provider,
+                    scope,
+                    grant: grant.id,
+                });
+                if let Some(inputs) = inputs {
+                    self.authorizations
+                        .insert(inputs, Arc::clone(&authorization));
+                }
+                authorization
+            }
+        };
+        if authorization.grant != claims.grant {
             return Err(Refused::new(
                 StatusCode::FORBIDDEN,
                 "SessionSuperseded",
@@ -533,17 +606,7 @@ impl Gateway {
             )
             .retryable());
         }
-        let (Some(key), Some(provider)) = (key, provider) else {
-            return Err(Refused::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "LookupFailed",
-                "the ApiKey or its provider vanished; retrying",
-            )
-            .retryable());
-        };
-        let (_, scope) = scope::compile(&key.spec, &provider.spec.guardrails, ns)
-            .map_err(|r| Refused::new(StatusCode::FORBIDDEN, r.reason(), r.to_string()))?;
-        Ok((provider, scope))
+        Ok(authorization)
     }
 
     /// The provider's upstream client and key, reloaded after [`UPSTREAM_TTL`] or when the
@@ -649,83 +712,6 @@ fn too_large(max: u64) -> Refused {
             "the request body is larger than the provider's guardrails.maxRequestBytes ({max} bytes)"
         ),
     )
-}
-
-/// What the audit record of a forwarded call needs once its answer has streamed.
-struct Audit {
-    call: Call,
-    status: u16,
-    started: Instant,
-}
-
-/// The upstream's answer on its way to the app: streamed frame by frame, the key redacted,
-/// counted, and audited when it ends (or the app goes away).
-struct Redacting {
-    inner: Incoming,
-    redactor: Redactor,
-    finished: bool,
-    bytes: u64,
-    audit: Option<Audit>,
-}
-
-impl Body for Redacting {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        if this.finished {
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                Ok(data) => {
-                    this.bytes += data.len() as u64;
-                    Poll::Ready(Some(Ok(Frame::data(this.redactor.push(data)))))
-                }
-                // Trailers are not forwarded (they could carry what headers may not).
-                Err(_) => Poll::Ready(Some(Ok(Frame::data(Bytes::new())))),
-            },
-            Poll::Ready(Some(Err(e))) => {
-                this.finished = true;
-                Poll::Ready(Some(Err(Box::new(e))))
-            }
-            Poll::Ready(None) => {
-                this.finished = true;
-                let tail = this.redactor.finish();
-                if tail.is_empty() {
-                    Poll::Ready(None)
-                } else {
-                    Poll::Ready(Some(Ok(Frame::data(tail))))
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Redacting {
-    fn drop(&mut self) {
-        if let Some(a) = self.audit.take() {
-            let outcome = if self.finished {
-                "forwarded"
-            } else {
-                "forwarded_incomplete"
-            };
-            audit(
-                &a.call,
-                outcome,
-                "",
-                a.status,
-                self.bytes,
-                self.redactor.redacted,
-                a.started,
-            );
-        }
-    }
 }
 
 /// One audit record per call: identifiers, status, sizes and time; never the key or a body.
