@@ -2,6 +2,7 @@
 //! control plane with a node per test binary; each test in its own namespace.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ use serde_json::json;
 use tokio::sync::OnceCell;
 
 use keybroker_e2e::cluster::client_from;
-use keybroker_e2e::node_config::{BUSYBOX_IMAGE, NODE_NAME};
+use keybroker_e2e::node_config::{BUSYBOX_IMAGE, KUBELET_SYSCTLS, NODE_NAME};
 use keybroker_e2e::process::pids_with_marker;
 use keybroker_e2e::{Cluster, Lifetime, Options, eventually, in_namespace, run_dir};
 use nix::sys::signal::{Signal, kill};
@@ -118,6 +119,56 @@ fn termination_messages(pod: &Pod) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// The machine's own settings are not the node's: the sysctls the kubelet insists on read the
+/// kubelet's values inside the node and the kernel's own outside (the node's are read-only
+/// files bound over /proc/sys in its mount namespace, and never reach the kernel), and what the
+/// node writes to the fixed paths `/run` and `/var/lib` lands in its own directory.
+#[tokio::test]
+async fn the_machine_keeps_its_sysctls_run_and_var_lib_while_a_node_runs() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let node = cluster.node().context("no node")?;
+    let mut kernel_differs = Vec::new();
+    for (sysctl, kubelet) in KUBELET_SYSCTLS {
+        let path = format!("/proc/sys/{sysctl}");
+        let inside = node.sandbox().run(true, "cat", &[&path])?;
+        ensure!(
+            inside.trim() == kubelet,
+            "the node reads {path} as {inside:?}, not the kubelet's {kubelet}"
+        );
+        let machine = std::fs::read_to_string(&path)?;
+        if machine.trim() != kubelet {
+            kernel_differs.push(format!(
+                "{path}: machine {}, node {kubelet}",
+                machine.trim()
+            ));
+        }
+    }
+    // The kernel's values are global: had the kubelet's writes reached it, every one would
+    // read the kubelet's value here too.
+    ensure!(
+        !kernel_differs.is_empty(),
+        "every sysctl of the kubelet holds the kubelet's value on the machine too"
+    );
+    eprintln!("kept on the machine: {kernel_differs:?}");
+    let marker = format!("keybroker-e2e-marker-{}", std::process::id());
+    for (fixed, own) in [("/run", "run"), ("/var/lib", "var-lib")] {
+        let inside = format!("{fixed}/{marker}");
+        node.sandbox().run(true, "touch", &[&inside])?;
+        let landed = node.dir().join(own).join(&marker);
+        ensure!(
+            landed.exists(),
+            "the node's {inside} is not {}",
+            landed.display()
+        );
+        ensure!(
+            !Path::new(&inside).exists(),
+            "the node's write to {inside} reached the machine"
+        );
+        std::fs::remove_file(&landed)?;
+    }
+    Ok(())
 }
 
 #[tokio::test]
@@ -451,7 +502,7 @@ async fn node_teardown_leaves_nothing_after_sigterm_or_sigkill() -> anyhow::Resu
                 let alive: Vec<u32> = members
                     .iter()
                     .copied()
-                    .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+                    .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
                     .collect();
                 (pids_with_marker(&marker).is_empty()
                     && alive.is_empty()
