@@ -287,17 +287,23 @@ fn volume_dir(cluster: &Cluster, pod: &Pod) -> anyhow::Result<String> {
     ))
 }
 
+/// The sidecar image's user (the Dockerfile's `USER`), which writes the files unless the
+/// webhook runs it as the app's user.
+const SIDECAR_UID: &str = "65532";
+
 #[tokio::test]
 async fn credential_files_are_owned_as_documented_and_readable_by_the_app_only()
 -> anyhow::Result<()> {
     let cluster = cluster().await?;
     in_namespace(cluster, "files", |client, ns| async move {
         install::uploader_tenant(cluster, &client, &ns).await?;
-        // With an fsGroup: group-owned by it, 0440. With one runAsUser and no fsGroup: the
-        // sidecar runs as the app's user, 0400.
-        for (name, security, mode, group) in [
-            ("fsgroup", json!({ "runAsNonRoot": true, "runAsUser": 1000, "fsGroup": 1000 }), "440", Some("1000")),
-            ("user", json!({ "runAsNonRoot": true, "runAsUser": 1000 }), "400", None),
+        // With an fsGroup: the sidecar's own user's, group-owned by the fsGroup, 0440. With one runAsUser and no fsGroup: the
+        // sidecar runs as the app's user, 0400. With neither (each container as its image's
+        // user): 0444, still inside the pod's own volume.
+        for (name, security, mode, owner, group) in [
+            ("fsgroup", json!({ "runAsNonRoot": true, "runAsUser": 1000, "fsGroup": 1000 }), "440", Some(SIDECAR_UID), Some("1000")),
+            ("user", json!({ "runAsNonRoot": true, "runAsUser": 1000 }), "400", Some("1000"), None),
+            ("images", json!({ "runAsNonRoot": true }), "444", None, None),
         ] {
             let pod = running_pod(&client, &app_deployment(&ns, name, security)?).await?;
             ensure!(app_line(&client, &pod, "files inside").await? == "ok", "{name}: the app cannot use its files");
@@ -309,11 +315,17 @@ async fn credential_files_are_owned_as_documented_and_readable_by_the_app_only()
             for line in stat.lines() {
                 let fields: Vec<&str> = line.split_whitespace().collect();
                 ensure!(fields.first() == Some(&mode), "{name}: mode {line}, want {mode}");
-                match group {
-                    Some(g) => ensure!(fields.get(2) == Some(&g), "{name}: group {line}, want {g}"),
-                    None => ensure!(fields.get(1) == Some(&"1000"), "{name}: owner {line}, want 1000"),
+                if let Some(owner) = owner {
+                    ensure!(fields.get(1) == Some(&owner), "{name}: owner {line}, want {owner}");
+                }
+                if let Some(g) = group {
+                    ensure!(fields.get(2) == Some(&g), "{name}: group {line}, want {g}");
                 }
             }
+            // The volume's size is the webhook's sizeLimit (1Mi).
+            let size = on_node(cluster, &format!("stat -f -c '%b %S' {dir}"))?;
+            let bytes: u64 = size.split_whitespace().filter_map(|n| n.parse::<u64>().ok()).product();
+            ensure!(bytes == 1024 * 1024, "{name}: the credentials volume holds {bytes} bytes, not 1Mi ({size})");
             ensure!(
                 on_node(cluster, &format!("stat -c %T -f {dir}"))?.trim() == "tmpfs",
                 "{name}: the credentials volume is not memory-backed"
@@ -377,6 +389,51 @@ except urllib.error.HTTPError as e:
     print("status", e.code, json.loads(e.read() or b"{}").get("reason", ""), flush=True)
 "#;
 
+/// Runs [`REPLAY`] with a pod's `token` in a pod of its own named `name`: what it printed.
+async fn replay(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    ca: &str,
+    url: &str,
+    token: &str,
+) -> anyhow::Result<String> {
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": name },
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "replay",
+                "image": APP_IMAGE,
+                "imagePullPolicy": "Never",
+                "args": ["-c", REPLAY],
+                "env": [
+                    { "name": "CA", "value": ca },
+                    { "name": "URL", "value": url },
+                    { "name": "TOKEN", "value": token.trim() },
+                ],
+            }],
+        },
+    }))?;
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    pods.create(&PostParams::default(), &pod).await?;
+    eventually(
+        &format!("the replay pod {name} to finish"),
+        Duration::from_secs(60),
+        || async {
+            let p = pods.get(name).await.ok()?;
+            let phase = p.status.as_ref()?.phase.clone()?;
+            if phase != "Succeeded" && phase != "Failed" {
+                return None;
+            }
+            logs(client, &p, "replay").await.ok()
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_deleted_pods_sidecar_removes_the_files_and_its_token_is_refused_afterwards()
 -> anyhow::Result<()> {
@@ -421,12 +478,22 @@ async fn a_deleted_pods_sidecar_removes_the_files_and_its_token_is_refused_after
         let ca = env("KEYBROKER_BROKER_CA").context("the sidecar has no KEYBROKER_BROKER_CA")?;
         let url = env("KEYBROKER_BROKER_URL").context("the sidecar has no KEYBROKER_BROKER_URL")?;
 
+        // While the pod runs, its files are there and its token buys credentials from anywhere
+        // in the cluster (the replay pod): what the deletion must end.
+        on_node(cluster, &format!("test -s {dir}/uploader/credentials"))
+            .context("the running pod has no credentials file")?;
+        let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+        let out = replay(&client, &ns, "replay-before", &ca, &url, &token).await?;
+        ensure!(
+            out.starts_with("status 200"),
+            "the live pod's token was refused: {out}"
+        );
+
         // Stop the Deployment from replacing it, then delete the pod: the kubelet sends SIGTERM
         // to the app, then to the sidecar, which removes the files before the volume goes.
         Api::<Deployment>::namespaced(client.clone(), &ns)
             .delete("app", &DeleteParams::orphan())
             .await?;
-        let pods = Api::<Pod>::namespaced(client.clone(), &ns);
         pods.delete(&name, &DeleteParams::default()).await?;
         // Polled fast: between the sidecar's exit and the volume's teardown there is a moment.
         let mut files_removed_by_sidecar = false;
@@ -453,42 +520,10 @@ async fn a_deleted_pods_sidecar_removes_the_files_and_its_token_is_refused_after
             "the files were never seen removed while the volume existed"
         );
 
-        let replay: Pod = serde_json::from_value(json!({
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": { "name": "replay" },
-            "spec": {
-                "restartPolicy": "Never",
-                "containers": [{
-                    "name": "replay",
-                    "image": APP_IMAGE,
-                    "imagePullPolicy": "Never",
-                    "args": ["-c", REPLAY],
-                    "env": [
-                        { "name": "CA", "value": ca },
-                        { "name": "URL", "value": url },
-                        { "name": "TOKEN", "value": token.trim() },
-                    ],
-                }],
-            },
-        }))?;
-        pods.create(&PostParams::default(), &replay).await?;
-        let out = eventually(
-            "the replay pod to finish",
-            Duration::from_secs(60),
-            || async {
-                let p = pods.get("replay").await.ok()?;
-                let phase = p.status.as_ref()?.phase.clone()?;
-                if phase != "Succeeded" && phase != "Failed" {
-                    return None;
-                }
-                logs(&client, &p, "replay").await.ok()
-            },
-        )
-        .await?;
+        let out = replay(&client, &ns, "replay-after", &ca, &url, &token).await?;
         ensure!(
-            out.starts_with("status 401") || out.starts_with("status 403"),
-            "the deleted pod's token was not refused: {out}"
+            out.starts_with("status 401 TokenRejected") || out.starts_with("status 403 PodGone"),
+            "the deleted pod's token was not refused as it should be: {out}"
         );
         Ok(())
     })
