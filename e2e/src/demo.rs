@@ -44,14 +44,14 @@ pub struct Report {
     pub pods: usize,
     pub injected: usize,
     pub running: usize,
-    /// The analytics Job's completion, and what its pod printed.
+    /// Whether the analytics Job's pod ended Completed, and what it printed.
     pub job_completed: bool,
     pub job_output: String,
     /// Reason of the over-guardrail ApiKey's Ready=False.
     pub greedy_reason: String,
     /// The report-uploader app's own upload line (inside its scope).
     pub inside: String,
-    /// `aws s3 cp` outside the scope, run in the app container.
+    /// The app's own log line for its write outside the scope.
     pub outside: String,
     /// The app's log line after the revocation, and a boto3 client holding a copy of the
     /// credentials taken before it: before and after.
@@ -281,6 +281,9 @@ pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
         .iter()
         .find(|p| label(p, "job-name") == Some("monthly-report"))
         .context("no monthly-report pod")?;
+    // The Job succeeded (above); its pod ends Completed, as `kubectl get pods` shows it.
+    let job_completed =
+        job_pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded");
     let job_output = pod_logs(&pods_api, job_pod, "report").await?;
     n.say(&format!(
         "Job monthly-report Completed; its pod printed: {}",
@@ -307,24 +310,21 @@ pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
     )
     .await?;
     n.say(&inside);
-    let outside = kubectl
-        .output(&[
-            "exec",
-            "-n",
-            TEAM,
-            &pod_name,
-            "-c",
-            "app",
-            "--",
-            "sh",
-            "-c",
-            &format!("date | aws s3 cp - s3://corp-data/{TEAM}/payroll/demo.csv 2>&1"),
-        ])
-        .await?;
-    n.say(&format!(
-        "kubectl exec {pod_name} -c app -- aws s3 cp - s3://corp-data/{TEAM}/payroll/demo.csv (outside the scope):"
-    ));
-    n.say(outside.trim());
+    // The app's own first lines: its write outside the scope, denied by MinIO.
+    let outside = eventually(
+        "the report-uploader's write outside its scope",
+        Duration::from_secs(60),
+        || async {
+            let log = pod_logs(&pods_api, pod, "app").await.ok()?;
+            let mut lines = log
+                .lines()
+                .skip_while(|l| !l.starts_with("outside the scope"));
+            lines.next()?;
+            lines.next().map(str::to_owned)
+        },
+    )
+    .await?;
+    n.say(&format!("outside the scope (payroll/): {}", outside.trim()));
 
     n.step(&format!(
         "Revocation drill: kubectl patch apikey {APIKEY} spec.revoked=true"
@@ -467,7 +467,7 @@ pub async fn run(n: &Narrator) -> anyhow::Result<Report> {
         pods: pods.len(),
         injected,
         running,
-        job_completed: true,
+        job_completed,
         job_output,
         greedy_reason: greedy.0,
         inside,
@@ -552,21 +552,6 @@ impl Kubectl<'_> {
     /// Its stdout, or an error with its output.
     async fn run(&self, args: &[&str]) -> anyhow::Result<String> {
         run_tool_with_input(&mut self.command(args), "").await
-    }
-
-    /// Its stdout and stderr whether it succeeded or not (a command that is meant to fail).
-    async fn output(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = self
-            .command(args)
-            .env("NO_PROXY", "127.0.0.1,localhost")
-            .kill_on_drop(true)
-            .output()
-            .await?;
-        Ok(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
     }
 }
 
