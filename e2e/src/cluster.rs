@@ -355,8 +355,10 @@ impl Cluster {
                 format!("--service-account-signing-key-file={}", sa_key.display()),
                 format!("--service-account-jwks-uri={server}/openid/v1/jwks"),
                 "--profiling=false".into(),
-                // Webhook Services resolve through their EndpointSlices (there is no
-                // kube-proxy), so a chart's Service-based webhook works when a test gives it one.
+                // Webhook Services resolve to their EndpointSlices' addresses, not the
+                // ClusterIP: without a node there is no kube-proxy, and tests/shutdown points a
+                // selector-less Service at replicas on this machine; with one, the apiserver
+                // dials the operator pods' IPs.
                 "--enable-aggregator-routing=true".into(),
                 format!("--audit-policy-file={}", audit_policy.display()),
                 format!("--audit-log-path={}", self.audit_log().display()),

@@ -113,6 +113,11 @@ impl Images {
         Ok(Self { dir })
     }
 
+    /// The archive `file` of the three (`operator.oci.tar`, `sidecar.oci.tar`, `app.oci.tar`).
+    pub fn archive(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
     /// Imports the three images into the node's containerd.
     pub fn import(&self, node: &Node) -> anyhow::Result<()> {
         for (archive, name) in [

@@ -11,6 +11,7 @@ pub mod cgroups;
 pub mod cluster;
 pub mod demo;
 pub mod dns;
+pub mod dockerfile;
 pub mod fixtures;
 pub mod gateway_rig;
 pub mod gitea;

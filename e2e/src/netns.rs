@@ -234,10 +234,10 @@ impl Sandbox {
             ],
         )?;
         self.run(false, "ip", &["link", "set", &node, "up"])?;
-        // Processes of the namespace itself (the apiserver calling a webhook's Service) need a
-        // route to Service addresses for kube-proxy's DNAT to apply: with no default route,
-        // connect() fails first ("network is unreachable"). A blackhole route is found, the
-        // packet is DNATed to a pod and re-routed, and an address no Service has goes nowhere.
+        // Processes of the namespace itself (not pods) need a route to ClusterIPs for
+        // kube-proxy's DNAT to apply: with no default route, connect() fails first ("network is
+        // unreachable"). A blackhole route is found, the packet is DNATed in the output hook and
+        // re-routed to the pod, and an address no Service has goes nowhere.
         self.run(
             false,
             "ip",

@@ -1,8 +1,10 @@
 //! keybroker's own images on the real node: the operator and sidecar images built from the
 //! static musl binaries of `make release-static` and the boto3 app image, written by
 //! `e2e/tools/keybroker-images.sh` and imported into the node's containerd, run as pods with
-//! the user and entrypoint the images declare.
+//! the user and entrypoint the images declare. The operator and sidecar images are held to the
+//! `Dockerfile`'s stages of the same names, which the release images are built from.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
@@ -10,6 +12,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, LogParams, PostParams};
 use serde_json::json;
 
+use keybroker_e2e::dockerfile::{self, Stage};
+use keybroker_e2e::images::OciImage;
 use keybroker_e2e::install::{APP_IMAGE, Images, OPERATOR_IMAGE, SIDECAR_IMAGE};
 use keybroker_e2e::{Cluster, Lifetime, Options, eventually, run_dir};
 
@@ -20,7 +24,51 @@ fn container(name: &str, image: &str, args: &[&str]) -> serde_json::Value {
         "imagePullPolicy": "Never",
         "args": args,
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        // No runAsUser: the kubelet refuses to start an image whose own user is root.
+        "securityContext": { "runAsNonRoot": true },
     })
+}
+
+fn workspace() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// The `Dockerfile`'s stage `name` (operator or sidecar).
+fn release_stage(name: &str) -> anyhow::Result<Stage> {
+    let text = std::fs::read_to_string(workspace().join("Dockerfile"))?;
+    dockerfile::stage(&text, name).with_context(|| format!("reading the Dockerfile's {name} stage"))
+}
+
+// keybroker-images.sh only imitates the release images; this keeps the two from drifting apart.
+#[tokio::test]
+async fn the_operator_and_sidecar_images_are_what_the_dockerfile_declares() -> anyhow::Result<()> {
+    let images = tokio::task::spawn_blocking(Images::build).await??;
+    let mut differences = Vec::new();
+    for name in ["operator", "sidecar"] {
+        let stage = release_stage(name)?;
+        let binary = format!("keybroker-{name}");
+        let bytes = std::fs::read(workspace().join("dist").join(&binary))?;
+        let image = OciImage::read(&images.archive(&format!("{name}.oci.tar")))?;
+        differences.extend(
+            stage
+                .differences(&image, &binary, &bytes)
+                .into_iter()
+                .map(|d| format!("{name}: {d}")),
+        );
+    }
+    ensure!(
+        differences.is_empty(),
+        "e2e/tools/keybroker-images.sh no longer builds what the Dockerfile declares:\n  {}",
+        differences.join("\n  ")
+    );
+    Ok(())
+}
+
+/// The uid and gid of a `USER uid:gid`.
+fn ids(user: &str) -> anyhow::Result<(i64, i64)> {
+    user.split_once(':')
+        .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
+        .with_context(|| format!("USER {user} is not numeric uid:gid"))
 }
 
 // Needs the static release binaries: `make e2e` builds them first (`make release-static`).
@@ -60,8 +108,17 @@ async fn operator_sidecar_and_app_images_run_on_the_node_as_their_declared_users
     pods.create(&PostParams::default(), &pod).await?;
     let done = eventually("pod images to finish", Duration::from_secs(120), || async {
         let p = pods.get("images").await.ok()?;
-        let phase = p.status.as_ref()?.phase.clone()?;
-        matches!(phase.as_str(), "Succeeded" | "Failed").then_some((phase, p))
+        let status = p.status.as_ref()?;
+        // runAsNonRoot refusing an image: the container waits for good.
+        let refused = status.container_statuses.iter().flatten().any(|c| {
+            c.state
+                .as_ref()
+                .and_then(|s| s.waiting.as_ref())
+                .and_then(|w| w.reason.as_deref())
+                == Some("CreateContainerConfigError")
+        });
+        let phase = status.phase.clone()?;
+        (refused || matches!(phase.as_str(), "Succeeded" | "Failed")).then_some((phase, p))
     })
     .await?;
     ensure!(
@@ -69,6 +126,36 @@ async fn operator_sidecar_and_app_images_run_on_the_node_as_their_declared_users
         "pod images is {}: {:?}",
         done.0,
         done.1.status.and_then(|s| s.container_statuses)
+    );
+    // The uid and gid the runtime started each process with (containerStatuses[].user).
+    let statuses = done
+        .1
+        .status
+        .and_then(|s| s.container_statuses)
+        .unwrap_or_default();
+    let ran_as = |c: &str| {
+        statuses
+            .iter()
+            .find(|s| s.name == c)
+            .and_then(|s| s.user.as_ref()?.linux.as_ref())
+            .map(|l| (l.uid, l.gid))
+    };
+    for name in ["operator", "sidecar"] {
+        let declared = ids(&release_stage(name)?.user)?;
+        ensure!(
+            declared.0 != 0,
+            "the Dockerfile's {name} stage runs as root"
+        );
+        ensure!(
+            ran_as(name) == Some(declared),
+            "{name} ran as (uid, gid) {:?}, the Dockerfile declares {declared:?}",
+            ran_as(name)
+        );
+    }
+    ensure!(
+        ran_as("app") == Some((1000, 1000)),
+        "app ran as {:?}",
+        ran_as("app")
     );
     let logs = |c: &'static str| {
         let pods = pods.clone();

@@ -11,7 +11,8 @@
 #                     closure (as installed on this machine: dpkg's file lists), boto3 and the AWS
 #                     CLI from PyPI (images/app-requirements.txt, pinned), busybox for a shell;
 #                     entrypoint python3, user app (1000); an unmodified boto3 application
-# The Dockerfile stays the release path: when it changes user or entrypoint, change them here.
+# The Dockerfile stays the release path: when it changes user, entrypoint or the binary's path or
+# mode, change them here (e2e/tests/images.rs fails while the two differ).
 # crane edits image configs only in a registry, so its in-memory registry serves on loopback
 # for the length of this script (as in images/build-images.sh).
 #
