@@ -1,13 +1,14 @@
 //! Request bodies through the gateway at their edges: one that grows past the provider's
 //! `maxRequestBytes` with no length declared (chunked) is refused 413 like a declared one, and
 //! during a rotation a call with a body that the current key fails is sent again with the
-//! previous key (go-httpbin's `/basic-auth` checks the key itself).
+//! previous key (go-httpbin's `/basic-auth` checks the key itself); and a session works only
+//! from its pod's address.
 
 use anyhow::{Context, ensure};
 use base64::Engine;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Bytes, Frame};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, Patch, PatchParams};
 
 use keybroker_e2e::httpbin::{Httpbin, KEY_SECRET};
@@ -139,6 +140,36 @@ async fn a_growing_body_past_the_limit_is_413_and_a_rotation_retries_calls_with_
             body.contains("\"authenticated\": true") || body.contains("\"authenticated\":true"),
             "{body}"
         );
+
+        // The session works only from the pod's own address: with the stored pod given another
+        // one (as a copy of the session used from elsewhere would look), the sidecar's calls
+        // are refused; given the sidecar's (loopback here), they pass again.
+        let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+        for (address, want) in [("10.99.0.1", 403), ("127.0.0.1", 200)] {
+            pods.patch_status(
+                "app",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({
+                    "status": { "podIP": address, "podIPs": [{ "ip": address }] }
+                })),
+            )
+            .await?;
+            let (status, body) = eventually(
+                &format!("calls with the pod at {address} to be {want}"),
+                std::time::Duration::from_secs(30),
+                || async {
+                    let (status, _, body) =
+                        call(port, "GET", &format!("/{KEY}/basic-auth/app/old"), &[], b"")
+                            .await
+                            .ok()?;
+                    (status == want).then_some((status, body))
+                },
+            )
+            .await?;
+            if want == 403 {
+                ensure!(reason(&body) == "SessionNotThisPod", "{status}: {body}");
+            }
+        }
         drop(rig);
         Ok(())
     })

@@ -72,6 +72,29 @@ const DRAIN_TIME: Duration = Duration::from_secs(1);
 /// stream and are not retried.
 const REPLAY_BYTES: u64 = 64 * 1024;
 
+/// Whether `client` is one of the pod's addresses: a session works only from the pod it was
+/// issued to, so one copied out of a pod buys nothing elsewhere. A pod with no address yet runs
+/// no container that could call.
+fn sent_by(pod: &Pod, client: &str) -> bool {
+    let Some(status) = pod.status.as_ref() else {
+        return true;
+    };
+    let addresses: Vec<std::net::IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .chain(status.pod_ip.as_deref())
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    if addresses.is_empty() {
+        return true;
+    }
+    client
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|c| addresses.contains(&c.to_canonical()))
+}
+
 /// Whether the upstream request failed because its body was cut at the size limit.
 fn cut_at_limit(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(error);
@@ -301,7 +324,7 @@ impl Gateway {
         call.api_key = claims.api_key.clone();
         call.namespace = claims.namespace.clone();
         call.pod = claims.pod.clone();
-        let authorization = self.authorize(&claims).await?;
+        let authorization = self.authorize(&claims, &call.client).await?;
         let (provider, scope) = (&authorization.provider, &authorization.scope);
         let Some(gateway) = provider.spec.gateway.as_ref() else {
             return Err(Refused::new(
@@ -505,10 +528,14 @@ impl Gateway {
             })
     }
 
-    /// Authorizes the session's pod for its ApiKey from the caches, like an exchange, and
-    /// compiles the ApiKey's gateway scope; memoized by the objects' versions (see
-    /// [`authorized`]).
-    async fn authorize(&self, claims: &Claims) -> Result<Arc<Authorization>, Refused> {
+    /// Authorizes the session's pod, calling from `client`, for its ApiKey from the caches,
+    /// like an exchange, and compiles the ApiKey's gateway scope; memoized by the objects'
+    /// versions (see [`authorized`]).
+    async fn authorize(
+        &self,
+        claims: &Claims,
+        client: &str,
+    ) -> Result<Arc<Authorization>, Refused> {
         let ns = &claims.namespace;
         let key = self
             .stores
@@ -539,6 +566,18 @@ impl Gateway {
                 .providers
                 .get(&ObjectRef::new(&k.spec.provider_ref.name))
         });
+        if let Some(pod) = pod.as_deref()
+            && !sent_by(pod, client)
+        {
+            return Err(Refused::new(
+                StatusCode::FORBIDDEN,
+                "SessionNotThisPod",
+                format!(
+                    "this session is pod {}'s and was sent from {client}, not from the pod: each pod's sidecar holds its own",
+                    claims.pod
+                ),
+            ));
+        }
         let namespace = self.stores.namespaces.get(&ObjectRef::new(ns));
         let inputs = Inputs::of(
             claims,
@@ -740,4 +779,30 @@ fn audit(
         client = %call.client,
         "gateway call"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(status: &str) -> Pod {
+        yaml_serde::from_str(&format!("{{metadata: {{name: app}}, status: {status}}}")).unwrap()
+    }
+
+    #[test]
+    fn a_session_works_only_from_its_pods_addresses() {
+        let dual = pod("{podIP: 10.244.0.7, podIPs: [{ip: 10.244.0.7}, {ip: 'fd00::7'}]}");
+        for from in ["10.244.0.7", "::ffff:10.244.0.7", "fd00::7"] {
+            assert!(sent_by(&dual, from), "{from}");
+        }
+        for from in ["10.244.0.8", "127.0.0.1", "fd00::8", "", "not an address"] {
+            assert!(!sent_by(&dual, from), "{from}");
+        }
+        // No address yet (nothing in it runs), or no status at all.
+        assert!(sent_by(&pod("{}"), "10.244.0.8"));
+        assert!(sent_by(
+            &yaml_serde::from_str::<Pod>("{metadata: {name: app}}").unwrap(),
+            "10.244.0.8"
+        ));
+    }
 }
