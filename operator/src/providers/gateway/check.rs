@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
 use super::KEY;
-use crate::crd::GatewayProvider;
+use crate::crd::{GatewayProvider, SecretRef};
 use crate::providers::aws::check::ca_certificates;
 
 /// Why a gateway provider is not usable. Messages never contain key material.
@@ -132,12 +132,19 @@ where
 /// Reads the current key from the provider's Secret. The error never contains the key.
 pub async fn key(kube: &kube::Client, gateway: &GatewayProvider) -> Result<Keys, Problem> {
     let r = &gateway.key_secret_ref;
+    let secrets = Api::<Secret>::namespaced(kube.clone(), &r.namespace);
+    key_secret(&secrets, r).await.map(|(_, keys)| keys)
+}
+
+/// The key Secret `r` (read through `secrets`, an Api of its namespace) and the keys in it:
+/// the Secret too, for a writer that needs its resourceVersion.
+pub async fn key_secret(secrets: &Api<Secret>, r: &SecretRef) -> Result<(Secret, Keys), Problem> {
     let problem = |detail: String| Problem::KeySecret {
         namespace: r.namespace.clone(),
         name: r.name.clone(),
         detail,
     };
-    let secret = Api::<Secret>::namespaced(kube.clone(), &r.namespace)
+    let secret = secrets
         .get_opt(&r.name)
         .await
         .map_err(|e| {
@@ -145,7 +152,8 @@ pub async fn key(kube: &kube::Client, gateway: &GatewayProvider) -> Result<Keys,
             problem("cannot be read by the operator; its log has the apiserver's answer".into())
         })?
         .ok_or_else(|| problem("does not exist; create it with the upstream's key under data key `key`".into()))?;
-    keys_of(&secret).map_err(problem)
+    let keys = keys_of(&secret).map_err(problem)?;
+    Ok((secret, keys))
 }
 
 /// The keys a Secret holds: `key`, and `previousKey` during a rotation.

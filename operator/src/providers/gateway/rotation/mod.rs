@@ -32,7 +32,7 @@ use gitea::Gitea;
 
 use super::check::{self, Keys};
 use super::{KEY, PREVIOUS_KEY};
-use crate::crd::{GatewayProvider, KeyRotation, RotationStatus, SecretRef};
+use crate::crd::{GatewayProvider, KeyRotation, RotationStatus};
 use crate::policy::parse_ttl;
 
 /// Annotation on the key Secret: when `key` became current (RFC 3339).
@@ -217,9 +217,9 @@ pub async fn pass(
         Err(e) => return failed(e, RotationStatus::default()),
     };
     let secrets = Api::<Secret>::namespaced(kube.clone(), &gateway.key_secret_ref.namespace);
-    let (secret, keys) = match read_key_secret(&secrets, &gateway.key_secret_ref).await {
+    let (secret, keys) = match check::key_secret(&secrets, &gateway.key_secret_ref).await {
         Ok(read) => read,
-        Err(e) => return failed(e, RotationStatus::default()),
+        Err(e) => return failed(e.into(), RotationStatus::default()),
     };
     let since = key_since(&secret).unwrap_or(now);
     let (step, at) = due(&schedule, since, keys.previous.is_some());
@@ -269,27 +269,6 @@ fn status(since: i64, step: Step, at: i64, last_error: Option<String>) -> Rotati
         next_step_at: time(at),
         last_error,
     }
-}
-
-async fn read_key_secret(
-    secrets: &Api<Secret>,
-    r: &SecretRef,
-) -> Result<(Secret, Keys), RotationError> {
-    let problem = |detail: String| check::Problem::KeySecret {
-        namespace: r.namespace.clone(),
-        name: r.name.clone(),
-        detail,
-    };
-    let secret = secrets
-        .get_opt(&r.name)
-        .await
-        .map_err(|e| {
-            warn!(namespace = %r.namespace, name = %r.name, error = %e, "reading the key Secret to rotate");
-            problem("cannot be read by the operator; its log has the apiserver's answer".into())
-        })?
-        .ok_or_else(|| problem("does not exist".into()))?;
-    let keys = check::keys_of(&secret).map_err(problem)?;
-    Ok((secret, keys))
 }
 
 /// Mints the new token and makes it current: `(since, note)`.
@@ -486,7 +465,7 @@ fn last_eight(key: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::GiteaRotation;
+    use crate::crd::{GiteaRotation, SecretRef};
 
     fn rotation(every: &str, grace: Option<&str>) -> KeyRotation {
         KeyRotation {
