@@ -215,7 +215,8 @@ impl OciImage {
     }
 
     /// An image made of `config` and `files` (paths as in a layer, without a leading `/`).
-    pub fn from_parts(
+    #[cfg(test)]
+    pub(crate) fn from_parts(
         config: ImageConfig,
         files: impl IntoIterator<Item = (String, LayerFile)>,
     ) -> Self {

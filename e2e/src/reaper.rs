@@ -6,9 +6,11 @@
 //! directories (etcd data, containerd's content and state) and the node's cgroup directories
 //! would stay until the next harness start. A reaper, started once per process in a process
 //! group of its own (Ctrl-C and the parent's death do not reach it), waits for the process to
-//! exit and for every process naming one of its run directories to be gone, then removes the
-//! cgroup roots and everything in the run directories but the logs (kept for a failed run's
-//! reader; the next harness start removes them).
+//! exit and for every process naming one of its run directories to be gone (at most a minute;
+//! past that it leaves everything to the next harness start), then removes everything in the
+//! run directories but the logs (kept for a failed run's reader; the next harness start
+//! removes them) and the cgroup roots, retrying those for half a minute while their last
+//! members exit.
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -20,16 +22,28 @@ use std::sync::Once;
 const SCRIPT: &str = r#"
 while kill -0 "$KB_REAP_PID" 2>/dev/null; do sleep 0.5; done
 i=0
-while [ "$i" -lt 120 ] && grep -qsa -e "$KB_REAP_PROCESSES" /proc/[0-9]*/cmdline; do
+while grep -qsa -e "$KB_REAP_PROCESSES" /proc/[0-9]*/cmdline; do
+  # Something still uses the run directories after a minute: leave them to the next harness
+  # start rather than delete what a live process holds.
+  [ "$i" -ge 120 ] && exit 0
   i=$((i + 1)); sleep 0.5
-done
-for root in "$KB_REAP_CGROUPS"/"$KB_REAP_CGROUP"* "$KB_REAP_CGROUPS"/*/"$KB_REAP_CGROUP"*; do
-  [ -d "$root" ] && find "$root" -depth -type d -exec rmdir {} + 2>/dev/null
 done
 for dir in "$KB_REAP_RUN"*; do
   [ -d "$dir" ] || continue
-  find "$dir" ! -type d ! -name '*.log' -delete 2>/dev/null
-  find "$dir" -depth -type d -empty -delete 2>/dev/null
+  find "$dir" -xdev ! -type d ! -name '*.log' -delete 2>/dev/null
+  find "$dir" -xdev -depth -type d -empty -delete 2>/dev/null
+done
+# A cgroup is removable once its last member is gone; pods' processes may take a moment.
+i=0
+while [ "$i" -lt 60 ]; do
+  left=
+  for root in "$KB_REAP_CGROUPS"/"$KB_REAP_CGROUP"* "$KB_REAP_CGROUPS"/*/"$KB_REAP_CGROUP"*; do
+    [ -d "$root" ] || continue
+    find "$root" -xdev -depth -type d -exec rmdir {} + 2>/dev/null
+    [ -d "$root" ] && left=1
+  done
+  [ -z "$left" ] && exit 0
+  i=$((i + 1)); sleep 0.5
 done
 exit 0
 "#;

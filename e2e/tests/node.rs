@@ -130,8 +130,21 @@ async fn the_machine_keeps_its_sysctls_run_and_var_lib_while_a_node_runs() -> an
     let cluster = cluster().await?;
     let node = cluster.node().context("no node")?;
     let mut kernel_differs = Vec::new();
+    // Each is a read-only file bound over /proc/sys in the node's mount namespace (read from
+    // its mount table, not by trying a write, which would reach the kernel if it were not).
+    let mounts = node.sandbox().run(true, "cat", &["/proc/self/mountinfo"])?;
     for (sysctl, kubelet) in KUBELET_SYSCTLS {
         let path = format!("/proc/sys/{sysctl}");
+        ensure!(
+            mounts.lines().any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.get(4) == Some(&path.as_str())
+                    && fields
+                        .get(5)
+                        .is_some_and(|o| o.split(',').any(|o| o == "ro"))
+            }),
+            "{path} is not a read-only mount in the node's namespace"
+        );
         let inside = node.sandbox().run(true, "cat", &[&path])?;
         ensure!(
             inside.trim() == kubelet,

@@ -297,13 +297,14 @@ async fn credential_files_are_owned_as_documented_and_readable_by_the_app_only()
     let cluster = cluster().await?;
     in_namespace(cluster, "files", |client, ns| async move {
         install::uploader_tenant(cluster, &client, &ns).await?;
-        // With an fsGroup: the sidecar's own user's, group-owned by the fsGroup, 0440. With one runAsUser and no fsGroup: the
-        // sidecar runs as the app's user, 0400. With neither (each container as its image's
-        // user): 0444, still inside the pod's own volume.
+        // With an fsGroup: the sidecar's own user's, group-owned by the fsGroup, 0440. With one
+        // runAsUser and no fsGroup: the sidecar runs as the app's user, 0400. With neither (each
+        // container as its image's user): the sidecar's, 0444, still inside the pod's volume
+        // (no other user on the node reads it: the volume's directory is closed to them).
         for (name, security, mode, owner, group) in [
             ("fsgroup", json!({ "runAsNonRoot": true, "runAsUser": 1000, "fsGroup": 1000 }), "440", Some(SIDECAR_UID), Some("1000")),
             ("user", json!({ "runAsNonRoot": true, "runAsUser": 1000 }), "400", Some("1000"), None),
-            ("images", json!({ "runAsNonRoot": true }), "444", None, None),
+            ("images", json!({ "runAsNonRoot": true }), "444", Some(SIDECAR_UID), None),
         ] {
             let pod = running_pod(&client, &app_deployment(&ns, name, security)?).await?;
             ensure!(app_line(&client, &pod, "files inside").await? == "ok", "{name}: the app cannot use its files");

@@ -6,7 +6,8 @@
 //! an object from the caches, and any change to one of them gives it a new resourceVersion, so
 //! a memo keyed by the objects' versions answers exactly what authorizing again would: a
 //! revocation, a pod change, a narrowed guardrail or a relabelled namespace is a miss on the
-//! very next call. Only grants are kept; refusals are worked out each time.
+//! very next call. Only grants are kept; refusals are worked out each time. What varies per
+//! call, the caller's address ([`sent_by`]), is checked outside the memo.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -94,6 +95,33 @@ impl Authorizations {
             entries.insert(inputs, authorization);
         }
     }
+}
+
+/// Whether `client` is one of the pod's addresses: a session works only from the pod it was
+/// issued to, so one copied out of a pod buys nothing elsewhere. Checked on every call, memo or
+/// not. A pod that has finished holds no address any more (another pod may get it); one that
+/// has none yet is let through (the kubelet reports the address as the pod starts).
+pub(super) fn sent_by(pod: &Pod, client: &str) -> bool {
+    let Some(status) = pod.status.as_ref() else {
+        return true;
+    };
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return false;
+    }
+    let addresses: Vec<std::net::IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .chain(status.pod_ip.as_deref())
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    if addresses.is_empty() {
+        return true;
+    }
+    client
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|c| addresses.contains(&c.to_canonical()))
 }
 
 #[cfg(test)]
@@ -200,5 +228,32 @@ mod tests {
             memo.get(&inputs(&claims, ["1", "1", "1", "1"]).unwrap())
                 .is_some()
         );
+    }
+
+    fn pod_with(status: &str) -> Pod {
+        yaml_serde::from_str(&format!("{{metadata: {{name: app}}, status: {status}}}")).unwrap()
+    }
+
+    #[test]
+    fn a_session_works_only_from_its_pods_addresses() {
+        let dual = pod_with("{podIP: 10.244.0.7, podIPs: [{ip: 10.244.0.7}, {ip: 'fd00::7'}]}");
+        for from in ["10.244.0.7", "::ffff:10.244.0.7", "fd00::7"] {
+            assert!(sent_by(&dual, from), "{from}");
+        }
+        for from in ["10.244.0.8", "127.0.0.1", "fd00::8", "", "not an address"] {
+            assert!(!sent_by(&dual, from), "{from}");
+        }
+        let finished =
+            pod_with("{phase: Succeeded, podIP: 10.244.0.7, podIPs: [{ip: 10.244.0.7}]}");
+        assert!(
+            !sent_by(&finished, "10.244.0.7"),
+            "a finished pod's address"
+        );
+        // No address yet (nothing in it runs), or no status at all.
+        assert!(sent_by(&pod_with("{}"), "10.244.0.8"));
+        assert!(sent_by(
+            &yaml_serde::from_str::<Pod>("{metadata: {name: app}}").unwrap(),
+            "10.244.0.8"
+        ));
     }
 }

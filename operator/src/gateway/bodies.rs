@@ -41,6 +41,18 @@ impl Capped {
 #[error("the request body is larger than the provider's guardrails.maxRequestBytes")]
 pub(super) struct TooLarge;
 
+/// Whether the upstream request failed because its body was cut at the size limit.
+pub(super) fn cut_at_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.is::<TooLarge>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 impl Body for Capped {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;

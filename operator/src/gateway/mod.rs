@@ -71,41 +71,9 @@ const DRAIN_TIME: Duration = Duration::from_secs(1);
 /// sent, so that a 401 to the current key can be retried with the previous one; larger bodies
 /// stream and are not retried.
 const REPLAY_BYTES: u64 = 64 * 1024;
-
-/// Whether `client` is one of the pod's addresses: a session works only from the pod it was
-/// issued to, so one copied out of a pod buys nothing elsewhere. A pod with no address yet runs
-/// no container that could call.
-fn sent_by(pod: &Pod, client: &str) -> bool {
-    let Some(status) = pod.status.as_ref() else {
-        return true;
-    };
-    let addresses: Vec<std::net::IpAddr> = status
-        .pod_ips
-        .iter()
-        .flatten()
-        .map(|p| p.ip.as_str())
-        .chain(status.pod_ip.as_deref())
-        .filter_map(|ip| ip.parse().ok())
-        .collect();
-    if addresses.is_empty() {
-        return true;
-    }
-    client
-        .parse::<std::net::IpAddr>()
-        .is_ok_and(|c| addresses.contains(&c.to_canonical()))
-}
-
-/// Whether the upstream request failed because its body was cut at the size limit.
-fn cut_at_limit(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if e.is::<bodies::TooLarge>() {
-            return true;
-        }
-        next = e.source();
-    }
-    false
-}
+/// What all calls together may hold that way (KiB): past it, a body streams without a retry, so
+/// a rotation cannot make the gateway hold 64 KiB for each of its calls in flight.
+const REPLAY_BUDGET_KIB: usize = 8 * 1024;
 
 /// Reads `body` to its end within [`DRAIN_BYTES`] and [`DRAIN_TIME`]; whether it ended.
 async fn drained(body: Incoming) -> bool {
@@ -131,6 +99,9 @@ pub struct Refused {
     pub message: String,
     pub retryable: bool,
     pub retry_after: Option<u64>,
+    /// The request's body was read in part and dropped: the connection cannot carry another
+    /// call.
+    pub closes: bool,
 }
 
 impl Refused {
@@ -141,6 +112,7 @@ impl Refused {
             message: message.into(),
             retryable: false,
             retry_after: None,
+            closes: false,
         }
     }
 
@@ -166,6 +138,11 @@ impl Refused {
             response
                 .headers_mut()
                 .insert(keybroker_contract::REFUSAL_HEADER, reason);
+        }
+        if self.closes {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some(seconds) = self.retry_after
             && let Ok(value) = HeaderValue::from_str(&seconds.to_string())
@@ -199,6 +176,8 @@ pub struct Gateway {
     sessions: Arc<SessionKey>,
     upstreams: Mutex<HashMap<String, Arc<Upstream>>>,
     authorizations: Authorizations,
+    /// KiB of request bodies held for a retry with the previous key, across all calls.
+    replay_budget: Arc<tokio::sync::Semaphore>,
     budgets: Budgets,
     metrics: Arc<Metrics>,
 }
@@ -255,6 +234,7 @@ impl Gateway {
             sessions,
             upstreams: Mutex::default(),
             authorizations: Authorizations::default(),
+            replay_budget: Arc::new(tokio::sync::Semaphore::new(REPLAY_BUDGET_KIB)),
             metrics,
         })
     }
@@ -420,14 +400,28 @@ impl Gateway {
         // of a body past the limit comes back.
         let (first, replay, overflow): (GatewayBody, Option<Bytes>, _) = if bodyless {
             (full(Bytes::new()), Some(Bytes::new()), None)
-        } else if upstream.keys.previous.is_some() && declared.is_some_and(|n| n <= REPLAY_BYTES) {
+        } else if let Some(_held) = upstream
+            .keys
+            .previous
+            .as_ref()
+            .and(declared)
+            .filter(|n| *n <= REPLAY_BYTES)
+            .and_then(|n| {
+                let kib = u32::try_from(n.div_ceil(1024)).ok()?;
+                Arc::clone(&self.replay_budget)
+                    .try_acquire_many_owned(kib)
+                    .ok()
+            })
+        {
             let read = tokio::time::timeout(upstream.timeout, incoming.collect()).await;
             let Ok(Ok(read)) = read else {
-                return Err(Refused::new(
+                let mut refused = Refused::new(
                     StatusCode::BAD_REQUEST,
                     "RequestBodyIncomplete",
                     "the request body did not arrive whole; send it again",
-                ));
+                );
+                refused.closes = true;
+                return Err(refused);
             };
             let bytes = read.to_bytes();
             (full(bytes.clone()), Some(bytes), None)
@@ -444,7 +438,7 @@ impl Gateway {
                 match tokio::time::timeout(timeout, client.request(request)).await {
                     Ok(Ok(response)) => Ok(response),
                     Ok(Err(e)) => {
-                        if !cut_at_limit(&e) {
+                        if !bodies::cut_at_limit(&e) {
                             warn!(error = %e, "the upstream did not answer");
                         }
                         Err(Refused::new(
@@ -567,7 +561,8 @@ impl Gateway {
                 .get(&ObjectRef::new(&k.spec.provider_ref.name))
         });
         if let Some(pod) = pod.as_deref()
-            && !sent_by(pod, client)
+            && pod.metadata.uid.as_deref() == Some(claims.pod_uid.as_str())
+            && !authorized::sent_by(pod, client)
         {
             return Err(Refused::new(
                 StatusCode::FORBIDDEN,
@@ -779,30 +774,4 @@ fn audit(
         client = %call.client,
         "gateway call"
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pod(status: &str) -> Pod {
-        yaml_serde::from_str(&format!("{{metadata: {{name: app}}, status: {status}}}")).unwrap()
-    }
-
-    #[test]
-    fn a_session_works_only_from_its_pods_addresses() {
-        let dual = pod("{podIP: 10.244.0.7, podIPs: [{ip: 10.244.0.7}, {ip: 'fd00::7'}]}");
-        for from in ["10.244.0.7", "::ffff:10.244.0.7", "fd00::7"] {
-            assert!(sent_by(&dual, from), "{from}");
-        }
-        for from in ["10.244.0.8", "127.0.0.1", "fd00::8", "", "not an address"] {
-            assert!(!sent_by(&dual, from), "{from}");
-        }
-        // No address yet (nothing in it runs), or no status at all.
-        assert!(sent_by(&pod("{}"), "10.244.0.8"));
-        assert!(sent_by(
-            &yaml_serde::from_str::<Pod>("{metadata: {name: app}}").unwrap(),
-            "10.244.0.8"
-        ));
-    }
 }
