@@ -58,8 +58,14 @@ pub mod files {
     pub const CREDENTIALS: &str = "credentials";
     /// In `<output-dir>/<apikey>/`: the `credential_process` JSON.
     pub const CREDENTIALS_JSON: &str = "credentials.json";
-    /// In `<output-dir>/<apikey>/`: the expiry (RFC 3339).
+    /// In `<output-dir>/<apikey>/`: the expiry (RFC 3339), for every kind that writes files.
     pub const EXPIRATION: &str = "expiration";
+    /// In `<output-dir>/<apikey>/` (oauth2): the bare access token, for
+    /// `Authorization: Bearer $(cat …/token)`.
+    pub const TOKEN: &str = "token";
+    /// In `<output-dir>/<apikey>/` (oauth2): `{"token", "type", "expiration", "scope",
+    /// "audience"}`, scope space-separated as in OAuth2, audience a list.
+    pub const TOKEN_JSON: &str = "token.json";
     /// In `<output-dir>/`: the token the container-credentials endpoint asks for. ApiKey names
     /// cannot start with `.`, so it never collides with an ApiKey's directory.
     pub const AUTH_TOKEN: &str = ".auth-token";

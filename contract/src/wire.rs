@@ -62,8 +62,38 @@ impl fmt::Debug for GatewaySession {
     }
 }
 
-/// Successful answer to an exchange: AWS credentials (aws providers) or a gateway session
-/// (gateway providers), exactly one of them.
+/// An OAuth2 access token (an ApiKey of an oauth2 provider), narrowed by the broker to exactly
+/// the ApiKey's audiences and scopes. Never a refresh token. `Debug` never shows the token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessToken {
+    pub access_token: String,
+    /// `Bearer`.
+    pub token_type: String,
+    /// RFC 3339.
+    pub expiration: String,
+    /// The scopes the token carries.
+    #[serde(default)]
+    pub scope: Vec<String>,
+    /// The audiences the token is for.
+    #[serde(default)]
+    pub audience: Vec<String>,
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("access_token", &"<redacted>")
+            .field("token_type", &self.token_type)
+            .field("expiration", &self.expiration)
+            .field("scope", &self.scope)
+            .field("audience", &self.audience)
+            .finish()
+    }
+}
+
+/// Successful answer to an exchange: AWS credentials (aws providers), a gateway session
+/// (gateway providers) or an access token (oauth2 providers), exactly one of them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ExchangeResponse {
@@ -71,6 +101,8 @@ pub struct ExchangeResponse {
     pub credentials: Option<Credentials>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<GatewaySession>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<AccessToken>,
     /// When the sidecar should fetch new credentials (RFC 3339): two thirds of the lifetime.
     pub refresh_at: String,
     /// The grant the credentials were minted under (an opaque identifier of their rights). The
@@ -125,6 +157,20 @@ mod tests {
             !shown.contains("very-secret") && !shown.contains("token-secret"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn access_token_debug_hides_the_token() {
+        let t = AccessToken {
+            access_token: "eyJ.secret.sig".into(),
+            token_type: "Bearer".into(),
+            expiration: "2026-01-01T00:00:00Z".into(),
+            scope: vec!["reports:read".into()],
+            audience: vec!["reports-api".into()],
+        };
+        let shown = format!("{t:?}");
+        assert!(shown.contains("reports-api") && shown.contains("reports:read"));
+        assert!(!shown.contains("eyJ"), "{shown}");
     }
 
     #[test]

@@ -512,6 +512,7 @@ impl Broker {
         };
         Ok(ExchangeResponse {
             credentials: None,
+            token: None,
             session: Some(GatewaySession {
                 token,
                 url: format!(
@@ -590,6 +591,7 @@ impl Broker {
         Ok(ExchangeResponse {
             credentials: Some(minted.credentials),
             session: None,
+            token: None,
             refresh_at: minted.refresh_at,
             grant: grant.id.clone(),
         })
