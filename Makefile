@@ -20,7 +20,7 @@ help: ## Show the targets
 
 test: tools lint chart-lint unit fuzz-smoke e2e ## Everything: formatting, clippy, helm lint, unit tests, a short pass of every fuzz target, e2e tests against real components
 
-tools: ## Build (first time only) etcd, kube-apiserver, kube-controller-manager, MinIO, helm and the node (kubelet, kube-proxy, kube-scheduler, containerd, CNI, CoreDNS, crane, base images; Debian packages via apt-get), go-httpbin and Gitea into ~/.cache/keybroker (docs/development.md)
+tools: ## Build (first time only) etcd, kube-apiserver, kube-controller-manager, MinIO, helm and the node (kubelet, kube-proxy, kube-scheduler, containerd, CNI, CoreDNS, crane, base images; Debian packages via apt-get), go-httpbin, Gitea and Keycloak (zip from Maven Central, pre-built for dev mode; a Java >= 21) into ~/.cache/keybroker (docs/development.md)
 	@bash e2e/tools/build.sh
 
 lint: ## cargo fmt --check and clippy with warnings denied
