@@ -19,6 +19,7 @@ pub mod httpbin;
 pub mod https;
 pub mod images;
 pub mod install;
+pub mod keycloak;
 pub mod logs;
 pub mod minio;
 pub mod netns;

@@ -59,6 +59,17 @@ pub struct UpstreamTools {
     pub gitea_static: PathBuf,
 }
 
+/// Paths of Keycloak, the OAuth2 provider tests' authorization server.
+#[derive(Clone, Debug)]
+pub struct KeycloakTools {
+    /// The unpacked distribution, built for dev mode (`bin/kc.sh`, `lib/`).
+    pub home: PathBuf,
+    /// What `kc.sh` runs as `$JAVA`: java with a parent-death signal of its own.
+    pub java: PathBuf,
+    /// A Java runtime >= 21.
+    pub java_home: PathBuf,
+}
+
 /// What `build.sh --locate` printed: every path it knows, and its complaints about the rest.
 struct Located {
     script: PathBuf,
@@ -151,6 +162,18 @@ impl UpstreamTools {
             go_httpbin: get("GO_HTTPBIN")?,
             gitea: get("GITEA")?,
             gitea_static: get("GITEA_STATIC")?,
+        })
+    }
+}
+
+impl KeycloakTools {
+    /// Locates Keycloak and its Java runtime (without building anything).
+    pub fn locate() -> Result<Self, Error> {
+        let found = Located::run()?;
+        Ok(Self {
+            home: found.get("KEYCLOAK")?,
+            java: found.get("KEYCLOAK_JAVA")?,
+            java_home: found.get("KEYCLOAK_JAVA_HOME")?,
         })
     }
 }
