@@ -139,6 +139,11 @@ impl Httpbin {
         self.addr
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.server.pid()
+    }
+
     /// The directory holding its log.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -198,6 +203,7 @@ pub fn provider(name: &str, key_namespace: &str, upstream: &str) -> KeyProvider 
         name,
         KeyProviderSpec {
             aws: None,
+            oauth2: None,
             gateway: Some(GatewayProvider {
                 upstream: upstream.to_owned(),
                 ca_bundle: None,

@@ -86,19 +86,28 @@ pub(crate) async fn gateway(sidecar: &Path) -> anyhow::Result<()> {
     }
 
     let large = Bytes::from(vec![b'x'; LARGE_BODY]);
+    let pids = Pids {
+        upstream: upstream.pid(),
+        sidecar: rig.sidecar.pid(),
+    };
     println!();
     println!(
         "| body | concurrency | direct p50 ms | direct p99 ms | direct calls/s | gateway p50 ms | gateway p99 ms | gateway calls/s | added p50 ms | throughput vs direct |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut peak_rss = 0;
+    let mut cpu_rows = Vec::new();
     for (label, body, calls) in [
         ("small", Bytes::new(), SMALL_CALLS),
         ("1 MiB", large, LARGE_CALLS),
     ] {
         for &workers in &LEVELS {
+            let before = pids.cpu()?;
             let floor = run(&direct, ns, workers, calls, &body).await?;
+            let between = pids.cpu()?;
             let measured = run(&through, ns, workers, calls, &body).await?;
+            let after = pids.cpu()?;
+            cpu_rows.push((label, workers, calls, between - before, after - between));
             peak_rss = peak_rss.max(rss_kib(rig.sidecar.pid())?);
             println!(
                 "| {label} | {workers} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.0} % |",
@@ -112,6 +121,29 @@ pub(crate) async fn gateway(sidecar: &Path) -> anyhow::Result<()> {
                 100.0 * measured.rate / floor.rate,
             );
         }
+    }
+
+    // CPU per call: what bounds the throughput once the two cores are busy. The ceiling is the
+    // throughput the gateway path could reach if it used the cores as well as the direct path:
+    // direct CPU per call over gateway CPU per call.
+    println!();
+    println!(
+        "| body | concurrency | direct CPU µs/call (client, upstream) | gateway CPU µs/call (client + gateway, sidecar, upstream) | ceiling vs direct |"
+    );
+    println!("|---|---|---|---|---|");
+    for (label, workers, calls, direct, through) in cpu_rows {
+        let per_call = |ticks: u64| ticks as f64 / USER_HZ * 1e6 / calls as f64;
+        println!(
+            "| {label} | {workers} | {:.0} ({:.0}, {:.0}) | {:.0} ({:.0}, {:.0}, {:.0}) | {:.0} % |",
+            per_call(direct.total()),
+            per_call(direct.bench),
+            per_call(direct.upstream),
+            per_call(through.total()),
+            per_call(through.bench),
+            per_call(through.sidecar),
+            per_call(through.upstream),
+            100.0 * direct.total() as f64 / through.total().max(1) as f64,
+        );
     }
 
     // Idle keep-alive connections from the app: what each one costs the sidecar.
@@ -142,6 +174,48 @@ pub(crate) async fn gateway(sidecar: &Path) -> anyhow::Result<()> {
     drop(rig);
     drop(cluster);
     Ok(())
+}
+
+/// The processes a call costs CPU in: this one (the load generator, and the gateway and
+/// broker on their own runtimes), the sidecar and go-httpbin.
+struct Pids {
+    upstream: u32,
+    sidecar: u32,
+}
+
+/// CPU time (USER_HZ ticks) used so far, per process.
+#[derive(Clone, Copy)]
+struct Cpu {
+    bench: u64,
+    sidecar: u64,
+    upstream: u64,
+}
+
+impl Pids {
+    fn cpu(&self) -> anyhow::Result<Cpu> {
+        Ok(Cpu {
+            bench: cpu_ticks(std::process::id())?,
+            sidecar: cpu_ticks(self.sidecar)?,
+            upstream: cpu_ticks(self.upstream)?,
+        })
+    }
+}
+
+impl Cpu {
+    fn total(self) -> u64 {
+        self.bench + self.sidecar + self.upstream
+    }
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, earlier: Cpu) -> Cpu {
+        Cpu {
+            bench: self.bench.saturating_sub(earlier.bench),
+            sidecar: self.sidecar.saturating_sub(earlier.sidecar),
+            upstream: self.upstream.saturating_sub(earlier.upstream),
+        }
+    }
 }
 
 /// Where the app's calls go: go-httpbin itself, or the sidecar's local gateway for ApiKey
