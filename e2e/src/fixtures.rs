@@ -318,6 +318,7 @@ pub fn as_injected_with(
         revoked: false,
         region: Some("us-east-1".into()),
         gateway: None,
+        token_env: None,
     };
     let listed = pod["metadata"]["annotations"][APIKEYS_ANNOTATION]
         .as_str()

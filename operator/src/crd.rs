@@ -20,17 +20,18 @@ const TTL_MESSAGE: &str = "must be a duration such as 15m, 1h or 1h30m, between 
     group = "keybroker.dev",
     version = "v1alpha1",
     kind = "KeyProvider",
-    doc = "A way to give pods short-lived, narrowly scoped access (STS sessions of a role, or calls through keybroker's gateway to an upstream whose key never leaves the broker) and the guardrails that bound every ApiKey using it. Cluster-scoped; owned by the platform team.",
+    doc = "A way to give pods short-lived, narrowly scoped access (STS sessions of a role, calls through keybroker's gateway to an upstream whose key never leaves the broker, or OAuth2 access tokens narrowed by token exchange) and the guardrails that bound every ApiKey using it. Cluster-scoped; owned by the platform team.",
     shortname = "kp",
     status = "KeyProviderStatus",
     printcolumn = r#"{"name":"Role","type":"string","jsonPath":".spec.aws.roleArn"}"#,
     printcolumn = r#"{"name":"Upstream","type":"string","jsonPath":".spec.gateway.upstream"}"#,
+    printcolumn = r#"{"name":"Issuer","type":"string","jsonPath":".spec.oauth2.issuer"}"#,
     printcolumn = r#"{"name":"Max TTL","type":"string","jsonPath":".spec.guardrails.maxTTL"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new("!has(self.guardrails.defaultTTL) || !has(self.guardrails.maxTTL) || duration(self.guardrails.defaultTTL) <= duration(self.guardrails.maxTTL)").message("guardrails.defaultTTL must not exceed guardrails.maxTTL"))]
-#[x_kube(validation = Rule::new("[has(self.aws), has(self.gateway)].filter(k, k).size() == 1").message("set exactly one provider kind: aws or gateway"))]
+#[x_kube(validation = Rule::new("[has(self.aws), has(self.gateway), has(self.oauth2)].filter(k, k).size() == 1").message("set exactly one provider kind: aws, gateway or oauth2"))]
 #[x_kube(validation = Rule::new("!has(self.gateway) || self.guardrails.allowedActions.all(a, a.matches('^[A-Z*?]+$'))").message("a gateway's guardrails.allowedActions are HTTP methods such as GET or POST, or * for all"))]
 #[x_kube(validation = Rule::new("!has(self.gateway) || self.guardrails.allowedResources.all(r, r.startsWith('/'))").message("a gateway's guardrails.allowedResources are URL path patterns starting with /, e.g. /api/v1/repos/{namespace}/*"))]
 #[serde(rename_all = "camelCase")]
@@ -44,6 +45,12 @@ pub struct KeyProviderSpec {
     /// source-forge tokens). The key never reaches a pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayProvider>,
+    /// Mint OAuth2 access tokens with the broker's own client at an identity provider, each
+    /// narrowed to its ApiKey's audiences and scopes by token exchange (RFC 8693); the client's
+    /// secret never reaches a pod. Guardrails: `allowedActions` are the scopes and
+    /// `allowedResources` the audiences an ApiKey may ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2Provider>,
     /// Namespaces whose ApiKeys may use this provider. `{}` selects every namespace.
     pub namespace_selector: LabelSelector,
     /// Upper bounds for every ApiKey that uses this provider.
@@ -131,6 +138,29 @@ pub struct GatewayProvider {
     /// key Secret's `key` and `previousKey`, and needs `update` on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<KeyRotation>,
+}
+
+/// An OAuth2 identity provider and the broker's client there.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuth2Provider {
+    /// The issuer, e.g. `https://keycloak.corp/realms/apps`: its discovery document
+    /// (`/.well-known/openid-configuration`) names the token endpoint. `https://` except on
+    /// loopback.
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://127.0.0.1') || self.startsWith('http://localhost')").message("must be an https:// URL (plain http only on loopback)"))]
+    #[x_kube(validation = Rule::new("!self.contains('?') && !self.contains('#') && !self.contains('@')").message("must be the issuer URL only: no query, fragment or user info"))]
+    #[schemars(length(min = 8, max = 2048))]
+    pub issuer: String,
+    /// PEM certificates (CAs) the identity provider's TLS certificate must chain to, instead
+    /// of the system's roots.
+    #[x_kube(validation = Rule::new("self.contains('-----BEGIN CERTIFICATE-----')").message("must hold PEM certificates (-----BEGIN CERTIFICATE-----)"))]
+    #[schemars(length(max = 65536))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+    /// Secret with the broker's confidential client: data keys `clientId` and `clientSecret`.
+    /// The client needs the client-credentials grant and token exchange, and may hold every
+    /// scope and audience of the guardrails; each token the broker hands out is narrowed.
+    pub client_secret_ref: SecretRef,
 }
 
 /// A rotation schedule and the upstream's key-management API: exactly one kind.
@@ -361,7 +391,9 @@ pub struct ApiKeySpec {
     pub service_account_names: Vec<String>,
     /// What the credentials may do.
     pub scope: Scope,
-    /// Credential lifetime, e.g. `15m` or `1h`; default: the provider's defaultTTL.
+    /// Credential lifetime, e.g. `15m` or `1h`; default: the provider's defaultTTL. For
+    /// `oauth2` the identity provider sets a token's lifetime and this is its upper bound: the
+    /// broker hands out no token that lives longer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new(TTL_RULE).message(TTL_MESSAGE))]
     #[schemars(
@@ -404,11 +436,12 @@ pub struct ProviderRef {
 }
 
 /// Actions and resources, in the provider's terms: for `aws`, IAM actions and ARNs; for a
-/// gateway, HTTP methods and URL paths.
+/// gateway, HTTP methods and URL paths; for `oauth2`, scopes and audiences.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 pub struct Scope {
-    /// Actions, e.g. `s3:PutObject` (aws) or `GET` (gateway); `*` and `?` wildcards allowed
-    /// within the guardrails.
+    /// Actions, e.g. `s3:PutObject` (aws), `GET` (gateway) or the scope `reports:read`
+    /// (oauth2); `*` and `?` wildcards allowed within the guardrails (not for oauth2, whose
+    /// tokens name exact scopes).
     #[schemars(
         length(min = 1, max = 64),
         inner(
@@ -417,8 +450,9 @@ pub struct Scope {
         )
     )]
     pub actions: Vec<String>,
-    /// Resource patterns, e.g. `arn:aws:s3:::corp-data/team-a/invoices/*` (aws) or
-    /// `/api/v1/repos/team-a/*` (gateway); `{namespace}` expands to this ApiKey's namespace.
+    /// Resource patterns, e.g. `arn:aws:s3:::corp-data/team-a/invoices/*` (aws),
+    /// `/api/v1/repos/team-a/*` (gateway) or the audience `reports-api` (oauth2, exact);
+    /// `{namespace}` expands to this ApiKey's namespace.
     #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 512)))]
     pub resources: Vec<String>,
 }

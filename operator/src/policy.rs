@@ -103,6 +103,10 @@ pub struct Violation {
 pub enum ScopeKind {
     Action,
     Resource,
+    /// An oauth2 scope (in `scope.actions`).
+    Scope,
+    /// An oauth2 audience (in `scope.resources`).
+    Audience,
 }
 
 impl fmt::Display for Violation {
@@ -110,6 +114,8 @@ impl fmt::Display for Violation {
         let (what, guardrail) = match self.kind {
             ScopeKind::Action => ("action", "allowedActions"),
             ScopeKind::Resource => ("resource", "allowedResources"),
+            ScopeKind::Scope => ("scope", "allowedActions"),
+            ScopeKind::Audience => ("audience", "allowedResources"),
         };
         write!(
             f,

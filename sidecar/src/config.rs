@@ -13,9 +13,9 @@ use keybroker_contract::{env, ports};
     about = "keybroker sidecar: keeps short-lived scoped credentials on a tmpfs volume",
     long_about = "keybroker sidecar: exchanges the pod's projected service-account token at the \
 keybroker broker for short-lived credentials, writes them atomically under the output directory \
-(<dir>/<apikey>/credentials, credentials.json, expiration), refreshes them before expiry, removes \
-them on revocation, expiry and SIGTERM, and serves them to AWS SDKs on a loopback \
-container-credentials endpoint."
+(<dir>/<apikey>/credentials, credentials.json and expiration for AWS ApiKeys; token, token.json and \
+expiration for OAuth2 ones), refreshes them before expiry, removes them on revocation, expiry and \
+SIGTERM, and serves AWS credentials to SDKs on a loopback container-credentials endpoint."
 )]
 pub struct Args {
     /// The broker's HTTPS URL.

@@ -27,7 +27,7 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use crate::files::Error;
-use crate::state::{Key, Removal};
+use crate::state::{Key, Kind, Removal};
 
 /// Connections the local gateway serves at once.
 const MAX_CONNECTIONS: usize = 256;
@@ -115,11 +115,26 @@ fn refusal(status: StatusCode, reason: &str, message: &str, retryable: bool) -> 
     response
 }
 
-/// The answer while an ApiKey holds no session: final when the broker took its access away,
-/// "try again" while the first session or a renewal is still coming.
-fn no_session(name: &str, withdrawn: Option<Removal>) -> Response<Body> {
-    match withdrawn {
-        Some(Removal::Revoked) => refusal(
+/// The answer while an ApiKey holds no session: final when it is not a gateway ApiKey or the
+/// broker took its access away, "try again" while the first session or a renewal is still
+/// coming.
+fn no_session(name: &str, kind: Option<Kind>, withdrawn: Option<Removal>) -> Response<Body> {
+    let not_gateway = |message: String| {
+        refusal(
+            StatusCode::BAD_REQUEST,
+            "NotAGatewayApiKey",
+            &format!("{message}; the local gateway serves gateway ApiKeys only"),
+            false,
+        )
+    };
+    match (kind, withdrawn) {
+        (Some(Kind::Aws), _) => not_gateway(format!(
+            "ApiKey {name} is an AWS ApiKey: use its credentials files or the container-credentials endpoint"
+        )),
+        (Some(Kind::OAuth2), _) => not_gateway(format!(
+            "ApiKey {name} is an OAuth2 ApiKey: send the access token in {name}/token of the sidecar's output directory as `Authorization: Bearer` yourself"
+        )),
+        (_, Some(Removal::Revoked)) => refusal(
             StatusCode::FORBIDDEN,
             "AccessWithdrawn",
             &format!(
@@ -127,7 +142,7 @@ fn no_session(name: &str, withdrawn: Option<Removal>) -> Response<Body> {
             ),
             false,
         ),
-        Some(_) => refusal(
+        (_, Some(_)) => refusal(
             StatusCode::FORBIDDEN,
             "AccessWithdrawn",
             &format!(
@@ -135,7 +150,7 @@ fn no_session(name: &str, withdrawn: Option<Removal>) -> Response<Body> {
             ),
             false,
         ),
-        None => refusal(
+        (_, None) => refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             "NoSession",
             &format!(
@@ -200,7 +215,7 @@ async fn forward(req: Request<Incoming>, keys: &[Key], client: &Arc<Client>) -> 
         );
     };
     let Some(session) = key.session() else {
-        return no_session(name, key.withdrawn());
+        return no_session(name, key.kind(), key.withdrawn());
     };
     // The session's URL is the gateway's forwarding base; the app's path goes after it.
     let uri = match req.uri().query() {
@@ -424,17 +439,28 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_session_the_app_learns_whether_to_retry() {
-        for (withdrawn, status, reason, retryable) in [
-            (None, 503, "NoSession", true),
-            (Some(Removal::Revoked), 403, "AccessWithdrawn", false),
-            (Some(Removal::Refused), 403, "AccessWithdrawn", false),
+        for (kind, withdrawn, status, reason, retryable) in [
+            (None, None, 503, "NoSession", true),
+            (Some(Kind::Gateway), None, 503, "NoSession", true),
+            (None, Some(Removal::Revoked), 403, "AccessWithdrawn", false),
+            (None, Some(Removal::Refused), 403, "AccessWithdrawn", false),
+            (Some(Kind::Aws), None, 400, "NotAGatewayApiKey", false),
+            (Some(Kind::OAuth2), None, 400, "NotAGatewayApiKey", false),
+            (
+                Some(Kind::OAuth2),
+                Some(Removal::Revoked),
+                400,
+                "NotAGatewayApiKey",
+                false,
+            ),
         ] {
-            let answer = no_session("echo", withdrawn);
-            assert_eq!(answer.status().as_u16(), status, "{withdrawn:?}");
+            let case = (kind, withdrawn);
+            let answer = no_session("echo", kind, withdrawn);
+            assert_eq!(answer.status().as_u16(), status, "{case:?}");
             assert_eq!(
                 answer.headers()[keybroker_contract::REFUSAL_HEADER],
                 reason,
-                "{withdrawn:?}"
+                "{case:?}"
             );
             let Either::Right(body) = answer.into_body() else {
                 panic!("a refusal has a body of its own");

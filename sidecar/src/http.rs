@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tracing::debug;
 
-use crate::state::{self, Key};
+use crate::state::{self, Key, Kind};
 
 const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a new connection may stay silent before it is closed.
@@ -83,13 +83,26 @@ pub fn credentials(
             StatusCode::NOT_FOUND,
             "this sidecar serves no such ApiKey\n",
         ),
-        Some(key) => match key.container_answer() {
-            Some(body) => Reply {
+        Some(key) => match (key.container_answer(), key.kind()) {
+            (Some(body), _) => Reply {
                 status: StatusCode::OK,
                 content_type: "application/json",
                 body,
             },
-            None => Reply::text(
+            // Final, unlike "not fetched yet": an SDK pointed here for such a key never works.
+            (None, Some(Kind::OAuth2)) => Reply::text(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "ApiKey {name} is an OAuth2 ApiKey: send the access token in {name}/token of the sidecar's output directory as `Authorization: Bearer`; this endpoint serves AWS ApiKeys only\n"
+                ),
+            ),
+            (None, Some(Kind::Gateway)) => Reply::text(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "ApiKey {name} is a gateway ApiKey: call its upstream through the sidecar's local gateway, /{name}/<path>; this endpoint serves AWS ApiKeys only\n"
+                ),
+            ),
+            (None, _) => Reply::text(
                 StatusCode::NOT_FOUND,
                 "no credentials for this ApiKey right now (not fetched yet, revoked or expired)\n",
             ),
@@ -97,7 +110,8 @@ pub fn credentials(
     }
 }
 
-/// `/startupz` (200 once every ApiKey had its first credentials written), `/livez`, `/metrics`.
+/// `/startupz` (200 once every ApiKey had its first credentials, token or session), `/livez`,
+/// `/metrics`.
 pub fn health(keys: &[Key], method: &Method, path: &str) -> Reply {
     if method != Method::GET {
         return Reply::text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
@@ -237,11 +251,12 @@ impl Silent {
 
 #[cfg(test)]
 mod tests {
-    use keybroker_contract::wire::Credentials;
+    use keybroker_contract::wire::{AccessToken, Credentials};
 
     use super::*;
     use crate::atomic::Writer;
-    use crate::files;
+    use crate::state::Held;
+    use crate::{files, token};
 
     fn keys_with_one_held(tag: &str) -> (Vec<Key>, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("kb-http-{tag}-{}", std::process::id()));
@@ -256,9 +271,53 @@ mod tests {
             expiration: "2030-01-01T00:00:00Z".into(),
         })
         .unwrap();
-        held.install(held.epoch(), creds, "g1".into(), &writer)
+        held.install(held.epoch(), Held::Aws(creds), "g1".into(), &writer)
             .unwrap();
         (vec![held, Key::new("later")], dir)
+    }
+
+    /// `uploader` (AWS, held), `later` (nothing yet) and `reports` (an OAuth2 token, held).
+    fn keys_with_a_token(tag: &str) -> (Vec<Key>, std::path::PathBuf) {
+        let (mut keys, dir) = keys_with_one_held(tag);
+        let reports = Key::new("reports");
+        let token = token::validate(&AccessToken {
+            access_token: "TOKENVALUE".into(),
+            token_type: "Bearer".into(),
+            expiration: "2030-01-01T00:00:00Z".into(),
+            scope: vec!["reports:read".into()],
+            audience: vec![],
+        })
+        .unwrap();
+        reports
+            .install(
+                reports.epoch(),
+                Held::Token(token),
+                "g1".into(),
+                &Writer::new(&dir, 0o440),
+            )
+            .unwrap();
+        keys.push(reports);
+        (keys, dir)
+    }
+
+    #[test]
+    fn the_credentials_endpoint_refuses_an_oauth2_apikey() {
+        let (keys, dir) = keys_with_a_token("oauth2");
+        let answer = credentials(
+            &keys,
+            "tok",
+            &Method::GET,
+            "/v1/credentials/reports",
+            Some(b"tok"),
+        );
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+        let text = String::from_utf8_lossy(&answer.body);
+        assert!(
+            text.contains("OAuth2 ApiKey") && text.contains("reports/token"),
+            "{text}"
+        );
+        assert!(!text.contains("TOKENVALUE"), "{text}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -295,13 +354,23 @@ mod tests {
 
     #[test]
     fn startup_waits_for_every_key() {
-        let (keys, dir) = keys_with_one_held("health");
+        let (keys, dir) = keys_with_a_token("health");
         let startup = health(&keys, &Method::GET, "/startupz");
         assert_eq!(startup.status, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(String::from_utf8_lossy(&startup.body).contains("later"));
+        let text = String::from_utf8_lossy(&startup.body);
+        assert!(
+            text.contains("later") && !text.contains("reports"),
+            "{text}"
+        );
+        let (held, _later) = keys.split_at(1);
         assert_eq!(
-            health(&keys[..1], &Method::GET, "/startupz").status,
+            health(held, &Method::GET, "/startupz").status,
             StatusCode::OK
+        );
+        assert_eq!(
+            health(&keys[2..], &Method::GET, "/startupz").status,
+            StatusCode::OK,
+            "an OAuth2 ApiKey has started once its first token is written"
         );
         assert_eq!(health(&keys, &Method::GET, "/livez").status, StatusCode::OK);
         let metrics = health(&keys, &Method::GET, "/metrics");

@@ -12,6 +12,7 @@ mod random;
 mod schedule;
 mod state;
 mod tasks;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -13,8 +13,9 @@ use jiff::Timestamp;
 use tokio::sync::{Notify, watch};
 
 use crate::atomic::{self, Writer};
-use crate::files::{self, Valid};
+use crate::files;
 use crate::gateway::ValidSession;
+use crate::token;
 
 /// Why credentials were removed before the sidecar stopped (a metrics label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -37,6 +38,52 @@ impl Removal {
     }
 }
 
+/// An ApiKey's provider kind, as the broker's last answer for it showed: what the endpoints
+/// can serve for it, and what to tell an app that asks the wrong one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Aws,
+    Gateway,
+    OAuth2,
+}
+
+/// What an ApiKey holds: files for the app (AWS credentials, an OAuth2 token) or a session for
+/// the local gateway. One at a time, so an ApiKey whose provider changed kind keeps nothing of
+/// the old one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Held {
+    Aws(files::Valid),
+    Token(token::Valid),
+    Session(ValidSession),
+}
+
+impl Held {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Held::Aws(_) => Kind::Aws,
+            Held::Token(_) => Kind::OAuth2,
+            Held::Session(_) => Kind::Gateway,
+        }
+    }
+
+    pub fn expiration(&self) -> Timestamp {
+        match self {
+            Held::Aws(c) => c.expiration,
+            Held::Token(t) => t.expiration,
+            Held::Session(s) => s.expiration,
+        }
+    }
+
+    /// The files of `<output-dir>/<apikey>/`; none for a session.
+    fn files(&self) -> Option<Vec<(&'static str, Vec<u8>)>> {
+        match self {
+            Held::Aws(c) => Some(files::render(c)),
+            Held::Token(t) => Some(token::render(t)),
+            Held::Session(_) => None,
+        }
+    }
+}
+
 /// What [`Key::install`] did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Installed {
@@ -47,9 +94,10 @@ pub enum Installed {
 
 #[derive(Debug, Default)]
 struct Inner {
-    held: Option<Valid>,
-    /// For a gateway ApiKey: the session the local gateway forwards with (no files).
-    session: Option<ValidSession>,
+    held: Option<Held>,
+    /// The kind of what was last held; kept after a removal, so that an endpoint can still
+    /// say why it serves nothing for this ApiKey.
+    kind: Option<Kind>,
     /// The broker's grant the held credentials were minted under.
     grant: Option<String>,
     /// Why access was last taken away for good (revoked, refused), until access is held
@@ -97,12 +145,13 @@ impl Key {
         self.lock().epoch
     }
 
-    /// Publishes `creds` as this key's files, unless something removed the credentials since
-    /// `epoch` was read. On a write error the previous files stay as they were.
+    /// Holds `held`, publishing its files (a session has none), unless something removed the
+    /// key's access since `epoch` was read. On a write error what was held stays held (a failed
+    /// publish leaves the previous files in place).
     pub fn install(
         &self,
         epoch: u64,
-        creds: Valid,
+        held: Held,
         grant: String,
         writer: &Writer,
     ) -> Result<Installed, atomic::Error> {
@@ -110,30 +159,21 @@ impl Key {
         if inner.epoch != epoch || inner.stopping {
             return Ok(Installed::Superseded);
         }
-        writer.publish(&self.name, &files::render(&creds))?;
-        inner.held = Some(creds);
+        let had_files = (inner.held.as_ref()).is_some_and(|h| h.kind() != Kind::Gateway);
+        match held.files() {
+            Some(files) => writer.publish(&self.name, &files)?,
+            // A session after files: the ApiKey changed kind, and its old files must not stay.
+            None if had_files => writer.remove(&self.name)?,
+            None => {}
+        }
+        inner.kind = Some(held.kind());
+        inner.held = Some(held);
         inner.withdrawn = None;
         inner.grant = Some(grant).filter(|g| !g.is_empty());
         inner.started = true;
         inner.refreshes += 1;
         self.holding.send_replace(true);
         Ok(Installed::Written)
-    }
-
-    /// Holds `session` for the local gateway (nothing is written), unless something removed
-    /// the key's access since `epoch` was read.
-    pub fn install_session(&self, epoch: u64, session: ValidSession, grant: String) -> Installed {
-        let mut inner = self.lock();
-        if inner.epoch != epoch || inner.stopping {
-            return Installed::Superseded;
-        }
-        inner.session = Some(session);
-        inner.withdrawn = None;
-        inner.grant = Some(grant).filter(|g| !g.is_empty());
-        inner.started = true;
-        inner.refreshes += 1;
-        self.holding.send_replace(true);
-        Installed::Written
     }
 
     /// Why access was taken away for good, while none is held again (see [`Removal`]).
@@ -143,14 +183,22 @@ impl Key {
 
     /// The session the local gateway forwards with, if one is held.
     pub fn session(&self) -> Option<ValidSession> {
-        self.lock().session.clone()
+        match &self.lock().held {
+            Some(Held::Session(s)) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    /// The kind of what this key holds or last held; none before its first answer.
+    pub fn kind(&self) -> Option<Kind> {
+        self.lock().kind
     }
 
     /// Removes the files and forgets the credentials; true if any were held.
     pub fn remove(&self, cause: Removal, writer: &Writer) -> Result<bool, atomic::Error> {
         let mut inner = self.lock();
         inner.epoch += 1;
-        let held = inner.held.take().is_some() | inner.session.take().is_some();
+        let held = inner.held.take().is_some();
         inner.grant = None;
         if cause != Removal::Expired {
             inner.withdrawn = Some(cause);
@@ -177,7 +225,6 @@ impl Key {
         inner.stopping = true;
         inner.epoch += 1;
         inner.held = None;
-        inner.session = None;
         self.holding.send_replace(false);
         writer.remove(&self.name)
     }
@@ -198,13 +245,15 @@ impl Key {
     }
 
     pub fn expiry(&self) -> Option<Timestamp> {
-        let inner = self.lock();
-        (inner.held.as_ref().map(|c| c.expiration)).or(inner.session.as_ref().map(|s| s.expiration))
+        self.lock().held.as_ref().map(Held::expiration)
     }
 
-    /// The container-credentials answer, if credentials are held.
+    /// The container-credentials answer, if AWS credentials are held.
     pub fn container_answer(&self) -> Option<Vec<u8>> {
-        self.lock().held.as_ref().map(files::container_credentials)
+        match &self.lock().held {
+            Some(Held::Aws(c)) => Some(files::container_credentials(c)),
+            _ => None,
+        }
     }
 
     pub fn started(&self) -> bool {
@@ -225,8 +274,7 @@ impl Key {
         let inner = self.lock();
         Snapshot {
             name: self.name.clone(),
-            expiry: (inner.held.as_ref().map(|c| c.expiration.as_second()))
-                .or(inner.session.as_ref().map(|s| s.expiration.as_second())),
+            expiry: inner.held.as_ref().map(|h| h.expiration().as_second()),
             refreshes: inner.refreshes,
             failures: inner.failures.clone(),
             removals: inner
@@ -282,7 +330,7 @@ pub fn render_metrics(keys: &[Snapshot]) -> String {
     family(
         "keybroker_sidecar_refresh_failures_total",
         "counter",
-        "Failed refreshes, by reason (the broker's refusal reason, or BrokerUnreachable, BrokerTimeout, TokenUnreadable, MalformedResponse, InvalidCredentials, WriteFailed).",
+        "Failed refreshes, by reason (the broker's refusal reason, or BrokerUnreachable, BrokerTimeout, TokenUnreadable, MalformedResponse, InvalidCredentials, InvalidSession, InvalidToken, WriteFailed).",
         keys.iter()
             .flat_map(|k| {
                 k.failures.iter().map(|(reason, n)| {
@@ -314,18 +362,33 @@ pub fn render_metrics(keys: &[Snapshot]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use keybroker_contract::wire::Credentials;
+    use keybroker_contract::wire::{AccessToken, Credentials, GatewaySession};
 
     use super::*;
 
-    fn valid(id: &str, expiration: &str) -> Valid {
-        files::validate(&Credentials {
-            access_key_id: id.into(),
-            secret_access_key: "SECRETVALUE".into(),
-            session_token: "SESSIONVALUE".into(),
-            expiration: expiration.into(),
-        })
-        .unwrap()
+    fn valid(id: &str, expiration: &str) -> Held {
+        Held::Aws(
+            files::validate(&Credentials {
+                access_key_id: id.into(),
+                secret_access_key: "SECRETVALUE".into(),
+                session_token: "SESSIONVALUE".into(),
+                expiration: expiration.into(),
+            })
+            .unwrap(),
+        )
+    }
+
+    fn access_token(token: &str, expiration: &str) -> Held {
+        Held::Token(
+            token::validate(&AccessToken {
+                access_token: token.into(),
+                token_type: "Bearer".into(),
+                expiration: expiration.into(),
+                scope: vec!["reports:read".into()],
+                audience: vec!["reports-api".into()],
+            })
+            .unwrap(),
+        )
     }
 
     fn root(tag: &str) -> std::path::PathBuf {
@@ -436,6 +499,113 @@ mod tests {
     }
 
     #[test]
+    fn a_token_is_written_replaced_and_removed_like_credentials() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = root("token");
+        let writer = Writer::new(&dir, 0o440);
+        let key = Key::new("reports");
+        let install = |token, expiration| {
+            key.install(
+                key.epoch(),
+                access_token(token, expiration),
+                "g1".into(),
+                &writer,
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            install("TOKEN.ONE", "2030-01-01T00:00:00Z"),
+            Installed::Written
+        );
+        assert_eq!(
+            std::fs::read(dir.join("reports/token")).unwrap(),
+            b"TOKEN.ONE"
+        );
+        assert_eq!(
+            std::fs::read(dir.join("reports/expiration")).unwrap(),
+            b"2030-01-01T00:00:00Z\n"
+        );
+        assert!(dir.join("reports/token.json").exists());
+        assert!(!dir.join("reports/credentials").exists());
+        let mode = std::fs::metadata(dir.join("reports/token"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o440);
+        assert!(key.started());
+        assert_eq!(key.kind(), Some(Kind::OAuth2));
+        assert!(key.container_answer().is_none() && key.session().is_none());
+
+        // A refresh replaces the files; expiry is the new token's.
+        install("TOKEN.TWO", "2031-01-01T00:00:00Z");
+        assert_eq!(
+            std::fs::read(dir.join("reports/token")).unwrap(),
+            b"TOKEN.TWO"
+        );
+        let before: Timestamp = "2030-06-01T00:00:00Z".parse().unwrap();
+        assert!(!key.expire(before, &writer).unwrap());
+        assert!(dir.join("reports/token").exists());
+        let after: Timestamp = "2031-01-01T00:00:00Z".parse().unwrap();
+        assert!(key.expire(after, &writer).unwrap());
+        assert!(!dir.join("reports").exists());
+        assert_eq!(
+            key.kind(),
+            Some(Kind::OAuth2),
+            "the kind outlives the token"
+        );
+
+        install("TOKEN.THREE", "2031-01-01T00:00:00Z");
+        let in_flight = key.epoch();
+        assert!(key.remove(Removal::Revoked, &writer).unwrap());
+        assert!(!dir.join("reports").exists());
+        assert_eq!(
+            key.install(
+                in_flight,
+                access_token("TOKEN.FOUR", "2031-01-01T00:00:00Z"),
+                "g1".into(),
+                &writer
+            )
+            .unwrap(),
+            Installed::Superseded
+        );
+        assert!(!dir.join("reports").exists());
+        let text = metrics(&[key]);
+        assert!(text.contains("cause=\"expired\"} 1") && text.contains("cause=\"revoked\"} 1"));
+        assert!(!text.contains("TOKEN."), "{text}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_change_of_kind_leaves_nothing_of_the_old_one() {
+        let dir = root("kind");
+        let writer = Writer::new(&dir, 0o440);
+        let key = Key::new("k");
+        let install = |held| {
+            key.install(key.epoch(), held, "g1".into(), &writer)
+                .unwrap()
+        };
+        install(valid("AK1", "2030-01-01T00:00:00Z"));
+        assert!(dir.join("k/credentials").exists());
+        let session = crate::gateway::validate_session(&GatewaySession {
+            token: "kbs1.session".into(),
+            url: "https://gateway:8444/v1/forward".into(),
+            expiration: "2030-01-01T00:00:00Z".into(),
+        })
+        .unwrap();
+        install(Held::Session(session));
+        assert!(!dir.join("k").exists(), "a session has no files");
+        assert!(key.session().is_some() && key.container_answer().is_none());
+        assert_eq!(key.kind(), Some(Kind::Gateway));
+        install(access_token("TOKEN.ONE", "2030-01-01T00:00:00Z"));
+        assert!(key.session().is_none());
+        assert!(dir.join("k/token").exists());
+        install(valid("AK2", "2030-01-01T00:00:00Z"));
+        assert!(dir.join("k/credentials").exists() && !dir.join("k/token").exists());
+        assert_eq!(key.kind(), Some(Kind::Aws));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn metrics_text() {
         let dir = root("metrics");
         let writer = Writer::new(&dir, 0o440);
@@ -467,7 +637,7 @@ mod tests {
              # TYPE keybroker_sidecar_refreshes_total counter\n\
              keybroker_sidecar_refreshes_total{apikey=\"uploader\"} 2\n\
              keybroker_sidecar_refreshes_total{apikey=\"idle\"} 0\n\
-             # HELP keybroker_sidecar_refresh_failures_total Failed refreshes, by reason (the broker's refusal reason, or BrokerUnreachable, BrokerTimeout, TokenUnreadable, MalformedResponse, InvalidCredentials, WriteFailed).\n\
+             # HELP keybroker_sidecar_refresh_failures_total Failed refreshes, by reason (the broker's refusal reason, or BrokerUnreachable, BrokerTimeout, TokenUnreadable, MalformedResponse, InvalidCredentials, InvalidSession, InvalidToken, WriteFailed).\n\
              # TYPE keybroker_sidecar_refresh_failures_total counter\n\
              keybroker_sidecar_refresh_failures_total{apikey=\"uploader\",reason=\"BrokerUnreachable\"} 2\n\
              # HELP keybroker_sidecar_credentials_removed_total Credentials removed before shutdown, by cause (revoked, refused, expired).\n\

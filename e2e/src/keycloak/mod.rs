@@ -97,18 +97,25 @@ impl Keycloak {
         let json = serde_json::to_vec_pretty(&realm.representation())?;
         write_private(&file, &json)?;
         let [http_port, management_port] = free_ports()?;
-        let mut rng = rand::rng();
+        // Not held across the start below: the thread's generator would make this future !Send.
+        let (admin_user, admin_password) = {
+            let mut rng = rand::rng();
+            (
+                format!(
+                    "kb-admin-{}",
+                    Alphanumeric.sample_string(&mut rng, 6).to_lowercase()
+                ),
+                Alphanumeric.sample_string(&mut rng, 32),
+            )
+        };
         let mut keycloak = Self {
             realm: realm.clone(),
             tools,
             dir: dir.to_owned(),
             http_port,
             management_port,
-            admin_user: format!(
-                "kb-admin-{}",
-                Alphanumeric.sample_string(&mut rng, 6).to_lowercase()
-            ),
-            admin_password: Alphanumeric.sample_string(&mut rng, 32),
+            admin_user,
+            admin_password,
             http: HttpClient::builder(TokioExecutor::new()).build_http(),
             server: None,
         };

@@ -42,6 +42,8 @@ enum ClientKind {
         /// An `oidc-audience-mapper` on the client itself for every resource server, so that
         /// every token of this client carries all of them, whatever its scopes.
         every_audience: bool,
+        /// Scopes every token of this client carries (default client scopes), asked for or not.
+        default_scopes: Vec<String>,
     },
     /// A resource server: an audience. It may introspect (only tokens addressed to it).
     ResourceServer,
@@ -99,6 +101,7 @@ impl Realm {
             ClientKind::Broker {
                 access_token_lifespan: lifespan,
                 every_audience: false,
+                default_scopes: Vec::new(),
             },
         ));
         self
@@ -112,6 +115,26 @@ impl Realm {
             ClientKind::Broker {
                 access_token_lifespan: lifespan,
                 every_audience: true,
+                default_scopes: Vec::new(),
+            },
+        ));
+        self
+    }
+
+    /// [`Realm::broker`] whose every token carries `scope` (a default client scope of the
+    /// client, as realms that give a client some scopes by default do), asked for or not.
+    pub fn broker_with_default_scope(
+        mut self,
+        client_id: &str,
+        lifespan: Duration,
+        scope: &str,
+    ) -> Self {
+        self.clients.push(Client::new(
+            client_id,
+            ClientKind::Broker {
+                access_token_lifespan: lifespan,
+                every_audience: false,
+                default_scopes: vec![scope.to_owned()],
             },
         ));
         self
@@ -192,11 +215,13 @@ impl Client {
         let mut attributes = BTreeMap::new();
         let mut protocol_mappers = Vec::new();
         let mut optional_client_scopes = Vec::new();
+        let mut default_client_scopes = vec![BASIC_SCOPE.to_owned()];
         let mut service_accounts_enabled = false;
         match &self.kind {
             ClientKind::Broker {
                 access_token_lifespan,
                 every_audience,
+                default_scopes,
             } => {
                 service_accounts_enabled = true;
                 attributes.insert("standard.token.exchange.enabled".into(), "true".into());
@@ -204,7 +229,12 @@ impl Client {
                     "access.token.lifespan".into(),
                     access_token_lifespan.as_secs().to_string(),
                 );
-                optional_client_scopes = scopes.to_vec();
+                optional_client_scopes = scopes
+                    .iter()
+                    .filter(|s| !default_scopes.contains(s))
+                    .cloned()
+                    .collect();
+                default_client_scopes.extend(default_scopes.iter().cloned());
                 if *every_audience {
                     protocol_mappers.extend(
                         resource_servers
@@ -233,7 +263,7 @@ impl Client {
             direct_access_grants_enabled: false,
             attributes,
             protocol_mappers,
-            default_client_scopes: vec![BASIC_SCOPE.to_owned()],
+            default_client_scopes,
             optional_client_scopes,
         }
     }

@@ -205,6 +205,7 @@ fn key_facts(tree: &Value, names: &[String], pod: &PodView) -> BTreeMap<String, 
                             String::new()
                         },
                     }),
+                    token_env: (h & 0x1000 != 0).then(|| "UPSTREAM_TOKEN_FILE".into()),
                 })
                 .map(|facts| (name.clone(), facts))
         })

@@ -20,10 +20,11 @@ use kube::{Api, ResourceExt};
 use tracing::info;
 
 use crate::budget::{BudgetError, Budgets, Counted};
-use crate::crd::{ApiKey, AwsProvider, KeyProvider};
+use crate::crd::{ApiKey, AwsProvider, KeyProvider, OAuth2Provider};
 use crate::metrics::Metrics;
 use crate::providers::aws::{self, mint};
 use crate::providers::gateway::session::{Claims, SessionKey};
+use crate::providers::oauth2::{self, scope::Narrowed};
 use crate::providers::{self, Kind};
 use crate::revocation;
 use crate::watch_cache_with;
@@ -473,6 +474,7 @@ impl Broker {
         let response = match providers::kind(&provider) {
             Ok(Kind::Aws(aws)) => self.mint(identity, name, aws, &grant).await?,
             Ok(Kind::Gateway(_)) => self.session(identity, name, &grant)?,
+            Ok(Kind::OAuth2(oauth2)) => self.token(oauth2, &grant).await?,
             Err(e) => {
                 return Err(ExchangeError::Denied(Denial::ApiKeyNotReady {
                     name: name.to_owned(),
@@ -523,6 +525,38 @@ impl Broker {
                 expiration: at(exp),
             }),
             refresh_at: at(now.as_second().saturating_add(ttl * 2 / 3)),
+            grant: grant.id.clone(),
+        })
+    }
+
+    /// An access token narrowed to the grant's audiences and scopes.
+    async fn token(
+        &self,
+        oauth2: &OAuth2Provider,
+        grant: &Grant,
+    ) -> Result<ExchangeResponse, ExchangeError> {
+        let narrowed = Narrowed::from_policy(&grant.session_policy).ok_or_else(|| {
+            ExchangeError::ProviderUnavailable("the grant holds no oauth2 scope".into())
+        })?;
+        let minted = oauth2::mint::mint(&self.client, oauth2, &narrowed, grant.ttl)
+            .await
+            .map_err(|e| match e {
+                oauth2::mint::MintError::Refused { code, message } => {
+                    ExchangeError::ProviderRefused { code, message }
+                }
+                oauth2::mint::MintError::Wider(detail) => ExchangeError::ProviderRefused {
+                    code: "TokenWiderThanApiKey".into(),
+                    message: detail,
+                },
+                oauth2::mint::MintError::Unavailable(detail) => {
+                    ExchangeError::ProviderUnavailable(detail)
+                }
+            })?;
+        Ok(ExchangeResponse {
+            credentials: None,
+            session: None,
+            token: Some(minted.token),
+            refresh_at: minted.refresh_at,
             grant: grant.id.clone(),
         })
     }

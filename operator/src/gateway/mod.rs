@@ -672,7 +672,8 @@ impl Gateway {
         let keys = check::key(&self.kube, gateway)
             .await
             .map_err(|e| unavailable(e.to_string()))?;
-        let client = check::client(gateway).map_err(unavailable)?;
+        let client =
+            crate::providers::http::client(gateway.ca_bundle.as_deref()).map_err(unavailable)?;
         let timeout = gateway
             .timeout
             .as_deref()

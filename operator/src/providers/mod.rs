@@ -6,15 +6,20 @@
 //! - `aws`: STS AssumeRole with a session policy per ApiKey (AWS, MinIO, Ceph RGW).
 //! - `gateway`: calls forwarded to an upstream API by keybroker's gateway, which adds the
 //!   upstream's key; the key never leaves the broker.
+//! - `oauth2`: access tokens from an identity provider, narrowed to each ApiKey by token
+//!   exchange.
 
 pub mod aws;
 pub mod gateway;
+pub mod http;
+pub mod oauth2;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 
 use crate::crd::{
-    ApiKeySpec, AwsProvider, GatewayProvider, KeyProvider, KeyProviderStatus, RotationStatus,
+    ApiKeySpec, AwsProvider, GatewayProvider, KeyProvider, KeyProviderStatus, OAuth2Provider,
+    RotationStatus,
 };
 use crate::policy::{self, Compiled, Refusal};
 use crate::status::ready_transition;
@@ -24,6 +29,7 @@ use crate::status::ready_transition;
 pub enum Kind<'a> {
     Aws(&'a AwsProvider),
     Gateway(&'a GatewayProvider),
+    OAuth2(&'a OAuth2Provider),
 }
 
 impl Kind<'_> {
@@ -32,6 +38,7 @@ impl Kind<'_> {
         match self {
             Kind::Aws(_) => "aws",
             Kind::Gateway(_) => "gateway",
+            Kind::OAuth2(_) => "oauth2",
         }
     }
 }
@@ -39,14 +46,16 @@ impl Kind<'_> {
 /// A KeyProvider that names no kind or several (the CRD's CEL rule refuses both; this is for
 /// objects written before it, or by a client that skipped validation).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("set exactly one provider kind in spec: aws or gateway")]
+#[error("set exactly one provider kind in spec: aws, gateway or oauth2")]
 pub struct NoKind;
 
 /// The kind `provider` names.
 pub fn kind(provider: &KeyProvider) -> Result<Kind<'_>, NoKind> {
-    match (&provider.spec.aws, &provider.spec.gateway) {
-        (Some(aws), None) => Ok(Kind::Aws(aws)),
-        (None, Some(gateway)) => Ok(Kind::Gateway(gateway)),
+    let spec = &provider.spec;
+    match (&spec.aws, &spec.gateway, &spec.oauth2) {
+        (Some(aws), None, None) => Ok(Kind::Aws(aws)),
+        (None, Some(gateway), None) => Ok(Kind::Gateway(gateway)),
+        (None, None, Some(oauth2)) => Ok(Kind::OAuth2(oauth2)),
         _ => Err(NoKind),
     }
 }
@@ -59,6 +68,8 @@ pub enum Problem {
     #[error(transparent)]
     Gateway(#[from] gateway::check::Problem),
     #[error(transparent)]
+    OAuth2(#[from] oauth2::token::Problem),
+    #[error(transparent)]
     NoKind(#[from] NoKind),
 }
 
@@ -68,6 +79,7 @@ impl Problem {
         match self {
             Problem::Aws(p) => p.summary(),
             Problem::Gateway(p) => p.to_string(),
+            Problem::OAuth2(p) => p.to_string(),
             Problem::NoKind(p) => p.to_string(),
         }
     }
@@ -76,6 +88,7 @@ impl Problem {
         match self {
             Problem::Aws(p) => p.reason(),
             Problem::Gateway(p) => p.reason(),
+            Problem::OAuth2(p) => p.reason(),
             Problem::NoKind(_) => "ProviderKindInvalid",
         }
     }
@@ -87,6 +100,7 @@ pub async fn verify(kube: &kube::Client, provider: &KeyProvider) -> Result<Strin
     match kind(provider)? {
         Kind::Aws(aws) => Ok(aws::check::verify(kube, aws).await?),
         Kind::Gateway(gateway) => Ok(gateway::check::verify(kube, gateway).await?),
+        Kind::OAuth2(oauth2) => Ok(oauth2::check::verify(kube, oauth2).await?),
     }
 }
 
@@ -95,6 +109,7 @@ pub fn describe_revocation(provider: &KeyProvider) -> &'static str {
     match kind(provider) {
         Ok(Kind::Aws(aws)) => aws::revoke::describe(aws.revocation),
         Ok(Kind::Gateway(_)) => gateway::REVOCATION,
+        Ok(Kind::OAuth2(_)) => oauth2::REVOCATION,
         Err(_) => "unknown until the provider names its kind",
     }
 }
@@ -155,9 +170,20 @@ pub fn compile(
         Ok(Kind::Gateway(_)) => {
             gateway::scope::compile(spec, &provider.spec.guardrails, namespace).map(|(c, _)| c)
         }
+        Ok(Kind::OAuth2(_)) => {
+            if spec.budget.is_some() {
+                return Err(not_for(
+                    "spec.budget",
+                    "gateway",
+                    "oauth2",
+                    "remove it (the provider's maxIssuancesPerMinute bounds issuances)",
+                ));
+            }
+            oauth2::scope::compile(spec, &provider.spec.guardrails, namespace).map(|(c, _)| c)
+        }
         Err(_) => Err(not_for(
             "spec.providerRef",
-            "aws or gateway",
+            "aws, gateway or oauth2",
             "neither",
             "ask the platform team to set exactly one kind in the KeyProvider",
         )),
@@ -183,6 +209,11 @@ pub async fn revoke(
             at_provider: true,
             answer: "nothing to revoke at the upstream: the gateway refuses the grant's sessions"
                 .into(),
+        }),
+        // Tokens already issued live out their (short) lifetime at resource servers.
+        Kind::OAuth2(_) => Ok(Outcome {
+            at_provider: false,
+            answer: "tokens already issued expire on their own; no new one is issued".into(),
         }),
     }
 }

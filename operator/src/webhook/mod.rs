@@ -281,12 +281,17 @@ impl Webhook {
             }),
             _ => None,
         };
+        let token_env = match kind {
+            Some(Kind::OAuth2(_)) => Some(inject::default_token_env(&key.name_any())),
+            _ => None,
+        };
         KeyFacts {
             service_account_names: key.spec.service_account_names.clone(),
             ready,
             revoked: key.spec.revoked,
             region,
             gateway,
+            token_env,
         }
     }
 }

@@ -2,12 +2,6 @@
 //! configured trust, and the key Secret holds a key. The upstream is not called: without an
 //! ApiKey's path there is nothing meaningful to ask it.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
@@ -92,41 +86,6 @@ pub fn origin(upstream: &str) -> Result<Origin, Problem> {
     }
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     Ok(Origin { https, host, port })
-}
-
-/// An HTTP client for the upstream: TLS trusting its CA bundle, or the system's roots.
-pub fn client<B>(
-    gateway: &GatewayProvider,
-) -> Result<Client<hyper_rustls::HttpsConnector<HttpConnector>, B>, String>
-where
-    B: hyper::body::Body + Send + Unpin + 'static,
-    B::Data: Send,
-{
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = match &gateway.ca_bundle {
-        None => hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(provider)
-            .map_err(|e| format!("TLS roots: {e}"))?,
-        Some(bundle) => {
-            let certificates = ca_certificates(bundle).map_err(|e| e.summary())?;
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add_parsable_certificates(certificates);
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| format!("TLS: {e}"))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
-        }
-    };
-    // No Nagle: a body's last segment must not wait for the upstream's delayed ACK.
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    let connector = builder.https_or_http().enable_http1().wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector))
 }
 
 /// Reads the current key from the provider's Secret. The error never contains the key.

@@ -95,6 +95,16 @@ pub struct KeyFacts {
     /// local gateway URL, and the path after the ApiKey's prefix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayFacts>,
+    /// For an ApiKey of an oauth2 provider: the env var set to the path of its token file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+}
+
+impl KeyFacts {
+    /// Whether the ApiKey is one of AWS credentials (the default while its provider is unknown).
+    fn is_aws(&self) -> bool {
+        self.gateway.is_none() && self.token_env.is_none()
+    }
 }
 
 /// How apps find a gateway ApiKey.
@@ -407,7 +417,7 @@ fn plan(
     // AWS SDKs follow one container-credentials endpoint: the first ApiKey of an aws provider.
     let first_aws = names
         .iter()
-        .find(|n| keys.get(n.as_str()).is_none_or(|k| k.gateway.is_none()));
+        .find(|n| keys.get(n.as_str()).is_none_or(KeyFacts::is_aws));
     let region = first_aws
         .and_then(|n| keys.get(n.as_str()))
         .and_then(|k| k.region.as_deref());
@@ -504,8 +514,9 @@ fn plan(
 }
 
 /// The env that points AWS SDKs at the sidecar's container-credentials endpoint for the first
-/// aws ApiKey (SDKs refresh from it by themselves) and at its provider's region, and apps at
-/// the sidecar's local gateway URL of every gateway ApiKey.
+/// aws ApiKey (SDKs refresh from it by themselves) and at its provider's region, apps at the
+/// sidecar's local gateway URL of every gateway ApiKey, and at the token file of every oauth2
+/// ApiKey.
 fn app_env(
     first_aws: Option<&str>,
     region: Option<&str>,
@@ -544,13 +555,32 @@ fn app_env(
                 ),
             ));
         }
+        if let Some(token_env) = &facts.token_env {
+            env.push((
+                token_env.clone(),
+                format!(
+                    "{CREDENTIALS_DIR}/{name}/{}",
+                    keybroker_contract::files::TOKEN
+                ),
+            ));
+        }
     }
     env
 }
 
+/// The env name for an oauth2 ApiKey's token file: `KEYBROKER_<NAME>_TOKEN_FILE`.
+pub fn default_token_env(api_key: &str) -> String {
+    format!("KEYBROKER_{}_TOKEN_FILE", env_part(api_key))
+}
+
 /// The default env name for a gateway ApiKey's local URL: `KEYBROKER_<NAME>_URL`.
 pub fn default_gateway_env(api_key: &str) -> String {
-    let upper: String = api_key
+    format!("KEYBROKER_{}_URL", env_part(api_key))
+}
+
+/// An ApiKey name as part of an env name: upper case, `_` for anything else.
+fn env_part(api_key: &str) -> String {
+    api_key
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() {
@@ -559,8 +589,7 @@ pub fn default_gateway_env(api_key: &str) -> String {
                 '_'
             }
         })
-        .collect();
-    format!("KEYBROKER_{upper}_URL")
+        .collect()
 }
 
 /// An init container that runs to completion (not a native sidecar).

@@ -80,8 +80,8 @@ impl Gitea {
         }
         let password = field("password").ok_or_else(|| bad("has no data key `password`"))?;
         let origin = check::origin(&gateway.upstream)?;
-        let client =
-            check::client(gateway).map_err(|detail| check::Problem::CaBundle { detail })?;
+        let client = crate::providers::http::client(gateway.ca_bundle.as_deref())
+            .map_err(|detail| check::Problem::CaBundle { detail })?;
         let authorization = format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))

@@ -1,0 +1,310 @@
+//! The oauth2 kind against a real Keycloak: a KeyProvider holding the broker's confidential
+//! client, ApiKeys asking for one audience and scope, the controller, the broker and the
+//! sidecar (a process, as in the gateway tests) writing the token files of the pod. The token
+//! the app reads is accepted by a resource server that introspects it at Keycloak and carries
+//! exactly the ApiKey's audience and scope; an ApiKey asking for more than the guardrails is
+//! refused with a reason naming it; a client whose tokens carry a scope not asked for (a default
+//! client scope) gets no token at all (the broker never hands out a wider one); a revoked ApiKey's files are
+//! gone; neither the client secret nor a token is in the sidecar's output.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+
+use keybroker_e2e::gateway_rig;
+use keybroker_e2e::keycloak::{Keycloak, Realm, jwt_claims};
+use keybroker_e2e::sidecar::binary;
+use keybroker_e2e::{eventually, in_namespace, shared_with_crds};
+use keybroker_operator::crd::{
+    ApiKey, ApiKeySpec, Guardrails, KeyProvider, KeyProviderSpec, OAuth2Provider, ProviderRef,
+    Scope, SecretRef,
+};
+
+const BROKER: &str = "keybroker";
+/// A broker client whose every token carries `billing:read` (and so `billing-api`), asked for
+/// or not.
+const WIDE: &str = "keybroker-wide";
+const REPORTS: &str = "reports-api";
+const BILLING: &str = "billing-api";
+const CLIENT_SECRET: &str = "keycloak-client";
+/// The ApiKey of the pod.
+const READER: &str = "reports";
+
+fn realm() -> Realm {
+    Realm::new("keybroker")
+        .resource_server(REPORTS, &["reports:read", "reports:write"])
+        .resource_server(BILLING, &["billing:read"])
+        .broker(BROKER, Duration::from_secs(60))
+        .broker_with_default_scope(WIDE, Duration::from_secs(60), "billing:read")
+        .introspector("introspector")
+}
+
+/// Labelled `e2e-scope=<ns>`, the KeyProviders the test's controller watches.
+fn provider(name: &str, ns: &str, issuer: String) -> KeyProvider {
+    let mut kp = KeyProvider::new(
+        name,
+        KeyProviderSpec {
+            aws: None,
+            gateway: None,
+            oauth2: Some(OAuth2Provider {
+                issuer,
+                ca_bundle: None,
+                client_secret_ref: SecretRef {
+                    namespace: ns.to_owned(),
+                    name: format!("{CLIENT_SECRET}-{name}"),
+                },
+            }),
+            namespace_selector: LabelSelector {
+                match_labels: Some([("kubernetes.io/metadata.name".into(), ns.into())].into()),
+                ..LabelSelector::default()
+            },
+            guardrails: Guardrails {
+                allowed_actions: vec!["reports:read".into(), "billing:read".into()],
+                allowed_resources: vec![REPORTS.into(), BILLING.into()],
+                default_ttl: None,
+                max_ttl: Some("15m".into()),
+                max_issuances_per_minute: None,
+                max_request_bytes: None,
+                max_requests_per_minute: None,
+                max_requests_per_day: None,
+            },
+        },
+    );
+    kp.metadata.labels = Some([("e2e-scope".to_owned(), ns.to_owned())].into());
+    kp
+}
+
+fn apikey(name: &str, provider: &str, scope: &str, audience: &str) -> ApiKey {
+    ApiKey::new(
+        name,
+        ApiKeySpec {
+            provider_ref: ProviderRef {
+                name: provider.into(),
+            },
+            service_account_names: vec!["app".into()],
+            scope: Scope {
+                actions: vec![scope.into()],
+                resources: vec![audience.into()],
+            },
+            ttl: None,
+            revoked: false,
+            budget: None,
+        },
+    )
+}
+
+async fn client_secret(
+    client: &kube::Client,
+    ns: &str,
+    provider: &str,
+    id: &str,
+    secret: &str,
+) -> anyhow::Result<()> {
+    let stored = Secret {
+        metadata: ObjectMeta {
+            name: Some(format!("{CLIENT_SECRET}-{provider}")),
+            ..ObjectMeta::default()
+        },
+        string_data: Some(
+            [
+                ("clientId".to_owned(), id.to_owned()),
+                ("clientSecret".to_owned(), secret.to_owned()),
+            ]
+            .into(),
+        ),
+        ..Secret::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &stored)
+        .await?;
+    Ok(())
+}
+
+/// The Ready condition of `key`: status, reason, message.
+async fn ready(api: &Api<ApiKey>, name: &str) -> Option<(String, String, String)> {
+    let key = api.get(name).await.ok()?;
+    let c = key
+        .status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")?;
+    Some((c.status, c.reason, c.message))
+}
+
+fn read(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_reads_a_token_narrowed_to_its_apikey_and_nothing_wider_is_ever_handed_out()
+-> anyhow::Result<()> {
+    keybroker_e2e::logs::capture();
+    let cluster = shared_with_crds().await?;
+    in_namespace(cluster, "oauth2", |client, ns| async move {
+        let realm = realm();
+        let keycloak = Keycloak::start_in(&keybroker_e2e::run_dir()?, &realm).await?;
+        let (name, wide_name) = (format!("keycloak-{ns}"), format!("keycloak-wide-{ns}"));
+        let broker_secret = realm.secret(BROKER)?.to_owned();
+        client_secret(&client, &ns, &name, BROKER, &broker_secret).await?;
+        client_secret(&client, &ns, &wide_name, WIDE, realm.secret(WIDE)?).await?;
+        Api::<KeyProvider>::all(client.clone())
+            .create(
+                &PostParams::default(),
+                &provider(&wide_name, &ns, keycloak.issuer()),
+            )
+            .await?;
+
+        // The pod's ApiKey, through the broker and the sidecar: the rig waits for the
+        // sidecar's /startupz, i.e. for the token files. (The rig's gateway is not used.)
+        let rig = gateway_rig::start(
+            cluster,
+            &binary().await?,
+            &client,
+            &ns,
+            ("unused-gateway-key", "unused"),
+            provider(&name, &ns, keycloak.issuer()),
+            vec![apikey(READER, &name, "reports:read", REPORTS)],
+        )
+        .await?;
+        let dir = rig.out.join(READER);
+        let token = read(&dir.join("token")).context("no token file")?;
+        let claims = jwt_claims(&token)?;
+        ensure!(
+            claims.aud.as_ref().map(|a| a.sorted()) == Some(vec![REPORTS]),
+            "{claims:?}"
+        );
+        ensure!(
+            claims.scope.as_deref() == Some("reports:read"),
+            "{claims:?}"
+        );
+        ensure!(claims.azp.as_deref() == Some(BROKER), "{claims:?}");
+        let json: serde_json::Value =
+            serde_json::from_str(&read(&dir.join("token.json")).context("no token.json")?)?;
+        ensure!(
+            json["token"] == token.as_str(),
+            "token.json holds another token"
+        );
+        ensure!(json["scope"] == "reports:read", "{}", json["scope"]);
+        ensure!(
+            json["audience"] == serde_json::json!([REPORTS]),
+            "{}",
+            json["audience"]
+        );
+        ensure!(
+            read(&dir.join("expiration")).is_some(),
+            "no expiration file"
+        );
+
+        // A resource server that checks with Keycloak accepts it, as the ApiKey's rights.
+        let seen = keycloak.introspect(&token).await?;
+        ensure!(seen.active, "Keycloak says the pod's token is inactive");
+        ensure!(
+            seen.claims.scope.as_deref() == Some("reports:read"),
+            "{seen:?}"
+        );
+
+        // Wider than the guardrails: refused by the controller, naming what to change.
+        let keys = Api::<ApiKey>::namespaced(client.clone(), &ns);
+        keys.create(
+            &PostParams::default(),
+            &apikey("writer", &name, "reports:write", REPORTS),
+        )
+        .await?;
+        let (status, reason, message) =
+            eventually("the writer ApiKey refused", Duration::from_secs(30), || {
+                ready(&keys, "writer")
+            })
+            .await?;
+        ensure!(
+            status == "False"
+                && reason == "ScopeExceedsGuardrails"
+                && message.contains(
+                    r#"scope "reports:write" is not within the provider's allowedActions"#
+                ),
+            "{status} {reason}: {message}"
+        );
+
+        // A client whose tokens carry a scope by default: the broker refuses to hand one out.
+        keys.create(
+            &PostParams::default(),
+            &apikey("wide", &wide_name, "reports:read", REPORTS),
+        )
+        .await?;
+        keybroker_e2e::fixtures::recorded_grant(&client, &ns, "wide", None).await?;
+        // The pod lists it too (annotations may change on a running pod).
+        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns)
+            .patch(
+                "app",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+                    "keybroker.dev/apikeys": format!("{READER},wide")}}})),
+            )
+            .await?;
+        let broker = keybroker_e2e::https::Client::new(
+            format!("127.0.0.1:{}", rig.broker_port).parse()?,
+            &rig.ca_cert,
+        )?;
+        let body = serde_json::to_vec(&keybroker_contract::wire::ExchangeRequest {
+            api_key: "wide".into(),
+        })?;
+        let refused = broker
+            .send("POST", "/v1/exchange", Some(&rig.pod_token), body)
+            .await?;
+        let text = String::from_utf8_lossy(&refused.body).into_owned();
+        ensure!(
+            refused.status.as_u16() == 502 && text.contains("ProviderRefused"),
+            "{} {text}",
+            refused.status
+        );
+        ensure!(
+            !text.contains("billing"),
+            "the provider's detail reached the pod: {text}"
+        );
+
+        // Revoked: the pod's files are gone.
+        keys.patch(
+            READER,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"revoked": true}})),
+        )
+        .await?;
+        eventually(
+            "the token files removed",
+            Duration::from_secs(10),
+            || async {
+                (!dir.join("token").exists() && !dir.join("token.json").exists()).then_some(())
+            },
+        )
+        .await?;
+
+        // The operator's log says why (the pod did not), with an audit record of the issuance;
+        // nothing secret in it, nor in what the sidecar printed.
+        let operator = keybroker_e2e::logs::captured();
+        ensure!(
+            operator.contains(r#"scope \"billing:read\" was not asked for"#),
+            "the operator's log does not say why the wide token was refused"
+        );
+        ensure!(
+            operator.lines().any(|l| l.contains("keybroker::audit")
+                && l.contains(READER)
+                && l.contains("issued")),
+            "no audit record of the issuance"
+        );
+        let sidecar = read(&rig.sidecar_log).unwrap_or_default();
+        ensure!(!sidecar.is_empty(), "no sidecar log captured");
+        for (what, value) in [
+            ("the client secret", broker_secret.as_str()),
+            ("the wide client's secret", realm.secret(WIDE)?),
+            ("the token", token.as_str()),
+        ] {
+            ensure!(!sidecar.contains(value), "{what} is in the sidecar's log");
+            ensure!(!operator.contains(value), "{what} is in the operator's log");
+        }
+        Ok(())
+    })
+    .await
+}
