@@ -42,10 +42,11 @@ fuzz: ## Coverage-guided fuzzing (AFL++) of every target: FUZZ_INPUTS (10^6) inp
 e2e: tools release-static ## End-to-end tests: each test binary starts its own control plane (and MinIO, and a node running keybroker's images where it needs pods)
 	$(CARGO) test --workspace --locked --test '*'
 
-bench: tools sidecar-static ## Benchmarks against a real control plane (controller vs. plain-client floor; broker vs. direct STS and under hostile load; webhook vs. a fixed-response floor and under hostile load; sidecar RSS/CPU/start-up/size; gateway calls vs. direct to the upstream; the revocation drill with 1,000 sidecars), as tables
+bench: tools sidecar-static ## Benchmarks against a real control plane (controller vs. plain-client floor; broker vs. direct STS and under hostile load; oauth2 tokens through the broker vs. direct token exchange at Keycloak; webhook vs. a fixed-response floor and under hostile load; sidecar RSS/CPU/start-up/size; gateway calls vs. direct to the upstream; the revocation drill with 1,000 sidecars), as tables
 	$(CARGO) build -q --release --locked -p keybroker-operator -p keybroker-e2e --bins
 	$(TARGET_DIR)/release/keybroker-bench controller
 	$(TARGET_DIR)/release/keybroker-bench broker
+	$(TARGET_DIR)/release/keybroker-bench oauth2
 	$(TARGET_DIR)/release/keybroker-bench webhook
 	$(TARGET_DIR)/release/keybroker-bench sidecar --sidecar $(STATIC_BIN)/keybroker-sidecar $(if $(IDLE_SECONDS),--idle-seconds $(IDLE_SECONDS))
 	$(TARGET_DIR)/release/keybroker-bench gateway --sidecar $(STATIC_BIN)/keybroker-sidecar

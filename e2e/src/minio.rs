@@ -154,6 +154,143 @@ impl Minio {
     }
 }
 
+/// A MinIO of its own that trusts an OpenID provider's tokens for `AssumeRoleWithWebIdentity`:
+/// a token whose `aud` (or `azp`) is its client id buys the rights of one MinIO policy (the
+/// role policy). It checks tokens offline (signature, expiry, audience), as resource servers
+/// that only check signatures do.
+#[derive(Debug)]
+pub struct OpenIdMinio {
+    /// `http://127.0.0.1:<port>`: S3 and STS.
+    pub endpoint: String,
+    pub root: Keys,
+    /// The role's ARN, as MinIO derives it from the client id.
+    pub role_arn: String,
+    _server: crate::process::Component,
+}
+
+/// The region the OpenID MinIO runs in (part of its role ARN).
+const OPENID_REGION: &str = "us-east-1";
+
+impl OpenIdMinio {
+    /// Starts MinIO in `dir` trusting tokens of `issuer` addressed to `client_id`, granting
+    /// MinIO policy `role_policy` (a built-in one such as `readonly`, or one created first).
+    pub async fn start(
+        dir: &Path,
+        issuer: &str,
+        client_id: &str,
+        role_policy: &str,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let tools = crate::tools::Tools::locate()?;
+        let dir = dir.join("minio-openid");
+        std::fs::create_dir_all(dir.join("certs"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let root = Keys::generate("ROOT");
+        let [port, console_port] = crate::cluster::free_ports()?;
+        let config_url = format!(
+            "{}/.well-known/openid-configuration",
+            issuer.trim_end_matches('/')
+        );
+        let client_secret = Keys::generate("").secret_access_key;
+        let env = [
+            ("MINIO_ROOT_USER", root.access_key_id.as_str()),
+            ("MINIO_ROOT_PASSWORD", root.secret_access_key.as_str()),
+            ("MINIO_BROWSER", "off"),
+            ("MINIO_UPDATE", "off"),
+            ("MINIO_SITE_REGION", OPENID_REGION),
+            ("MINIO_IDENTITY_OPENID_CONFIG_URL", config_url.as_str()),
+            ("MINIO_IDENTITY_OPENID_CLIENT_ID", client_id),
+            (
+                "MINIO_IDENTITY_OPENID_CLIENT_SECRET",
+                client_secret.as_str(),
+            ),
+            ("MINIO_IDENTITY_OPENID_ROLE_POLICY", role_policy),
+            ("NO_PROXY", "127.0.0.1,localhost"),
+        ];
+        let args = Minio::server_args(&dir, "127.0.0.1", port, console_port);
+        let mut server = crate::process::Component::spawn(
+            "minio-openid",
+            &tools.minio,
+            &args,
+            &env,
+            &dir.join("minio.log"),
+            crate::process::Lifetime::TiedToProcess,
+        )?;
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<hyper::body::Bytes>>();
+        let health = format!("{endpoint}/minio/health/ready");
+        server
+            .wait_ready(
+                "GET /minio/health/ready",
+                std::time::Duration::from_secs(60),
+                || crate::cluster::http_ok(&http, &health, None),
+            )
+            .await?;
+        // MinIO names the role after the client id (sha1, base64url), so it is known before.
+        let id = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            aws_lc_rs::digest::digest(
+                &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
+                client_id.as_bytes(),
+            ),
+        );
+        Ok(Self {
+            endpoint,
+            root,
+            role_arn: format!("arn:minio:iam:{OPENID_REGION}::role/{id}"),
+            _server: server,
+        })
+    }
+
+    /// An S3 client with the root user's keys (bucket setup).
+    pub fn root_client(&self) -> aws_sdk_s3::Client {
+        crate::fixtures::s3_client(
+            &self.endpoint,
+            &self.root.access_key_id,
+            &self.root.secret_access_key,
+            None,
+        )
+    }
+
+    /// `AssumeRoleWithWebIdentity` with `token`: an S3 client with the credentials it bought,
+    /// or MinIO's refusal (code and message).
+    pub async fn s3_for_token(&self, token: &str) -> Result<aws_sdk_s3::Client, String> {
+        let sts = aws_sdk_sts::Client::from_conf(
+            aws_sdk_sts::Config::builder()
+                .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
+                .region(aws_sdk_sts::config::Region::new(OPENID_REGION))
+                .endpoint_url(&self.endpoint)
+                .build(),
+        );
+        let answer = sts
+            .assume_role_with_web_identity()
+            .role_arn(&self.role_arn)
+            .role_session_name("e2e")
+            .web_identity_token(token)
+            .send()
+            .await
+            .map_err(|e| {
+                let e = e.into_service_error();
+                format!(
+                    "{}: {}",
+                    aws_sdk_sts::error::ProvideErrorMetadata::code(&e).unwrap_or("no code"),
+                    aws_sdk_sts::error::ProvideErrorMetadata::message(&e).unwrap_or("")
+                )
+            })?;
+        let creds = answer
+            .credentials
+            .ok_or_else(|| "no credentials in the answer".to_owned())?;
+        Ok(crate::fixtures::s3_client(
+            &self.endpoint,
+            &creds.access_key_id,
+            &creds.secret_access_key,
+            Some(&creds.session_token),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

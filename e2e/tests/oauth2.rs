@@ -3,7 +3,8 @@
 //! sidecar (a process, as in the gateway tests) writing the token files of the pod. The token
 //! the app reads is accepted by a resource server that introspects it at Keycloak and carries
 //! exactly the ApiKey's audience and scope; an ApiKey asking for more than the guardrails is
-//! refused with a reason naming it; a client whose tokens carry a scope not asked for (a default
+//! refused with a reason naming it; a MinIO trusting Keycloak sells the token read rights
+//! and nothing more, and refuses the pod's token for another audience; a client whose tokens carry a scope not asked for (a default
 //! client scope) gets no token at all (the broker never hands out a wider one); a revoked ApiKey's files are
 //! gone; neither the client secret nor a token is in the sidecar's output.
 
@@ -17,6 +18,7 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 
 use keybroker_e2e::gateway_rig;
 use keybroker_e2e::keycloak::{Keycloak, Realm, jwt_claims};
+use keybroker_e2e::minio::OpenIdMinio;
 use keybroker_e2e::sidecar::binary;
 use keybroker_e2e::{eventually, in_namespace, shared_with_crds};
 use keybroker_operator::crd::{
@@ -28,11 +30,15 @@ const BROKER: &str = "keybroker";
 /// A broker client whose every token carries `billing:read` (and so `billing-api`), asked for
 /// or not.
 const WIDE: &str = "keybroker-wide";
+/// A broker client with 10 s tokens: the outage steps.
+const SHORT: &str = "keybroker-short";
 const REPORTS: &str = "reports-api";
 const BILLING: &str = "billing-api";
 const CLIENT_SECRET: &str = "keycloak-client";
 /// The ApiKey of the pod.
 const READER: &str = "reports";
+/// Another ApiKey of the pod, for the billing audience.
+const BILLING_KEY: &str = "billing";
 
 fn realm() -> Realm {
     Realm::new("keybroker")
@@ -40,6 +46,7 @@ fn realm() -> Realm {
         .resource_server(BILLING, &["billing:read"])
         .broker(BROKER, Duration::from_secs(60))
         .broker_with_default_scope(WIDE, Duration::from_secs(60), "billing:read")
+        .broker(SHORT, Duration::from_secs(10))
         .introspector("introspector")
 }
 
@@ -146,17 +153,21 @@ async fn a_pod_reads_a_token_narrowed_to_its_apikey_and_nothing_wider_is_ever_ha
     let cluster = shared_with_crds().await?;
     in_namespace(cluster, "oauth2", |client, ns| async move {
         let realm = realm();
-        let keycloak = Keycloak::start_in(&keybroker_e2e::run_dir()?, &realm).await?;
+        let mut keycloak = Keycloak::start_in(&keybroker_e2e::run_dir()?, &realm).await?;
         let (name, wide_name) = (format!("keycloak-{ns}"), format!("keycloak-wide-{ns}"));
+        let short_name = format!("keycloak-short-{ns}");
         let broker_secret = realm.secret(BROKER)?.to_owned();
         client_secret(&client, &ns, &name, BROKER, &broker_secret).await?;
         client_secret(&client, &ns, &wide_name, WIDE, realm.secret(WIDE)?).await?;
-        Api::<KeyProvider>::all(client.clone())
-            .create(
-                &PostParams::default(),
-                &provider(&wide_name, &ns, keycloak.issuer()),
-            )
-            .await?;
+        client_secret(&client, &ns, &short_name, SHORT, realm.secret(SHORT)?).await?;
+        for provider_name in [&wide_name, &short_name] {
+            Api::<KeyProvider>::all(client.clone())
+                .create(
+                    &PostParams::default(),
+                    &provider(provider_name, &ns, keycloak.issuer()),
+                )
+                .await?;
+        }
 
         // The pod's ApiKey, through the broker and the sidecar: the rig waits for the
         // sidecar's /startupz, i.e. for the token files. (The rig's gateway is not used.)
@@ -167,7 +178,10 @@ async fn a_pod_reads_a_token_narrowed_to_its_apikey_and_nothing_wider_is_ever_ha
             &ns,
             ("unused-gateway-key", "unused"),
             provider(&name, &ns, keycloak.issuer()),
-            vec![apikey(READER, &name, "reports:read", REPORTS)],
+            vec![
+                apikey(READER, &name, "reports:read", REPORTS),
+                apikey("short", &short_name, "reports:read", REPORTS),
+            ],
         )
         .await?;
         let dir = rig.out.join(READER);
@@ -235,13 +249,19 @@ async fn a_pod_reads_a_token_narrowed_to_its_apikey_and_nothing_wider_is_ever_ha
         )
         .await?;
         keybroker_e2e::fixtures::recorded_grant(&client, &ns, "wide", None).await?;
-        // The pod lists it too (annotations may change on a running pod).
+        keys.create(
+            &PostParams::default(),
+            &apikey(BILLING_KEY, &name, "billing:read", BILLING),
+        )
+        .await?;
+        keybroker_e2e::fixtures::recorded_grant(&client, &ns, BILLING_KEY, None).await?;
+        // The pod lists them too (annotations may change on a running pod).
         Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns)
             .patch(
                 "app",
                 &PatchParams::default(),
                 &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
-                    "keybroker.dev/apikeys": format!("{READER},wide")}}})),
+                    "keybroker.dev/apikeys": format!("{READER},short,wide,{BILLING_KEY}")}}})),
             )
             .await?;
         let broker = keybroker_e2e::https::Client::new(
@@ -265,13 +285,102 @@ async fn a_pod_reads_a_token_narrowed_to_its_apikey_and_nothing_wider_is_ever_ha
             "the provider's detail reached the pod: {text}"
         );
 
-        // Revoked: the pod's files are gone.
+        // By use: a MinIO trusting Keycloak's tokens addressed to reports-api sells the pod's
+        // token its role's rights (read) and nothing more; a token of the same pod for another
+        // audience buys nothing.
+        let minio = OpenIdMinio::start(
+            &keybroker_e2e::run_dir()?,
+            &keycloak.issuer(),
+            REPORTS,
+            "readonly",
+        )
+        .await?;
+        let root = minio.root_client();
+        root.create_bucket().bucket("reports").send().await?;
+        root.put_object()
+            .bucket("reports")
+            .key("q1.csv")
+            .body(b"region,total\n".to_vec().into())
+            .send()
+            .await?;
+        let s3 = minio
+            .s3_for_token(&token)
+            .await
+            .map_err(|e| anyhow::anyhow!("MinIO refused the pod's token: {e}"))?;
+        let object = s3
+            .get_object()
+            .bucket("reports")
+            .key("q1.csv")
+            .send()
+            .await?;
+        ensure!(
+            object.body.collect().await?.into_bytes().as_ref() == b"region,total\n",
+            "the object read back differs"
+        );
+        let written = s3
+            .put_object()
+            .bucket("reports")
+            .key("q2.csv")
+            .body(b"x".to_vec().into())
+            .send()
+            .await;
+        let code = written.map_err(|e| e.into_service_error().meta().code().map(str::to_owned));
+        ensure!(
+            matches!(&code, Err(Some(c)) if c == "AccessDenied"),
+            "a write outside the role's policy was not denied: {code:?}"
+        );
+        let body = serde_json::to_vec(&keybroker_contract::wire::ExchangeRequest {
+            api_key: BILLING_KEY.into(),
+        })?;
+        let billing = broker
+            .send("POST", "/v1/exchange", Some(&rig.pod_token), body)
+            .await?;
+        ensure!(
+            billing.status.as_u16() == 200,
+            "no billing token: {}",
+            billing.status
+        );
+        let billing: keybroker_contract::wire::ExchangeResponse =
+            serde_json::from_slice(&billing.body)?;
+        let billing = billing
+            .token
+            .context("no token in the answer")?
+            .access_token;
+        let refusal = minio.s3_for_token(&billing).await.err();
+        ensure!(
+            refusal.is_some(),
+            "MinIO sold S3 rights to a token addressed to {BILLING}"
+        );
+        eprintln!("MinIO refused the {BILLING} token: {refusal:?}");
+
+        // Revoked: the pod's files are gone, and the token the test still holds (a client that
+        // cached it) is refused by the resource server that introspects: the broker revoked it
+        // at Keycloak.
+        let revoked_at = std::time::Instant::now();
         keys.patch(
             READER,
             &PatchParams::default(),
             &Patch::Merge(serde_json::json!({"spec": {"revoked": true}})),
         )
         .await?;
+        let inactive = eventually(
+            "the token inactive at Keycloak",
+            Duration::from_secs(10),
+            || async {
+                match keycloak.introspect(&token).await {
+                    Ok(seen) if !seen.active => Some(revoked_at.elapsed()),
+                    _ => None,
+                }
+            },
+        )
+        .await?;
+        eprintln!("the cached token was inactive at Keycloak {inactive:?} after the patch");
+        // A resource server that only checks signatures still takes it until it expires, as
+        // the README says.
+        ensure!(
+            minio.s3_for_token(&token).await.is_ok(),
+            "MinIO (offline checks) refused the revoked token before its expiry"
+        );
         eventually(
             "the token files removed",
             Duration::from_secs(10),
@@ -281,6 +390,45 @@ async fn a_pod_reads_a_token_narrowed_to_its_apikey_and_nothing_wider_is_ever_ha
         )
         .await?;
 
+        // Keycloak stopped: the sidecar keeps the last valid token until it expires, then
+        // removes it, and writes a new one once Keycloak is back.
+        let short = rig.out.join("short").join("token");
+        let held = read(&short).context("no token for the short ApiKey")?;
+        let expires = jwt_claims(&held)?.exp.context("no exp")?;
+        keycloak.stop();
+        let stopped = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        eventually(
+            "the short token removed at its expiry",
+            Duration::from_secs(30),
+            || async { (!short.exists()).then_some(()) },
+        )
+        .await?;
+        let removed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        ensure!(
+            removed + 1 >= expires,
+            "the token was removed {}s before its expiry",
+            expires - removed
+        );
+        eprintln!(
+            "Keycloak down: the last token was kept {}s, until its expiry",
+            removed.saturating_sub(stopped)
+        );
+        keycloak.start().await?;
+        let fresh = eventually(
+            "a new short token after the outage",
+            Duration::from_secs(90),
+            || async { read(&short).filter(|t| *t != held) },
+        )
+        .await?;
+        ensure!(
+            keycloak.introspect(&fresh).await?.active,
+            "the token after the outage is inactive"
+        );
+
         // The operator's log says why (the pod did not), with an audit record of the issuance;
         // nothing secret in it, nor in what the sidecar printed.
         let operator = keybroker_e2e::logs::captured();
@@ -288,12 +436,22 @@ async fn a_pod_reads_a_token_narrowed_to_its_apikey_and_nothing_wider_is_ever_ha
             operator.contains(r#"scope \"billing:read\" was not asked for"#),
             "the operator's log does not say why the wide token was refused"
         );
-        ensure!(
-            operator.lines().any(|l| l.contains("keybroker::audit")
-                && l.contains(READER)
-                && l.contains("issued")),
-            "no audit record of the issuance"
-        );
+        let jti = claims.jti.clone().context("the token has no jti")?;
+        for (what, message) in [
+            ("issuance", "oauth2 token issued"),
+            (
+                "revocation",
+                "oauth2 token revoked at the identity provider",
+            ),
+        ] {
+            ensure!(
+                operator.lines().any(|l| l.contains("keybroker::audit")
+                    && l.contains(message)
+                    && l.contains(&jti)
+                    && l.contains(READER)),
+                "no audit record of the {what} naming the token's jti"
+            );
+        }
         let sidecar = read(&rig.sidecar_log).unwrap_or_default();
         ensure!(!sidecar.is_empty(), "no sidecar log captured");
         for (what, value) in [

@@ -271,7 +271,7 @@ pub struct SecretRef {
 }
 
 /// What any ApiKey using the provider may ask for.
-#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Guardrails {
     /// Actions an ApiKey may request, e.g. `s3:GetObject`; `*` and `?` wildcards allowed. An

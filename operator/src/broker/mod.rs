@@ -8,6 +8,7 @@ pub mod authz;
 pub mod pollers;
 pub mod server;
 
+use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,7 +25,8 @@ use crate::crd::{ApiKey, AwsProvider, KeyProvider, OAuth2Provider};
 use crate::metrics::Metrics;
 use crate::providers::aws::{self, mint};
 use crate::providers::gateway::session::{Claims, SessionKey};
-use crate::providers::oauth2::{self, scope::Narrowed};
+use crate::providers::oauth2::issued::{Issued, Token as IssuedToken};
+use crate::providers::oauth2::{self, mint::Minter, scope::Narrowed};
 use crate::providers::{self, Kind};
 use crate::revocation;
 use crate::watch_cache_with;
@@ -158,6 +160,11 @@ pub struct Broker {
     metrics: Arc<Metrics>,
     /// Where gateway sessions are used, and the key that signs them (see [`Broker::link_gateway`]).
     gateway: std::sync::OnceLock<GatewayLink>,
+    /// The oauth2 tokens this replica handed out, revoked at the identity provider once their
+    /// grant is withdrawn.
+    issued: Arc<Issued>,
+    /// Mints oauth2 tokens, reusing per provider what can be.
+    minter: Arc<Minter>,
 }
 
 /// What the broker needs to issue gateway sessions: the gateway's URL as pods reach it, and
@@ -201,16 +208,23 @@ impl Broker {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let pollers = Arc::new(Pollers::default());
+        let issued = Arc::new(Issued::default());
+        let minter = Arc::new(Minter::new(client.clone()));
         let keys = {
-            let pollers = Arc::clone(&pollers);
+            let (pollers, issued) = (Arc::clone(&pollers), Arc::clone(&issued));
             watch_cache_with(
                 Api::<ApiKey>::all(client.clone()),
                 watcher::Config::default(),
                 move |key: Option<&ApiKey>| match key {
                     Some(key) => {
-                        pollers.wake(&key.namespace().unwrap_or_default(), &key.name_any())
+                        let (ns, name) = (key.namespace().unwrap_or_default(), key.name_any());
+                        pollers.wake(&ns, &name);
+                        issued.changed(Some((&ns, &name)));
                     }
-                    None => pollers.wake_where(|_, _| true),
+                    None => {
+                        pollers.wake_where(|_, _| true);
+                        issued.changed(None);
+                    }
                 },
             )
         };
@@ -274,7 +288,10 @@ impl Broker {
             pollers,
             metrics,
             gateway: std::sync::OnceLock::new(),
+            issued: Arc::clone(&issued),
+            minter: Arc::clone(&minter),
         });
+        tokio::spawn(revoke_withdrawn_tokens(broker.keys.clone(), issued, minter));
         let _ = tokio::join!(
             broker.keys.wait_until_ready(),
             broker.providers.wait_until_ready(),
@@ -474,7 +491,7 @@ impl Broker {
         let response = match providers::kind(&provider) {
             Ok(Kind::Aws(aws)) => self.mint(identity, name, aws, &grant).await?,
             Ok(Kind::Gateway(_)) => self.session(identity, name, &grant)?,
-            Ok(Kind::OAuth2(oauth2)) => self.token(oauth2, &grant).await?,
+            Ok(Kind::OAuth2(oauth2)) => self.token(identity, name, oauth2, &grant).await?,
             Err(e) => {
                 return Err(ExchangeError::Denied(Denial::ApiKeyNotReady {
                     name: name.to_owned(),
@@ -529,16 +546,21 @@ impl Broker {
         })
     }
 
-    /// An access token narrowed to the grant's audiences and scopes.
+    /// An access token narrowed to the grant's audiences and scopes, remembered for its
+    /// revocation.
     async fn token(
         &self,
+        identity: &PodIdentity,
+        name: &str,
         oauth2: &OAuth2Provider,
         grant: &Grant,
     ) -> Result<ExchangeResponse, ExchangeError> {
         let narrowed = Narrowed::from_policy(&grant.session_policy).ok_or_else(|| {
             ExchangeError::ProviderUnavailable("the grant holds no oauth2 scope".into())
         })?;
-        let minted = oauth2::mint::mint(&self.client, oauth2, &narrowed, grant.ttl)
+        let minted = self
+            .minter
+            .mint(oauth2, &narrowed, grant.ttl)
             .await
             .map_err(|e| match e {
                 oauth2::mint::MintError::Refused { code, message } => {
@@ -552,6 +574,34 @@ impl Broker {
                     ExchangeError::ProviderUnavailable(detail)
                 }
             })?;
+        info!(
+            target: "keybroker::audit",
+            outcome = "issued",
+            api_key = name,
+            namespace = %identity.namespace,
+            pod = %identity.pod_name,
+            provider = %grant.provider,
+            grant = %grant.id,
+            idp_client = %minted.client,
+            token_id = %minted.id,
+            audiences = %minted.token.audience.join(" "),
+            scopes = %minted.token.scope.join(" "),
+            expiration = %minted.token.expiration,
+            "oauth2 token issued"
+        );
+        self.issued.record(
+            &identity.namespace,
+            name,
+            IssuedToken {
+                grant: grant.id.clone(),
+                pod: identity.pod_name.clone(),
+                id: minted.id,
+                token: minted.token.access_token.clone(),
+                expires: minted.expires,
+                provider: oauth2.clone(),
+            },
+            k8s_openapi::jiff::Timestamp::now().as_second(),
+        );
         Ok(ExchangeResponse {
             credentials: None,
             session: None,
@@ -657,6 +707,52 @@ pub enum PollAnswer {
     Revoked,
     /// The ApiKey's rights changed; credentials of the new grant can be fetched.
     Renew,
+}
+
+/// Revocations sent to identity providers at once, so an ApiKey of many pods is cut off in one
+/// round trip or a few.
+const REVOCATIONS_AT_ONCE: usize = 16;
+
+/// Revokes at the identity provider, as soon as the ApiKey cache shows it, every oauth2 token
+/// this replica handed out whose ApiKey no longer holds the token's grant (revoked, deleted, or
+/// its rights changed). Runs as long as the process.
+async fn revoke_withdrawn_tokens(keys: Store<ApiKey>, issued: Arc<Issued>, minter: Arc<Minter>) {
+    loop {
+        issued.wake.notified().await;
+        for (ns, name) in issued.take_changed() {
+            let key = keys.get(&ObjectRef::new(&name).within(&ns));
+            let valid = key
+                .as_deref()
+                .filter(|k| !k.spec.revoked)
+                .and_then(recorded_grant);
+            let now = k8s_openapi::jiff::Timestamp::now().as_second();
+            let withdrawn = issued.withdraw(&ns, &name, valid, now);
+            futures::stream::iter(withdrawn)
+                .for_each_concurrent(REVOCATIONS_AT_ONCE, |token| {
+                    let (minter, ns, name) = (&minter, &ns, &name);
+                    async move {
+                        let outcome = minter.revoke(&token.provider, &token.token).await;
+                        let (result, detail) = match &outcome {
+                            Ok(()) => ("revoked", String::new()),
+                            Err(e) => ("failed", e.to_string()),
+                        };
+                        info!(
+                            target: "keybroker::audit",
+                            outcome = "revoked",
+                            result,
+                            api_key = %name,
+                            namespace = %ns,
+                            pod = %token.pod,
+                            grant = %token.grant,
+                            token_id = %token.id,
+                            detail,
+                            "oauth2 token revoked at the identity provider"
+                        );
+                    }
+                })
+                .await;
+        }
+    }
 }
 
 /// The grant the controller recorded for `key`, if any.

@@ -210,10 +210,11 @@ pub async fn revoke(
             answer: "nothing to revoke at the upstream: the gateway refuses the grant's sessions"
                 .into(),
         }),
-        // Tokens already issued live out their (short) lifetime at resource servers.
+        // The broker replicas hold the tokens they issued and revoke them at the identity
+        // provider as soon as their caches see the grant withdrawn (`oauth2::issued`).
         Kind::OAuth2(_) => Ok(Outcome {
-            at_provider: false,
-            answer: "tokens already issued expire on their own; no new one is issued".into(),
+            at_provider: true,
+            answer: "the broker replicas that issued the grant's tokens revoke them at the identity provider (RFC 7009)".into(),
         }),
     }
 }

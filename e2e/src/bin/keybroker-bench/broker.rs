@@ -13,7 +13,7 @@ use keybroker_operator::crd::ApiKey;
 use super::*;
 
 pub(crate) async fn broker(requests: usize, operator: &PathBuf) -> anyhow::Result<()> {
-    use keybroker_e2e::{fixtures, https, pki};
+    use keybroker_e2e::fixtures;
     let operator = std::path::absolute(operator)?;
     ensure!(
         operator.exists(),
@@ -43,34 +43,7 @@ pub(crate) async fn broker(requests: usize, operator: &PathBuf) -> anyhow::Resul
     )
     .await?;
 
-    let ca = pki::Ca::create(&dir, "bench-ca")?;
-    let serving = ca.issue_server(&dir, "broker", &["127.0.0.1"])?;
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let mut component = Component::spawn(
-        "keybroker-operator",
-        &operator,
-        &[
-            "--roles=broker".into(),
-            // Issuance counts go to ConfigMaps of the operator's namespace.
-            "--namespace=default".into(),
-            format!("--broker-addr={addr}"),
-            "--metrics-addr=127.0.0.1:0".into(),
-            // The image the stored pods' sidecar runs: the broker serves only injected pods.
-            format!("--sidecar-image={}", fixtures::SIDECAR_IMAGE),
-            format!("--tls-cert-file={}", serving.cert.display()),
-            format!("--tls-key-file={}", serving.key.display()),
-        ],
-        &[
-            (
-                "KUBECONFIG",
-                cluster.kubeconfig.to_str().context("kubeconfig path")?,
-            ),
-            ("RUST_LOG", "warn"),
-        ],
-        &dir.join("broker.log"),
-        Lifetime::TiedToProcess,
-    )?;
-    let client_https = https::Client::new(addr, &ca.cert)?;
+    let (mut component, addr, client_https) = spawn_broker(&dir, &cluster, &operator)?;
     let body = serde_json::to_vec(&serde_json::json!({"apiKey": "uploader"}))?;
     component
         .wait_ready("the first exchange", Duration::from_secs(60), || async {
@@ -116,15 +89,7 @@ pub(crate) async fn broker(requests: usize, operator: &PathBuf) -> anyhow::Resul
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .session_policy;
 
-    println!();
-    println!(
-        "| {:<22} | {:>5} | {:>9} | {:>10} | {:>10} | {:>10} |",
-        "path", "conc.", "requests", "req/s", "p50 ms", "p99 ms"
-    );
-    println!(
-        "|{:-<24}|{:->7}|{:->11}|{:->12}|{:->12}|{:->12}|",
-        "", "", "", "", "", ""
-    );
+    load_table_header();
     let mut summary = Vec::new();
     for level in LEVELS {
         let (sts_for_load, policy_for_load) = (sts.clone(), policy.clone());
@@ -143,52 +108,9 @@ pub(crate) async fn broker(requests: usize, operator: &PathBuf) -> anyhow::Resul
             }
         })
         .await?;
-        let brokered = {
-            let connections = futures::future::try_join_all((0..level).map(|worker| {
-                // One pod per worker, each with its own address (the broker caps
-                // exchanges in flight per client).
-                let client =
-                    client_https.from_source(std::net::IpAddr::from([127, 0, 1, 1 + worker as u8]));
-                async move { client.connect().await }
-            }))
-            .await?;
-            let connections: Vec<_> = connections
-                .into_iter()
-                .map(tokio::sync::Mutex::new)
-                .collect();
-            let connections = std::sync::Arc::new(connections);
-            let (token, body) = (token.clone(), body.clone());
-            load(level, requests, move |worker| {
-                let (connections, token, body) = (
-                    std::sync::Arc::clone(&connections),
-                    token.clone(),
-                    body.clone(),
-                );
-                async move {
-                    let mut conn = connections[worker].lock().await;
-                    let reply = conn
-                        .send("POST", "/v1/exchange", Some(&token), body)
-                        .await?;
-                    ensure!(
-                        reply.status == 200,
-                        "exchange failed: {} {}",
-                        reply.status,
-                        String::from_utf8_lossy(&reply.body)
-                    );
-                    Ok(())
-                }
-            })
-            .await?
-        };
-        for (path, r) in [
-            ("direct AssumeRole", &direct),
-            ("broker exchange (TLS)", &brokered),
-        ] {
-            println!(
-                "| {:<22} | {:>5} | {:>9} | {:>10.0} | {:>10.2} | {:>10.2} |",
-                path, level, requests, r.rate, r.p50_ms, r.p99_ms
-            );
-        }
+        let brokered = brokered_load(level, requests, &client_https, &token, &body).await?;
+        load_table_row("direct AssumeRole", level, requests, &direct);
+        load_table_row("broker exchange (TLS)", level, requests, &brokered);
         summary.push((
             level,
             brokered.p50_ms - direct.p50_ms,
@@ -259,4 +181,92 @@ pub(crate) async fn broker(requests: usize, operator: &PathBuf) -> anyhow::Resul
     drop(cluster);
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
+}
+
+/// The release operator as the broker alone (`--roles=broker`), serving TLS on a free port of
+/// 127.0.0.1 with a certificate of a fresh CA; the process, its address, and a client trusting
+/// that CA.
+pub(crate) fn spawn_broker(
+    dir: &std::path::Path,
+    cluster: &Cluster,
+    operator: &std::path::Path,
+) -> anyhow::Result<(
+    Component,
+    std::net::SocketAddr,
+    keybroker_e2e::https::Client,
+)> {
+    use keybroker_e2e::{fixtures, https, pki};
+    let ca = pki::Ca::create(dir, "bench-ca")?;
+    let serving = ca.issue_server(dir, "broker", &["127.0.0.1"])?;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let component = Component::spawn(
+        "keybroker-operator",
+        operator,
+        &[
+            "--roles=broker".into(),
+            // Issuance counts go to ConfigMaps of the operator's namespace.
+            "--namespace=default".into(),
+            format!("--broker-addr={addr}"),
+            "--metrics-addr=127.0.0.1:0".into(),
+            // The image the stored pods' sidecar runs: the broker serves only injected pods.
+            format!("--sidecar-image={}", fixtures::SIDECAR_IMAGE),
+            format!("--tls-cert-file={}", serving.cert.display()),
+            format!("--tls-key-file={}", serving.key.display()),
+        ],
+        &[
+            (
+                "KUBECONFIG",
+                cluster.kubeconfig.to_str().context("kubeconfig path")?,
+            ),
+            ("RUST_LOG", "warn"),
+        ],
+        &dir.join("broker.log"),
+        Lifetime::TiedToProcess,
+    )?;
+    Ok((component, addr, https::Client::new(addr, &ca.cert)?))
+}
+
+/// `requests` exchanges of ApiKey `body` with pod `token` on `level` workers, each its own
+/// connection from its own address (the broker caps exchanges in flight per client, as for
+/// pods).
+pub(crate) async fn brokered_load(
+    level: usize,
+    requests: usize,
+    client_https: &keybroker_e2e::https::Client,
+    token: &str,
+    body: &[u8],
+) -> anyhow::Result<LoadResult> {
+    let connections = futures::future::try_join_all((0..level).map(|worker| {
+        let client =
+            client_https.from_source(std::net::IpAddr::from([127, 0, 1, 1 + worker as u8]));
+        async move { client.connect().await }
+    }))
+    .await?;
+    let connections: Vec<_> = connections
+        .into_iter()
+        .map(tokio::sync::Mutex::new)
+        .collect();
+    let connections = std::sync::Arc::new(connections);
+    let (token, body) = (token.to_owned(), body.to_vec());
+    load(level, requests, move |worker| {
+        let (connections, token, body) = (
+            std::sync::Arc::clone(&connections),
+            token.clone(),
+            body.clone(),
+        );
+        async move {
+            let mut conn = connections[worker].lock().await;
+            let reply = conn
+                .send("POST", "/v1/exchange", Some(&token), body)
+                .await?;
+            ensure!(
+                reply.status == 200,
+                "exchange failed: {} {}",
+                reply.status,
+                String::from_utf8_lossy(&reply.body)
+            );
+            Ok(())
+        }
+    })
+    .await
 }

@@ -15,6 +15,9 @@
 //! the app calling go-httpbin directly: small and 1 MiB bodies, p50/p99 and throughput; the
 //! sidecar's RSS and its memory per idle keep-alive connection.
 //!
+//! `oauth2`: tokens of an oauth2 ApiKey through the broker vs. the same RFC 8693 exchange sent
+//! to Keycloak directly, at several concurrencies, with the CPU per token of each process.
+//!
 //! `webhook`: AdmissionReviews (1- and 50-container pods) through the webhook vs. a minimal
 //! hyper+rustls server answering a fixed response, at several concurrencies and at 1,000 req/s.
 
@@ -33,6 +36,7 @@ mod broker;
 mod controller;
 mod gateway;
 mod hostile;
+mod oauth2;
 mod revocation;
 mod sidecar;
 mod webhook;
@@ -64,6 +68,16 @@ enum Bench {
     Broker {
         /// Requests per concurrency level.
         #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        /// The operator binary (built with `cargo build --release`).
+        #[arg(long, default_value = "target/release/keybroker-operator")]
+        operator: PathBuf,
+    },
+    /// Tokens of an oauth2 ApiKey through the broker vs. the same exchange sent to Keycloak
+    /// directly.
+    Oauth2 {
+        /// Requests per concurrency level.
+        #[arg(long, default_value_t = 1000)]
         requests: usize,
         /// The operator binary (built with `cargo build --release`).
         #[arg(long, default_value = "target/release/keybroker-operator")]
@@ -145,6 +159,7 @@ async fn main() -> anyhow::Result<()> {
             idle_seconds,
             starts,
         } => sidecar::sidecar_bench(&sidecar, idle_seconds, starts).await,
+        Bench::Oauth2 { requests, operator } => oauth2::oauth2(requests, &operator).await,
         Bench::Webhook { requests, operator } => webhook::webhook(requests, &operator).await,
         Bench::Gateway { sidecar } => gateway::gateway(&sidecar).await,
         Bench::Revocation {
@@ -203,6 +218,27 @@ fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+/// The header of a table of [`load`] results.
+fn load_table_header() {
+    println!();
+    println!(
+        "| {:<24} | {:>5} | {:>9} | {:>10} | {:>10} | {:>10} |",
+        "path", "conc.", "requests", "req/s", "p50 ms", "p99 ms"
+    );
+    println!(
+        "|{:-<26}|{:->7}|{:->11}|{:->12}|{:->12}|{:->12}|",
+        "", "", "", "", "", ""
+    );
+}
+
+/// One row of a table of [`load`] results.
+fn load_table_row(path: &str, level: usize, requests: usize, r: &LoadResult) {
+    println!(
+        "| {:<24} | {:>5} | {:>9} | {:>10.0} | {:>10.2} | {:>10.2} |",
+        path, level, requests, r.rate, r.p50_ms, r.p99_ms
+    );
 }
 
 struct LoadResult {

@@ -2,17 +2,24 @@
 //! credentials), then exchanges it (RFC 8693) for one with only the ApiKey's audiences and
 //! scopes. Identity providers do not all narrow by themselves (Keycloak grants an exchange any
 //! scope the client may have), so the broker checks what came back and hands out nothing wider
-//! than asked for, nor longer-lived than the ApiKey's ttl.
+//! than asked for, nor longer-lived than the ApiKey's ttl. What can be reused (the discovery
+//! document, the client Secret, the broker's own token, pooled connections) is, so an
+//! issuance costs one call to the identity provider.
 
-use std::collections::BTreeSet;
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use keybroker_contract::wire::AccessToken;
 
 use super::scope::Narrowed;
-use super::token::{self, ACCESS_TOKEN_TYPE, TOKEN_EXCHANGE, TokenAnswer, TokenError};
+use tokio::sync::Mutex;
+
+use super::token::{
+    self, ACCESS_TOKEN_TYPE, ClientAuth, Idp, TOKEN_EXCHANGE, TokenAnswer, TokenError,
+};
 use crate::crd::OAuth2Provider;
 
 /// Why no token was minted. `Refused` and `Unavailable` carry the identity provider's words,
@@ -40,58 +47,264 @@ impl From<TokenError> for MintError {
     }
 }
 
-/// A token for the pod, and when the sidecar should fetch the next one.
+/// A token for the pod, when the sidecar should fetch the next one, and what the audit record
+/// and a later revocation need.
 #[derive(Debug)]
 pub struct Minted {
     pub token: AccessToken,
     pub refresh_at: String,
+    /// Unix seconds.
+    pub expires: i64,
+    /// The JWT's `jti`; empty for an opaque token.
+    pub id: String,
+    /// The broker's client at the identity provider.
+    pub client: String,
 }
 
-/// Mints a token narrowed to `narrowed`, living at most `max_ttl`.
-pub async fn mint(
-    kube: &kube::Client,
-    oauth2: &OAuth2Provider,
-    narrowed: &Narrowed,
-    max_ttl: Duration,
-) -> Result<Minted, MintError> {
-    let unavailable = |p: token::Problem| MintError::Unavailable(p.to_string());
-    let idp = token::discover(oauth2).await.map_err(unavailable)?;
-    let client = token::client_auth(kube, &oauth2.client_secret_ref)
-        .await
-        .map_err(unavailable)?;
-    let own = idp
-        .token(&client, &[("grant_type", "client_credentials")])
-        .await?;
-    let scope = narrowed.scopes.join(" ");
-    let mut form = vec![
-        ("grant_type", TOKEN_EXCHANGE),
-        ("subject_token", own.access_token.as_str()),
-        ("subject_token_type", ACCESS_TOKEN_TYPE),
-        ("requested_token_type", ACCESS_TOKEN_TYPE),
-        ("scope", scope.as_str()),
-    ];
-    for audience in &narrowed.audiences {
-        form.push(("audience", audience.as_str()));
+/// How long a provider's discovery document and client Secret are reused: a rotated client
+/// secret or a moved endpoint is picked up within this (at once when the provider refuses).
+const SESSION_TTL: Duration = Duration::from_secs(60);
+/// How long a failure to reach the identity provider is answered from memory, so a burst of
+/// exchanges waiting for an unreachable provider is not queued behind one timeout each.
+const FAILURE_TTL: Duration = Duration::from_secs(1);
+
+/// The OAuth2 errors that may mean a cached part went stale (the client secret, the broker's
+/// own token), so the exchange is tried once more with fresh ones; any other refusal is the
+/// ApiKey's and stands.
+const STALE: [&str; 3] = ["invalid_client", "invalid_grant", "invalid_token"];
+
+/// What the broker reuses between issuances of one provider: the identity provider (its
+/// endpoints and a pooled HTTP client), the broker's client, and the broker's own token until
+/// two thirds of its life. An issuance is then one token exchange.
+struct Session {
+    idp: Idp,
+    client: ClientAuth,
+    made: Instant,
+    own: Option<(String, Instant)>,
+}
+
+/// One provider's cache slot; its lock is held while the slot is filled, so a burst of
+/// issuances makes one discovery and one client-credentials call, and other providers never
+/// wait on it.
+#[derive(Default)]
+struct Slot {
+    session: Option<Session>,
+    failed: Option<(Instant, MintError)>,
+}
+
+/// The identity provider's configuration a cache slot is for: a changed issuer, CA or client
+/// Secret is another slot.
+type SlotKey = (String, Option<String>, String, String);
+
+/// Mints tokens for every oauth2 provider, caching per provider what can be reused.
+pub struct Minter {
+    kube: kube::Client,
+    slots: std::sync::Mutex<HashMap<SlotKey, Arc<Mutex<Slot>>>>,
+}
+
+impl std::fmt::Debug for Minter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Minter").finish_non_exhaustive()
     }
-    let exchanged = idp.token(&client, &form).await?;
-    let now = k8s_openapi::jiff::Timestamp::now().as_second();
-    let lifetime = check(&exchanged, narrowed, max_ttl, now)?;
-    let at = |secs: i64| {
-        k8s_openapi::jiff::Timestamp::from_second(secs)
-            .map(|t| t.to_string())
-            .unwrap_or_default()
-    };
-    let lifetime = i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX / 4);
-    Ok(Minted {
-        token: AccessToken {
-            access_token: exchanged.access_token,
-            token_type: "Bearer".into(),
-            expiration: at(now.saturating_add(lifetime)),
-            scope: narrowed.scopes.clone(),
-            audience: narrowed.audiences.clone(),
-        },
-        refresh_at: at(now.saturating_add(lifetime * 2 / 3)),
-    })
+}
+
+impl Minter {
+    pub fn new(kube: kube::Client) -> Self {
+        Self {
+            kube,
+            slots: std::sync::Mutex::default(),
+        }
+    }
+
+    fn slot(&self, oauth2: &OAuth2Provider) -> Arc<Mutex<Slot>> {
+        let key = (
+            oauth2.issuer.clone(),
+            oauth2.ca_bundle.clone(),
+            oauth2.client_secret_ref.namespace.clone(),
+            oauth2.client_secret_ref.name.clone(),
+        );
+        let Ok(mut slots) = self.slots.lock() else {
+            return Arc::default();
+        };
+        if !slots.contains_key(&key) {
+            // Slots of providers no longer used are dropped once nothing is filling them.
+            slots.retain(|_, slot| {
+                Arc::strong_count(slot) > 1
+                    || slot.try_lock().is_ok_and(|s| {
+                        s.session
+                            .as_ref()
+                            .is_some_and(|s| s.made.elapsed() < SESSION_TTL)
+                    })
+            });
+        }
+        Arc::clone(slots.entry(key).or_default())
+    }
+
+    /// The identity provider and the broker's client, from the cache or fetched now.
+    async fn session(&self, slot: &mut Slot, oauth2: &OAuth2Provider) -> Result<(), MintError> {
+        if slot
+            .session
+            .as_ref()
+            .is_some_and(|s| s.made.elapsed() < SESSION_TTL)
+        {
+            return Ok(());
+        }
+        if let Some((at, failure)) = &slot.failed
+            && at.elapsed() < FAILURE_TTL
+        {
+            return Err(failure.clone());
+        }
+        let unavailable = |p: token::Problem| MintError::Unavailable(p.to_string());
+        let fetched = async {
+            let idp = token::discover(oauth2).await.map_err(unavailable)?;
+            let client = token::client_auth(&self.kube, &oauth2.client_secret_ref)
+                .await
+                .map_err(unavailable)?;
+            Ok::<_, MintError>((idp, client))
+        }
+        .await;
+        match fetched {
+            Ok((idp, client)) => {
+                slot.session = Some(Session {
+                    idp,
+                    client,
+                    made: Instant::now(),
+                    own: None,
+                });
+                slot.failed = None;
+                Ok(())
+            }
+            Err(e) => {
+                slot.session = None;
+                slot.failed = Some((Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    /// The identity provider, the broker's client and the broker's own token, from the cache
+    /// or fetched now. `fresh` drops a cached one first (the provider refused it).
+    async fn prepared(
+        &self,
+        oauth2: &OAuth2Provider,
+        fresh: bool,
+    ) -> Result<(Idp, ClientAuth, String), MintError> {
+        let slot = self.slot(oauth2);
+        let mut slot = slot.lock().await;
+        if fresh {
+            slot.session = None;
+        }
+        self.session(&mut slot, oauth2).await?;
+        let Some(session) = slot.session.as_mut() else {
+            return Err(MintError::Unavailable("no session".into()));
+        };
+        if let Some((own, until)) = &session.own
+            && Instant::now() < *until
+        {
+            return Ok((session.idp.clone(), session.client.clone(), own.clone()));
+        }
+        let own = match session
+            .idp
+            .token(&session.client, &[("grant_type", "client_credentials")])
+            .await
+        {
+            Ok(own) => own,
+            Err(e) => {
+                let e = MintError::from(e);
+                slot.session = None;
+                slot.failed = Some((Instant::now(), e.clone()));
+                return Err(e);
+            }
+        };
+        let life = Duration::from_secs(own.expires_in.unwrap_or(0) * 2 / 3);
+        session.own = Some((own.access_token.clone(), Instant::now() + life));
+        Ok((
+            session.idp.clone(),
+            session.client.clone(),
+            own.access_token,
+        ))
+    }
+
+    /// Revokes `token` (RFC 7009) at `oauth2`'s identity provider.
+    pub async fn revoke(&self, oauth2: &OAuth2Provider, token: &str) -> Result<(), MintError> {
+        let (idp, client) = {
+            let slot = self.slot(oauth2);
+            let mut slot = slot.lock().await;
+            self.session(&mut slot, oauth2).await?;
+            let session = slot
+                .session
+                .as_ref()
+                .ok_or_else(|| MintError::Unavailable("no session".into()))?;
+            (session.idp.clone(), session.client.clone())
+        };
+        Ok(idp.revoke(&client, token).await?)
+    }
+
+    /// Mints a token narrowed to `narrowed`, living at most `max_ttl`. An exchange refused
+    /// with cached parts is tried once more with fresh ones (a rotated client secret, a
+    /// restarted identity provider that forgot the broker's token).
+    pub async fn mint(
+        &self,
+        oauth2: &OAuth2Provider,
+        narrowed: &Narrowed,
+        max_ttl: Duration,
+    ) -> Result<Minted, MintError> {
+        let exchanged = match self.exchange(oauth2, narrowed, false).await {
+            Err(MintError::Refused { code, .. }) if STALE.contains(&code.as_str()) => {
+                self.exchange(oauth2, narrowed, true).await
+            }
+            answer => answer,
+        }?;
+        let (exchanged, client) = exchanged;
+        let now = k8s_openapi::jiff::Timestamp::now().as_second();
+        let lifetime = check(&exchanged, narrowed, max_ttl, now)?;
+        let at = |secs: i64| {
+            k8s_openapi::jiff::Timestamp::from_second(secs)
+                .map(|t| t.to_string())
+                .unwrap_or_default()
+        };
+        let lifetime = i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX / 4);
+        let id = claims(&exchanged.access_token)
+            .and_then(|c| c.jti)
+            .unwrap_or_default();
+        Ok(Minted {
+            expires: now.saturating_add(lifetime),
+            id,
+            client,
+            token: AccessToken {
+                access_token: exchanged.access_token,
+                token_type: "Bearer".into(),
+                expiration: at(now.saturating_add(lifetime)),
+                scope: narrowed.scopes.clone(),
+                audience: narrowed.audiences.clone(),
+            },
+            refresh_at: at(now.saturating_add(lifetime * 2 / 3)),
+        })
+    }
+
+    /// One RFC 8693 exchange of the broker's own token for one narrowed to `narrowed`; the
+    /// answer and the broker's client id.
+    async fn exchange(
+        &self,
+        oauth2: &OAuth2Provider,
+        narrowed: &Narrowed,
+        fresh: bool,
+    ) -> Result<(TokenAnswer, String), MintError> {
+        let (idp, client, own) = self.prepared(oauth2, fresh).await?;
+        let scope = narrowed.scopes.join(" ");
+        let mut form = vec![
+            ("grant_type", TOKEN_EXCHANGE),
+            ("subject_token", own.as_str()),
+            ("subject_token_type", ACCESS_TOKEN_TYPE),
+            ("requested_token_type", ACCESS_TOKEN_TYPE),
+            ("scope", scope.as_str()),
+        ];
+        for audience in &narrowed.audiences {
+            form.push(("audience", audience.as_str()));
+        }
+        let exchanged = idp.token(&client, &form).await?;
+        Ok((exchanged, client.id))
+    }
 }
 
 /// The claims of a JWT access token that say what it is for; `None` for an opaque token.
@@ -103,6 +316,8 @@ struct Claims {
     scope: Option<String>,
     #[serde(default)]
     exp: Option<i64>,
+    #[serde(default)]
+    jti: Option<String>,
 }
 
 fn claims(token: &str) -> Option<Claims> {

@@ -121,6 +121,8 @@ pub struct Idp {
     pub token_endpoint: String,
     /// `grant_types_supported`, when the document lists it.
     pub grant_types: Option<Vec<String>>,
+    /// RFC 7009's endpoint, when the identity provider has one.
+    pub revocation_endpoint: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -129,6 +131,8 @@ struct Discovery {
     token_endpoint: String,
     #[serde(default)]
     grant_types_supported: Option<Vec<String>>,
+    #[serde(default)]
+    revocation_endpoint: Option<String>,
 }
 
 /// A token endpoint's answer. `Debug` hides the token.
@@ -205,6 +209,7 @@ pub async fn discover(oauth2: &OAuth2Provider) -> Result<Idp, Problem> {
         http,
         token_endpoint: document.token_endpoint,
         grant_types: document.grant_types_supported,
+        revocation_endpoint: document.revocation_endpoint,
     })
 }
 
@@ -248,6 +253,40 @@ impl Idp {
                 "{} answered {status}",
                 self.token_endpoint
             ))),
+        }
+    }
+}
+
+impl Idp {
+    /// Revokes access token `token` (RFC 7009) with `client`'s credentials.
+    pub async fn revoke(&self, client: &ClientAuth, token: &str) -> Result<(), TokenError> {
+        let endpoint = self.revocation_endpoint.as_deref().ok_or_else(|| {
+            TokenError::Unavailable("the discovery document names no revocation_endpoint".into())
+        })?;
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs([("token", token), ("token_type_hint", "access_token")])
+            .finish();
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(endpoint)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::AUTHORIZATION, client.basic())
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| TokenError::Unavailable(format!("the revocation endpoint's URL: {e}")))?;
+        let (status, body) = call(&self.http, request)
+            .await
+            .map_err(|e| TokenError::Unavailable(format!("{endpoint}: {e}")))?;
+        match status {
+            200 => Ok(()),
+            _ => match serde_json::from_slice::<ErrorAnswer>(&body) {
+                Ok(e) if !e.error.is_empty() => Err(TokenError::Refused {
+                    error: e.error,
+                    description: e.error_description,
+                }),
+                _ => Err(TokenError::Unavailable(format!(
+                    "{endpoint} answered {status}"
+                ))),
+            },
         }
     }
 }
