@@ -77,7 +77,7 @@ enum Bench {
     /// directly.
     Oauth2 {
         /// Requests per concurrency level.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 2000)]
         requests: usize,
         /// The operator binary (built with `cargo build --release`).
         #[arg(long, default_value = "target/release/keybroker-operator")]
