@@ -5,8 +5,12 @@
 //!   the socket to become readable (at most [`Limits::idle_timeout`]) before the handshake.
 //! - Open connections are capped; past the cap a new one is closed at once (the client sees a
 //!   reset and retries elsewhere) rather than queueing behind idle ones.
-//! - TLS handshake and request headers have short timeouts; idle keep-alive connections close
-//!   after the header timeout.
+//! - TLS handshake and a connection's first request headers have short timeouts. A kept-alive
+//!   connection may idle longer than its client keeps idle connections (the apiserver and
+//!   hyper clients: 90 s), so the client is the one that closes it: a server closing an idle
+//!   connection races a request the client may be sending on it at that moment, and that
+//!   request fails (a POST is not resent; the apiserver reports "use of closed network
+//!   connection" and a pod creation fails closed).
 //! - Handlers bound their own work with a [`Gate`] (in-flight requests, waiting at most a short
 //!   time for a slot) and [`PeerLimit`] (requests per client address).
 //! - [`serve_until`] drains in two steps (see [`Stopping`]): once the replica is closing, every
@@ -17,6 +21,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,8 +49,11 @@ pub struct Limits {
     /// How long a new connection may stay silent before its first byte.
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
-    /// How long a request's headers may take, and how long a keep-alive connection may idle.
+    /// How long a connection's first request headers may take.
     pub header_timeout: Duration,
+    /// How long a kept-alive connection may idle before its next request's headers are in
+    /// (longer than clients keep idle connections, so they close first).
+    pub keep_alive_timeout: Duration,
     /// How long in-flight requests get to finish once shutdown is requested.
     pub drain_timeout: Duration,
 }
@@ -57,6 +65,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
             header_timeout: Duration::from_secs(5),
+            keep_alive_timeout: Duration::from_secs(120),
             drain_timeout: Duration::from_secs(20),
         }
     }
@@ -187,7 +196,10 @@ async fn connection<H, F, B>(
         Err(_) => return debug!(%peer, "TLS handshake timed out"),
     };
     let closing = shutdown.closing;
+    let served = Arc::new(AtomicBool::new(false));
+    let first_request = Arc::clone(&served);
     let service = service_fn(move |req| {
+        first_request.store(true, Ordering::Relaxed);
         let response = handler(req, peer);
         let closing = closing.clone();
         async move {
@@ -204,18 +216,30 @@ async fn connection<H, F, B>(
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
+        .header_read_timeout(limits.keep_alive_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
         .serve_connection(TokioIo::new(tls), service);
     tokio::pin!(conn);
     let stopping = shutdown.stop.requested();
     tokio::pin!(stopping);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        () = &mut stopping => {
-            // Finishes the request in flight (if any), then closes.
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    // The first request's headers get the short timeout; later ones the keep-alive one.
+    let first_headers = tokio::time::sleep(limits.header_timeout);
+    tokio::pin!(first_headers);
+    let mut first_due = true;
+    let result = loop {
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            () = &mut stopping => {
+                // Finishes the request in flight (if any), then closes.
+                conn.as_mut().graceful_shutdown();
+                break conn.await;
+            }
+            () = &mut first_headers, if first_due => {
+                if !served.load(Ordering::Relaxed) {
+                    return debug!(%peer, "no request headers in time");
+                }
+                first_due = false;
+            }
         }
     };
     if let Err(e) = result {
@@ -357,5 +381,102 @@ mod tests {
         assert!(gate.enter().await.is_none());
         drop(held);
         assert!(gate.enter().await.is_some());
+    }
+
+    /// A server with a fresh self-signed certificate for 127.0.0.1 and a client trusting it.
+    async fn served(limits: Limits) -> (SocketAddr, tokio_rustls::TlsConnector) {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_until(
+            listener,
+            Arc::new(server),
+            limits,
+            Shutdown::never(),
+            |_req, _peer| async { Response::new(Full::new(Bytes::from_static(b"ok"))) },
+        ));
+        (addr, tokio_rustls::TlsConnector::from(Arc::new(client)))
+    }
+
+    async fn tls(
+        addr: SocketAddr,
+        connector: &tokio_rustls::TlsConnector,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        connector.connect(name, tcp).await.unwrap()
+    }
+
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n";
+
+    /// Reads one small answer (or EOF: `None`).
+    async fn answer(
+        stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    ) -> Option<String> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0; 4096];
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        }
+    }
+
+    #[tokio::test]
+    async fn first_headers_are_bounded_and_a_kept_alive_connection_outlives_them() {
+        use tokio::io::AsyncWriteExt;
+        let limits = Limits {
+            header_timeout: Duration::from_millis(200),
+            keep_alive_timeout: Duration::from_millis(1500),
+            ..Limits::default()
+        };
+        let (addr, connector) = served(limits).await;
+
+        // Silent after the handshake: closed once the first headers are late.
+        let mut silent = tls(addr, &connector).await;
+        let started = std::time::Instant::now();
+        assert_eq!(answer(&mut silent).await, None);
+        assert!(
+            started.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            started.elapsed()
+        );
+
+        // Headers trickled past the first-headers bound: closed too.
+        let mut slow = tls(addr, &connector).await;
+        slow.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(answer(&mut slow).await, None);
+
+        // A connection that was served stays open through idle periods longer than the
+        // first-headers bound (its client, not the server, closes it)...
+        let mut kept = tls(addr, &connector).await;
+        kept.write_all(GET).await.unwrap();
+        assert!(answer(&mut kept).await.unwrap().starts_with("HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        kept.write_all(GET).await.unwrap();
+        assert!(answer(&mut kept).await.unwrap().starts_with("HTTP/1.1 200"));
+        // ...and is closed once idle past the keep-alive bound.
+        let idle = std::time::Instant::now();
+        assert_eq!(answer(&mut kept).await, None);
+        assert!(
+            idle.elapsed() >= Duration::from_millis(1000),
+            "{:?}",
+            idle.elapsed()
+        );
     }
 }
