@@ -3,7 +3,8 @@
 //! sidecar (a process, as in the gateway tests) writing the token files of the pod. The token
 //! the app reads is accepted by a resource server that introspects it at Keycloak and carries
 //! exactly the ApiKey's audience and scope; an ApiKey asking for more than the guardrails is
-//! refused with a reason naming it; a MinIO trusting Keycloak sells the token read rights
+//! refused with a reason naming it; a provider whose client authenticates with a service
+//! account's token (no secret) mints the same narrowed token, another account's token is refused; a MinIO trusting Keycloak sells the token read rights
 //! and nothing more, and refuses the pod's token for another audience; a client whose tokens carry a scope not asked for (a default
 //! client scope) gets no token at all (the broker never hands out a wider one); a revoked ApiKey's files are
 //! gone; neither the client secret nor a token is in the sidecar's output.
@@ -22,8 +23,8 @@ use keybroker_e2e::minio::OpenIdMinio;
 use keybroker_e2e::sidecar::binary;
 use keybroker_e2e::{eventually, in_namespace, shared_with_crds};
 use keybroker_operator::crd::{
-    ApiKey, ApiKeySpec, Guardrails, KeyProvider, KeyProviderSpec, OAuth2Provider, ProviderRef,
-    Scope, SecretRef,
+    ApiKey, ApiKeySpec, ClientServiceAccount, Guardrails, KeyProvider, KeyProviderSpec,
+    OAuth2Provider, ProviderRef, Scope, SecretRef,
 };
 
 const BROKER: &str = "keybroker";
@@ -35,13 +36,22 @@ const SHORT: &str = "keybroker-short";
 const REPORTS: &str = "reports-api";
 const BILLING: &str = "billing-api";
 const CLIENT_SECRET: &str = "keycloak-client";
+/// A broker client authenticated by a token of service account [`CLIENT_SA`], no secret.
+const SA_BROKER: &str = "keybroker-by-sa";
+const CLIENT_SA: &str = "keybroker-client";
+/// An ApiKey of the provider with that client.
+const SA_KEY: &str = "sa-reports";
 /// The ApiKey of the pod.
 const READER: &str = "reports";
 /// Another ApiKey of the pod, for the billing audience.
 const BILLING_KEY: &str = "billing";
 
-fn realm() -> Realm {
+/// `issuer`: the cluster's service-account issuer, whose tokens of `ns`'s [`CLIENT_SA`] the
+/// [`SA_BROKER`] client takes instead of a secret.
+fn realm(issuer: &str, ns: &str) -> Realm {
     Realm::new("keybroker")
+        .trusting_kubernetes(issuer)
+        .broker_by_service_account(SA_BROKER, Duration::from_secs(60), (ns, CLIENT_SA))
         .resource_server(REPORTS, &["reports:read", "reports:write"])
         .resource_server(BILLING, &["billing:read"])
         .broker(BROKER, Duration::from_secs(60))
@@ -60,10 +70,11 @@ fn provider(name: &str, ns: &str, issuer: String) -> KeyProvider {
             oauth2: Some(OAuth2Provider {
                 issuer,
                 ca_bundle: None,
-                client_secret_ref: SecretRef {
+                client_secret_ref: Some(SecretRef {
                     namespace: ns.to_owned(),
                     name: format!("{CLIENT_SECRET}-{name}"),
-                },
+                }),
+                client_service_account: None,
             }),
             namespace_selector: LabelSelector {
                 match_labels: Some([("kubernetes.io/metadata.name".into(), ns.into())].into()),
@@ -152,8 +163,13 @@ async fn a_pod_reads_a_token_narrowed_to_its_apikey_and_nothing_wider_is_ever_ha
     keybroker_e2e::logs::capture();
     let cluster = shared_with_crds().await?;
     in_namespace(cluster, "oauth2", |client, ns| async move {
-        let realm = realm();
-        let mut keycloak = Keycloak::start_in(&keybroker_e2e::run_dir()?, &realm).await?;
+        let realm = realm(&cluster.server, &ns);
+        let mut keycloak = Keycloak::start_in_trusting(
+            &keybroker_e2e::run_dir()?,
+            &realm,
+            Some(&cluster.ca_cert),
+        )
+        .await?;
         let (name, wide_name) = (format!("keycloak-{ns}"), format!("keycloak-wide-{ns}"));
         let short_name = format!("keycloak-short-{ns}");
         let broker_secret = realm.secret(BROKER)?.to_owned();
@@ -261,7 +277,7 @@ async fn a_pod_reads_a_token_narrowed_to_its_apikey_and_nothing_wider_is_ever_ha
                 "app",
                 &PatchParams::default(),
                 &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
-                    "keybroker.dev/apikeys": format!("{READER},short,wide,{BILLING_KEY}")}}})),
+                    "keybroker.dev/apikeys": format!("{READER},short,wide,{BILLING_KEY},{SA_KEY}")}}})),
             )
             .await?;
         let broker = keybroker_e2e::https::Client::new(
@@ -352,6 +368,112 @@ async fn a_pod_reads_a_token_narrowed_to_its_apikey_and_nothing_wider_is_ever_ha
             "MinIO sold S3 rights to a token addressed to {BILLING}"
         );
         eprintln!("MinIO refused the {BILLING} token: {refusal:?}");
+
+        // No secret at all: a provider whose client authenticates with a token of a service
+        // account (Keycloak checks its signature against the cluster's keys and its subject).
+        // Another service account's token is refused, so the provider is not Ready.
+        let providers = Api::<KeyProvider>::all(client.clone());
+        for sa in [CLIENT_SA, "intruder"] {
+            keybroker_e2e::fixtures::service_account(&client, &ns, sa).await?;
+        }
+        let by_sa = |name: &str, sa: &str| {
+            let mut kp = provider(name, &ns, keycloak.issuer());
+            if let Some(oauth2) = kp.spec.oauth2.as_mut() {
+                oauth2.client_secret_ref = None;
+                oauth2.client_service_account = Some(ClientServiceAccount {
+                    client_id: SA_BROKER.into(),
+                    namespace: ns.clone(),
+                    name: sa.into(),
+                    audience: None,
+                });
+            }
+            kp
+        };
+        // Both ways at once: refused by the apiserver, naming the choice.
+        let mut both = by_sa(&format!("keycloak-both-{ns}"), CLIENT_SA);
+        if let Some(oauth2) = both.spec.oauth2.as_mut() {
+            oauth2.client_secret_ref = Some(SecretRef {
+                namespace: ns.clone(),
+                name: format!("{CLIENT_SECRET}-{name}"),
+            });
+        }
+        let refused = providers.create(&PostParams::default(), &both).await;
+        ensure!(
+            matches!(&refused, Err(kube::Error::Api(e)) if e.message.contains("set exactly one of clientSecretRef and clientServiceAccount")),
+            "a provider with a secret and a service account: {refused:?}"
+        );
+        let (sa_name, intruder_name) = (format!("keycloak-sa-{ns}"), format!("keycloak-intruder-{ns}"));
+        providers
+            .create(&PostParams::default(), &by_sa(&sa_name, CLIENT_SA))
+            .await?;
+        providers
+            .create(&PostParams::default(), &by_sa(&intruder_name, "intruder"))
+            .await?;
+        let provider_ready = |name: String| {
+            let providers = providers.clone();
+            async move {
+                let kp = providers.get(&name).await.ok()?;
+                let c = kp
+                    .status?
+                    .conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "Ready")?;
+                Some((c.status, c.reason, c.message))
+            }
+        };
+        let (status, reason, message) = eventually(
+            "the service-account provider verified",
+            Duration::from_secs(30),
+            || provider_ready(sa_name.clone()),
+        )
+        .await?;
+        ensure!(status == "True", "{status} {reason}: {message}");
+        let (status, reason, message) = eventually(
+            "the intruder's provider refused",
+            Duration::from_secs(30),
+            || async {
+                provider_ready(intruder_name.clone())
+                    .await
+                    .filter(|(status, ..)| status == "False")
+            },
+        )
+        .await?;
+        ensure!(
+            reason == "ClientRefused" && message.contains(SA_BROKER),
+            "{status} {reason}: {message}"
+        );
+        keys.create(
+            &PostParams::default(),
+            &apikey(SA_KEY, &sa_name, "reports:read", REPORTS),
+        )
+        .await?;
+        keybroker_e2e::fixtures::recorded_grant(&client, &ns, SA_KEY, None).await?;
+        let body = serde_json::to_vec(&keybroker_contract::wire::ExchangeRequest {
+            api_key: SA_KEY.into(),
+        })?;
+        let answer = broker
+            .send("POST", "/v1/exchange", Some(&rig.pod_token), body)
+            .await?;
+        ensure!(
+            answer.status.as_u16() == 200,
+            "no token through the service-account client: {} {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        );
+        let answer: keybroker_contract::wire::ExchangeResponse =
+            serde_json::from_slice(&answer.body)?;
+        let by_sa_token = answer.token.context("no token in the answer")?.access_token;
+        let sa_claims = jwt_claims(&by_sa_token)?;
+        ensure!(
+            sa_claims.azp.as_deref() == Some(SA_BROKER)
+                && sa_claims.aud.as_ref().map(|a| a.sorted()) == Some(vec![REPORTS])
+                && sa_claims.scope.as_deref() == Some("reports:read"),
+            "{sa_claims:?}"
+        );
+        ensure!(
+            keycloak.introspect(&by_sa_token).await?.active,
+            "the service-account client's token is inactive"
+        );
 
         // Revoked: the pod's files are gone, and the token the test still holds (a client that
         // cached it) is refused by the resource server that introspects: the broker revoked it

@@ -142,6 +142,7 @@ pub struct GatewayProvider {
 
 /// An OAuth2 identity provider and the broker's client there.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("[has(self.clientSecretRef), has(self.clientServiceAccount)].filter(k, k).size() == 1").message("set exactly one of clientSecretRef and clientServiceAccount"))]
 #[serde(rename_all = "camelCase")]
 pub struct OAuth2Provider {
     /// The issuer, e.g. `https://keycloak.corp/realms/apps`: its discovery document
@@ -160,7 +161,34 @@ pub struct OAuth2Provider {
     /// Secret with the broker's confidential client: data keys `clientId` and `clientSecret`.
     /// The client needs the client-credentials grant and token exchange, and may hold every
     /// scope and audience of the guardrails; each token the broker hands out is narrowed.
-    pub client_secret_ref: SecretRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_ref: Option<SecretRef>,
+    /// The broker's client authenticates with a token of this Kubernetes service account
+    /// (an RFC 7523 client assertion) instead of a secret: no secret exists anywhere, where the
+    /// identity provider trusts the cluster's service-account issuer (Keycloak's Kubernetes
+    /// identity provider, for one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_service_account: Option<ClientServiceAccount>,
+}
+
+/// The broker's client at the identity provider, authenticated by a service-account token.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientServiceAccount {
+    /// The client's id at the identity provider.
+    #[schemars(length(min = 1, max = 255))]
+    pub client_id: String,
+    /// Namespace of the service account (the chart lets the operator request tokens in its
+    /// own namespace only, for the names in `oauth2ClientServiceAccounts`).
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: String,
+    /// Name of the service account.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The `aud` of its tokens, as the identity provider expects it; default the issuer.
+    #[schemars(length(min = 1, max = 2048))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
 }
 
 /// A rotation schedule and the upstream's key-management API: exactly one kind.

@@ -62,6 +62,8 @@ pub struct Keycloak {
     admin_password: String,
     http: HttpClient<HttpConnector, Full<Bytes>>,
     server: Option<Component>,
+    /// PEM CAs Keycloak trusts for its outbound TLS (the apiserver's, for its keys).
+    truststore: Option<PathBuf>,
 }
 
 impl fmt::Debug for Keycloak {
@@ -83,6 +85,16 @@ impl Keycloak {
     /// returns once the realm's discovery document is served. `dir` should come from
     /// [`crate::run_dir`], so that the reaper finds Keycloak's processes by it.
     pub async fn start_in(dir: &Path, realm: &Realm) -> anyhow::Result<Self> {
+        Self::start_in_trusting(dir, realm, None).await
+    }
+
+    /// [`Keycloak::start_in`], trusting the PEM CAs in `ca` for its own TLS calls (the
+    /// apiserver's CA, for a realm trusting Kubernetes service-account tokens).
+    pub async fn start_in_trusting(
+        dir: &Path,
+        realm: &Realm,
+        ca: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let tools = KeycloakTools::locate()?;
         let home = dir.join(HOME);
         let import = home.join("data/import");
@@ -118,6 +130,7 @@ impl Keycloak {
             admin_password,
             http: HttpClient::builder(TokioExecutor::new()).build_http(),
             server: None,
+            truststore: ca.map(Path::to_owned),
         };
         keycloak.start().await?;
         Ok(keycloak)
@@ -129,7 +142,7 @@ impl Keycloak {
             bail!("Keycloak is already running");
         }
         let home = self.dir.join(HOME);
-        let args = vec![
+        let mut args = vec![
             "start-dev".to_owned(),
             "--http-host=127.0.0.1".to_owned(),
             format!("--http-port={}", self.http_port),
@@ -141,6 +154,10 @@ impl Keycloak {
             // Never rebuild (it would write into the shared cache): run the cached build.
             "-Dkc.config.built=true".to_owned(),
         ];
+        if let Some(ca) = &self.truststore {
+            // A runtime option: Keycloak writes its truststore into this instance's home.
+            args.push(format!("--truststore-paths={}", ca.display()));
+        }
         let java_home = self.tools.java_home.display().to_string();
         let java = self.tools.java.display().to_string();
         let mut server = Component::spawn(

@@ -16,7 +16,13 @@ pub struct Realm {
     name: String,
     scopes: Vec<Scope>,
     clients: Vec<Client>,
+    /// The Kubernetes service-account issuer the realm trusts for client assertions.
+    kubernetes_issuer: Option<String>,
 }
+
+/// The alias of the realm's Kubernetes identity provider (clients name it in
+/// `jwt.credential.issuer`).
+const KUBERNETES_IDP: &str = "kubernetes";
 
 /// An optional client scope a broker may request, put in tokens' `scope` claim
 /// (`include.in.token.scope=true`), and the resource server it grants access to: a token with
@@ -44,6 +50,9 @@ enum ClientKind {
         every_audience: bool,
         /// Scopes every token of this client carries (default client scopes), asked for or not.
         default_scopes: Vec<String>,
+        /// Authenticated by a token of this Kubernetes service account
+        /// (`system:serviceaccount:<ns>:<name>`) instead of its secret.
+        service_account: Option<String>,
     },
     /// A resource server: an audience. It may introspect (only tokens addressed to it).
     ResourceServer,
@@ -58,6 +67,7 @@ impl fmt::Debug for Realm {
             .field("name", &self.name)
             .field("scopes", &self.scopes)
             .field("clients", &self.clients)
+            .field("kubernetes_issuer", &self.kubernetes_issuer)
             .finish()
     }
 }
@@ -78,7 +88,36 @@ impl Realm {
             name: name.to_owned(),
             scopes: Vec::new(),
             clients: Vec::new(),
+            kubernetes_issuer: None,
         }
+    }
+
+    /// Trusts tokens of the Kubernetes service-account issuer `issuer` (the apiserver's URL:
+    /// Keycloak reads its discovery document and keys) as client assertions. Keycloak must
+    /// trust the apiserver's CA ([`super::Keycloak::start_in_trusting`]).
+    pub fn trusting_kubernetes(mut self, issuer: &str) -> Self {
+        self.kubernetes_issuer = Some(issuer.to_owned());
+        self
+    }
+
+    /// [`Realm::broker`] authenticated by a token of service account `namespace/name` (an RFC
+    /// 7523 client assertion) instead of a secret; needs [`Realm::trusting_kubernetes`].
+    pub fn broker_by_service_account(
+        mut self,
+        client_id: &str,
+        lifespan: Duration,
+        (namespace, name): (&str, &str),
+    ) -> Self {
+        self.clients.push(Client::new(
+            client_id,
+            ClientKind::Broker {
+                access_token_lifespan: lifespan,
+                every_audience: false,
+                default_scopes: Vec::new(),
+                service_account: Some(format!("system:serviceaccount:{namespace}:{name}")),
+            },
+        ));
+        self
     }
 
     /// A resource server `client_id` (a confidential client with no flow of its own) and the
@@ -102,6 +141,7 @@ impl Realm {
                 access_token_lifespan: lifespan,
                 every_audience: false,
                 default_scopes: Vec::new(),
+                service_account: None,
             },
         ));
         self
@@ -116,6 +156,7 @@ impl Realm {
                 access_token_lifespan: lifespan,
                 every_audience: true,
                 default_scopes: Vec::new(),
+                service_account: None,
             },
         ));
         self
@@ -135,6 +176,7 @@ impl Realm {
                 access_token_lifespan: lifespan,
                 every_audience: false,
                 default_scopes: vec![scope.to_owned()],
+                service_account: None,
             },
         ));
         self
@@ -198,6 +240,16 @@ impl Realm {
             default_default_client_scopes: vec![BASIC_SCOPE.to_owned()],
             default_optional_client_scopes: Vec::new(),
             clients,
+            identity_providers: self
+                .kubernetes_issuer
+                .iter()
+                .map(|issuer| IdentityProviderRepresentation {
+                    alias: KUBERNETES_IDP.into(),
+                    provider_id: "kubernetes".into(),
+                    enabled: true,
+                    config: [("issuer".to_owned(), issuer.clone())].into(),
+                })
+                .collect(),
         }
     }
 }
@@ -217,13 +269,20 @@ impl Client {
         let mut optional_client_scopes = Vec::new();
         let mut default_client_scopes = vec![BASIC_SCOPE.to_owned()];
         let mut service_accounts_enabled = false;
+        let mut client_authenticator_type = "client-secret";
         match &self.kind {
             ClientKind::Broker {
                 access_token_lifespan,
                 every_audience,
                 default_scopes,
+                service_account,
             } => {
                 service_accounts_enabled = true;
+                if let Some(sub) = service_account {
+                    client_authenticator_type = "federated-jwt";
+                    attributes.insert("jwt.credential.issuer".into(), KUBERNETES_IDP.into());
+                    attributes.insert("jwt.credential.sub".into(), sub.clone());
+                }
                 attributes.insert("standard.token.exchange.enabled".into(), "true".into());
                 attributes.insert(
                     "access.token.lifespan".into(),
@@ -255,7 +314,7 @@ impl Client {
             client_id: self.id.clone(),
             enabled: true,
             public_client: false,
-            client_authenticator_type: "client-secret".into(),
+            client_authenticator_type: client_authenticator_type.into(),
             secret: self.secret.clone(),
             service_accounts_enabled,
             standard_flow_enabled: false,
@@ -284,6 +343,17 @@ pub(super) struct RealmRepresentation {
     default_default_client_scopes: Vec<String>,
     default_optional_client_scopes: Vec<String>,
     clients: Vec<ClientRepresentation>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    identity_providers: Vec<IdentityProviderRepresentation>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IdentityProviderRepresentation {
+    alias: String,
+    provider_id: String,
+    enabled: bool,
+    config: BTreeMap<String, String>,
 }
 
 #[derive(Serialize)]

@@ -77,10 +77,11 @@ pub(crate) async fn oauth2(requests: usize, operator: &Path) -> anyhow::Result<(
                     oauth2: Some(OAuth2Provider {
                         issuer: keycloak.issuer(),
                         ca_bundle: None,
-                        client_secret_ref: SecretRef {
+                        client_secret_ref: Some(SecretRef {
                             namespace: ns.into(),
                             name: "keycloak-client".into(),
-                        },
+                        }),
+                        client_service_account: None,
                     }),
                     namespace_selector: LabelSelector {
                         match_labels: Some(

@@ -1,5 +1,5 @@
 //! KeyProvider `Ready` for oauth2: the issuer's discovery document names it, the identity
-//! provider can exchange tokens, and the broker's client gets a token with its own secret.
+//! provider can exchange tokens, and the broker's client gets a token with its own secret or service-account token.
 
 use super::token::{self, Problem, TOKEN_EXCHANGE};
 use crate::crd::OAuth2Provider;
@@ -16,17 +16,18 @@ pub async fn verify(kube: &kube::Client, oauth2: &OAuth2Provider) -> Result<Stri
             ),
         });
     }
-    let client = token::client_auth(kube, &oauth2.client_secret_ref).await?;
+    let client = token::client_auth(kube, oauth2).await?;
     idp.token(&client, &[("grant_type", "client_credentials")])
         .await
         .map_err(|e| Problem::ClientRefused {
             detail: format!(
                 "client credentials for client {:?} at {}: {e}; the client must be confidential with service accounts enabled",
-                client.id, idp.token_endpoint
+                client.id(), idp.token_endpoint
             ),
         })?;
     Ok(format!(
         "the token endpoint {} issued a token to client {:?}",
-        idp.token_endpoint, client.id
+        idp.token_endpoint,
+        client.id()
     ))
 }

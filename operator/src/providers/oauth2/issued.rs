@@ -142,10 +142,11 @@ mod tests {
             provider: OAuth2Provider {
                 issuer: "https://idp.example/realms/a".into(),
                 ca_bundle: None,
-                client_secret_ref: SecretRef {
+                client_secret_ref: Some(SecretRef {
                     namespace: "keybroker-system".into(),
                     name: "client".into(),
-                },
+                }),
+                client_service_account: None,
             },
         }
     }

@@ -92,9 +92,9 @@ struct Slot {
     failed: Option<(Instant, MintError)>,
 }
 
-/// The identity provider's configuration a cache slot is for: a changed issuer, CA or client
-/// Secret is another slot.
-type SlotKey = (String, Option<String>, String, String);
+/// The identity provider's configuration a cache slot is for: a changed issuer, CA, client
+/// Secret or service account is another slot.
+type SlotKey = (String, Option<String>, String);
 
 /// Mints tokens for every oauth2 provider, caching per provider what can be reused.
 pub struct Minter {
@@ -117,12 +117,15 @@ impl Minter {
     }
 
     fn slot(&self, oauth2: &OAuth2Provider) -> Arc<Mutex<Slot>> {
-        let key = (
-            oauth2.issuer.clone(),
-            oauth2.ca_bundle.clone(),
-            oauth2.client_secret_ref.namespace.clone(),
-            oauth2.client_secret_ref.name.clone(),
-        );
+        let client = match (&oauth2.client_secret_ref, &oauth2.client_service_account) {
+            (Some(r), _) => format!("secret {}/{}", r.namespace, r.name),
+            (None, Some(sa)) => format!(
+                "service account {}/{} as {} for {:?}",
+                sa.namespace, sa.name, sa.client_id, sa.audience
+            ),
+            (None, None) => String::new(),
+        };
+        let key = (oauth2.issuer.clone(), oauth2.ca_bundle.clone(), client);
         let Ok(mut slots) = self.slots.lock() else {
             return Arc::default();
         };
@@ -157,7 +160,7 @@ impl Minter {
         let unavailable = |p: token::Problem| MintError::Unavailable(p.to_string());
         let fetched = async {
             let idp = token::discover(oauth2).await.map_err(unavailable)?;
-            let client = token::client_auth(&self.kube, &oauth2.client_secret_ref)
+            let client = token::client_auth(&self.kube, oauth2)
                 .await
                 .map_err(unavailable)?;
             Ok::<_, MintError>((idp, client))
@@ -303,7 +306,7 @@ impl Minter {
             form.push(("audience", audience.as_str()));
         }
         let exchanged = idp.token(&client, &form).await?;
-        Ok((exchanged, client.id))
+        Ok((exchanged, client.id().to_owned()))
     }
 }
 

@@ -11,11 +11,13 @@ use hyper::body::Bytes;
 use hyper::{Method, Request, header};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::Api;
+use kube::api::PostParams;
 use serde::Deserialize;
 
-use crate::crd::{OAuth2Provider, SecretRef};
+use crate::crd::{ClientServiceAccount, OAuth2Provider, SecretRef};
 
 /// How long one call to the identity provider may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,6 +43,12 @@ pub enum Problem {
         name: String,
         detail: String,
     },
+    #[error("client service account {namespace}/{name}: {detail}")]
+    ServiceAccount {
+        namespace: String,
+        name: String,
+        detail: String,
+    },
     #[error("the identity provider refused the broker's client: {detail}")]
     ClientRefused { detail: String },
     #[error("the identity provider cannot exchange tokens: {detail}")]
@@ -53,39 +61,92 @@ impl Problem {
             Problem::Issuer { .. } => "IssuerUnavailable",
             Problem::CaBundle { .. } => "CABundleInvalid",
             Problem::ClientSecret { .. } => "ClientSecretInvalid",
+            Problem::ServiceAccount { .. } => "ServiceAccountTokenUnavailable",
             Problem::ClientRefused { .. } => "ClientRefused",
             Problem::NoTokenExchange { .. } => "TokenExchangeUnsupported",
         }
     }
 }
 
-/// The broker's client at the identity provider. `Debug` hides the secret.
+/// The broker's client at the identity provider and how it proves itself. `Debug` hides the
+/// secret and the token.
 #[derive(Clone)]
-pub struct ClientAuth {
-    pub id: String,
-    secret: String,
+pub enum ClientAuth {
+    /// `client_secret_basic` (RFC 6749 section 2.3.1).
+    Secret { id: String, secret: String },
+    /// A service-account token as the client assertion (RFC 7523 section 2.2).
+    Assertion { id: String, token: String },
 }
 
 impl std::fmt::Debug for ClientAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, id) = match self {
+            ClientAuth::Secret { id, .. } => ("secret", id),
+            ClientAuth::Assertion { id, .. } => ("service-account token", id),
+        };
         f.debug_struct("ClientAuth")
-            .field("id", &self.id)
-            .field("secret", &"<redacted>")
-            .finish()
+            .field("id", id)
+            .field("by", &kind)
+            .finish_non_exhaustive()
     }
 }
 
+/// `client_assertion_type` of a JWT client assertion (RFC 7523).
+pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// How long the service-account tokens the broker requests live (the API's minimum).
+const ASSERTION_SECONDS: i64 = 600;
+
 impl ClientAuth {
-    /// `Authorization: Basic` of RFC 6749 section 2.3.1 (both parts form-encoded first).
-    fn basic(&self) -> String {
+    pub fn id(&self) -> &str {
+        match self {
+            ClientAuth::Secret { id, .. } | ClientAuth::Assertion { id, .. } => id,
+        }
+    }
+
+    /// The `Authorization` header, for a client with a secret (both parts form-encoded first).
+    fn basic(&self) -> Option<String> {
+        let ClientAuth::Secret { id, secret } = self else {
+            return None;
+        };
         let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-        let pair = format!("{}:{}", encode(&self.id), encode(&self.secret));
-        format!("Basic {}", STANDARD.encode(pair))
+        let pair = format!("{}:{}", encode(id), encode(secret));
+        Some(format!("Basic {}", STANDARD.encode(pair)))
+    }
+
+    /// The form fields that authenticate the client, for a client assertion.
+    fn form_fields(&self) -> Vec<(&str, &str)> {
+        match self {
+            ClientAuth::Secret { .. } => Vec::new(),
+            ClientAuth::Assertion { id, token } => vec![
+                ("client_id", id.as_str()),
+                ("client_assertion_type", JWT_BEARER_ASSERTION),
+                ("client_assertion", token.as_str()),
+            ],
+        }
+    }
+}
+
+/// The broker's client of `oauth2`: from its client Secret, or a fresh token of its service
+/// account.
+pub async fn client_auth(
+    kube: &kube::Client,
+    oauth2: &OAuth2Provider,
+) -> Result<ClientAuth, Problem> {
+    match (&oauth2.client_secret_ref, &oauth2.client_service_account) {
+        (Some(r), None) => client_secret(kube, r).await,
+        (None, Some(sa)) => service_account_token(kube, sa, &oauth2.issuer).await,
+        _ => Err(Problem::ClientSecret {
+            namespace: String::new(),
+            name: String::new(),
+            detail: "set exactly one of spec.oauth2.clientSecretRef and clientServiceAccount"
+                .into(),
+        }),
     }
 }
 
 /// Reads the broker's client from the Secret `r`.
-pub async fn client_auth(kube: &kube::Client, r: &SecretRef) -> Result<ClientAuth, Problem> {
+async fn client_secret(kube: &kube::Client, r: &SecretRef) -> Result<ClientAuth, Problem> {
     let bad = |detail: String| Problem::ClientSecret {
         namespace: r.namespace.clone(),
         name: r.name.clone(),
@@ -108,9 +169,46 @@ pub async fn client_auth(kube: &kube::Client, r: &SecretRef) -> Result<ClientAut
                 ))
             })
     };
-    Ok(ClientAuth {
+    Ok(ClientAuth::Secret {
         id: value(CLIENT_ID)?,
         secret: value(CLIENT_SECRET)?,
+    })
+}
+
+/// A token of service account `sa` addressed to the identity provider (TokenRequest).
+async fn service_account_token(
+    kube: &kube::Client,
+    sa: &ClientServiceAccount,
+    issuer: &str,
+) -> Result<ClientAuth, Problem> {
+    let audience = sa.audience.clone().unwrap_or_else(|| issuer.to_owned());
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![audience]),
+            expiration_seconds: Some(ASSERTION_SECONDS),
+            bound_object_ref: None,
+        }),
+        ..TokenRequest::default()
+    };
+    let token = Api::<ServiceAccount>::namespaced(kube.clone(), &sa.namespace)
+        .create_token_request(&sa.name, &PostParams::default(), &request)
+        .await
+        .map_err(|e| Problem::ServiceAccount {
+            namespace: sa.namespace.clone(),
+            name: sa.name.clone(),
+            detail: format!("no token could be requested: {e}"),
+        })?
+        .status
+        .and_then(|s| s.token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Problem::ServiceAccount {
+            namespace: sa.namespace.clone(),
+            name: sa.name.clone(),
+            detail: "the token request returned no token".into(),
+        })?;
+    Ok(ClientAuth::Assertion {
+        id: sa.client_id.clone(),
+        token,
     })
 }
 
@@ -222,13 +320,17 @@ impl Idp {
     ) -> Result<TokenAnswer, TokenError> {
         let body = form_urlencoded::Serializer::new(String::new())
             .extend_pairs(form)
+            .extend_pairs(client.form_fields())
             .finish();
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::POST)
             .uri(&self.token_endpoint)
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .header(header::ACCEPT, "application/json")
-            .header(header::AUTHORIZATION, client.basic())
+            .header(header::ACCEPT, "application/json");
+        if let Some(basic) = client.basic() {
+            request = request.header(header::AUTHORIZATION, basic);
+        }
+        let request = request
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| TokenError::Unavailable(format!("the token endpoint's URL: {e}")))?;
         let (status, body) = call(&self.http, request)
@@ -265,12 +367,16 @@ impl Idp {
         })?;
         let body = form_urlencoded::Serializer::new(String::new())
             .extend_pairs([("token", token), ("token_type_hint", "access_token")])
+            .extend_pairs(client.form_fields())
             .finish();
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::POST)
             .uri(endpoint)
-            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .header(header::AUTHORIZATION, client.basic())
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        if let Some(basic) = client.basic() {
+            request = request.header(header::AUTHORIZATION, basic);
+        }
+        let request = request
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| TokenError::Unavailable(format!("the revocation endpoint's URL: {e}")))?;
         let (status, body) = call(&self.http, request)
@@ -316,14 +422,30 @@ mod tests {
 
     #[test]
     fn the_client_is_sent_form_encoded_and_never_shown() {
-        let client = ClientAuth {
+        let client = ClientAuth::Secret {
             id: "kb broker".into(),
             secret: "s3:cr+t".into(),
         };
-        let basic = client.basic();
+        let basic = client.basic().unwrap();
         let decoded = STANDARD.decode(basic.trim_start_matches("Basic ")).unwrap();
         assert_eq!(decoded, b"kb+broker:s3%3Acr%2Bt");
+        assert!(client.form_fields().is_empty());
         assert!(!format!("{client:?}").contains("s3:cr"));
+        // A client assertion goes in the form, with the client id, and no Authorization.
+        let client = ClientAuth::Assertion {
+            id: "keybroker".into(),
+            token: "eyJsa.token.sig".into(),
+        };
+        assert_eq!(client.basic(), None);
+        assert_eq!(
+            client.form_fields(),
+            vec![
+                ("client_id", "keybroker"),
+                ("client_assertion_type", JWT_BEARER_ASSERTION),
+                ("client_assertion", "eyJsa.token.sig"),
+            ]
+        );
+        assert!(!format!("{client:?}").contains("eyJsa"));
         let answer: TokenAnswer =
             serde_json::from_str(r#"{"access_token":"eyJsecret","expires_in":60}"#).unwrap();
         assert!(!format!("{answer:?}").contains("eyJsecret"));
