@@ -560,18 +560,24 @@ async fn a_pod_reads_a_token_narrowed_to_its_apikey_and_nothing_wider_is_ever_ha
         );
         let jti = claims.jti.clone().context("the token has no jti")?;
         for (what, message) in [
-            ("issuance", "oauth2 token issued"),
+            ("issuance", "credentials issued"),
             (
                 "revocation",
                 "oauth2 token revoked at the identity provider",
             ),
         ] {
+            let records = operator
+                .lines()
+                .filter(|l| {
+                    l.contains("keybroker::audit")
+                        && l.contains(message)
+                        && l.contains(&jti)
+                        && l.contains(READER)
+                })
+                .count();
             ensure!(
-                operator.lines().any(|l| l.contains("keybroker::audit")
-                    && l.contains(message)
-                    && l.contains(&jti)
-                    && l.contains(READER)),
-                "no audit record of the {what} naming the token's jti"
+                records == 1,
+                "{records} audit records of the {what} naming the token's jti, not one"
             );
         }
         let sidecar = read(&rig.sidecar_log).unwrap_or_default();

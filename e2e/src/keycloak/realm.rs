@@ -103,21 +103,13 @@ impl Realm {
     /// [`Realm::broker`] authenticated by a token of service account `namespace/name` (an RFC
     /// 7523 client assertion) instead of a secret; needs [`Realm::trusting_kubernetes`].
     pub fn broker_by_service_account(
-        mut self,
+        self,
         client_id: &str,
         lifespan: Duration,
         (namespace, name): (&str, &str),
     ) -> Self {
-        self.clients.push(Client::new(
-            client_id,
-            ClientKind::Broker {
-                access_token_lifespan: lifespan,
-                every_audience: false,
-                default_scopes: Vec::new(),
-                service_account: Some(format!("system:serviceaccount:{namespace}:{name}")),
-            },
-        ));
-        self
+        let subject = format!("system:serviceaccount:{namespace}:{name}");
+        self.with_broker(client_id, lifespan, false, Vec::new(), Some(subject))
     }
 
     /// A resource server `client_id` (a confidential client with no flow of its own) and the
@@ -134,49 +126,43 @@ impl Realm {
 
     /// The broker's client: confidential, client credentials (service account), standard token
     /// exchange, every scope of the realm optional, access tokens living `lifespan`.
-    pub fn broker(mut self, client_id: &str, lifespan: Duration) -> Self {
-        self.clients.push(Client::new(
-            client_id,
-            ClientKind::Broker {
-                access_token_lifespan: lifespan,
-                every_audience: false,
-                default_scopes: Vec::new(),
-                service_account: None,
-            },
-        ));
-        self
+    pub fn broker(self, client_id: &str, lifespan: Duration) -> Self {
+        self.with_broker(client_id, lifespan, false, Vec::new(), None)
     }
 
     /// [`Realm::broker`] whose every token carries every resource server in `aud` (audience
     /// mappers on the client rather than on the scopes), as realms configured that way do.
-    pub fn broker_with_every_audience(mut self, client_id: &str, lifespan: Duration) -> Self {
-        self.clients.push(Client::new(
-            client_id,
-            ClientKind::Broker {
-                access_token_lifespan: lifespan,
-                every_audience: true,
-                default_scopes: Vec::new(),
-                service_account: None,
-            },
-        ));
-        self
+    pub fn broker_with_every_audience(self, client_id: &str, lifespan: Duration) -> Self {
+        self.with_broker(client_id, lifespan, true, Vec::new(), None)
     }
 
     /// [`Realm::broker`] whose every token carries `scope` (a default client scope of the
     /// client, as realms that give a client some scopes by default do), asked for or not.
     pub fn broker_with_default_scope(
-        mut self,
+        self,
         client_id: &str,
         lifespan: Duration,
         scope: &str,
     ) -> Self {
+        self.with_broker(client_id, lifespan, false, vec![scope.to_owned()], None)
+    }
+
+    /// The broker clients above, differing only in these fields of [`ClientKind::Broker`].
+    fn with_broker(
+        mut self,
+        client_id: &str,
+        access_token_lifespan: Duration,
+        every_audience: bool,
+        default_scopes: Vec<String>,
+        service_account: Option<String>,
+    ) -> Self {
         self.clients.push(Client::new(
             client_id,
             ClientKind::Broker {
-                access_token_lifespan: lifespan,
-                every_audience: false,
-                default_scopes: vec![scope.to_owned()],
-                service_account: None,
+                access_token_lifespan,
+                every_audience,
+                default_scopes,
+                service_account,
             },
         ));
         self

@@ -3,12 +3,13 @@
 //! Pod and KeyProvider (fail closed: anything it cannot verify is refused), mints at the
 //! provider, and writes one audit record per issuance or refusal, never a secret.
 
+mod audit;
 pub mod authn;
 pub mod authz;
+mod oauth2;
 pub mod pollers;
 pub mod server;
 
-use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,18 +19,18 @@ use keybroker_contract::wire::{ExchangeRequest, ExchangeResponse, GatewaySession
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
-use tracing::info;
 
 use crate::budget::{BudgetError, Budgets, Counted};
-use crate::crd::{ApiKey, AwsProvider, KeyProvider, OAuth2Provider};
+use crate::crd::{ApiKey, AwsProvider, KeyProvider};
 use crate::metrics::Metrics;
 use crate::providers::aws::{self, mint};
 use crate::providers::gateway::session::{Claims, SessionKey};
-use crate::providers::oauth2::issued::{Issued, Token as IssuedToken};
-use crate::providers::oauth2::{self, mint::Minter, scope::Narrowed};
+use crate::providers::oauth2::issued::Issued;
+use crate::providers::oauth2::mint::Minter;
 use crate::providers::{self, Kind};
 use crate::revocation;
 use crate::watch_cache_with;
+use audit::Issuance;
 use authn::{Authenticator, AuthnError};
 use authz::{Denial, Grant, PodIdentity};
 use pollers::Pollers;
@@ -291,7 +292,11 @@ impl Broker {
             issued: Arc::clone(&issued),
             minter: Arc::clone(&minter),
         });
-        tokio::spawn(revoke_withdrawn_tokens(broker.keys.clone(), issued, minter));
+        tokio::spawn(oauth2::revoke_withdrawn_tokens(
+            broker.keys.clone(),
+            issued,
+            minter,
+        ));
         let _ = tokio::join!(
             broker.keys.wait_until_ready(),
             broker.providers.wait_until_ready(),
@@ -377,16 +382,16 @@ impl Broker {
             Ok(identity) => {
                 let result = self.authorized_mint(&identity, &request.api_key).await;
                 match &result {
-                    Ok((grant, response)) => {
-                        audit_issuance(&identity, &request.api_key, client_addr, grant, response)
+                    Ok((grant, issued)) => {
+                        audit::issuance(&identity, &request.api_key, client_addr, grant, issued)
                     }
-                    Err(e) => audit_refusal(Some(&identity), &request.api_key, client_addr, e),
+                    Err(e) => audit::refusal(Some(&identity), &request.api_key, client_addr, e),
                 }
-                result.map(|(_, response)| response)
+                result.map(|(_, issued)| issued.response)
             }
             Err(e) => {
                 let e = ExchangeError::from(e);
-                audit_refusal(None, &request.api_key, client_addr, &e);
+                audit::refusal(None, &request.api_key, client_addr, &e);
                 Err(e)
             }
         };
@@ -452,7 +457,7 @@ impl Broker {
         &self,
         identity: &PodIdentity,
         name: &str,
-    ) -> Result<(Grant, ExchangeResponse), ExchangeError> {
+    ) -> Result<(Grant, Issuance), ExchangeError> {
         let ns = &identity.namespace;
         let (key, grant) = self.authorize(identity, name).await?;
         // Mint only under a grant the controller has recorded, so that every tag at the
@@ -488,9 +493,9 @@ impl Broker {
                     detail: "the shared count's ConfigMap (see the warning logged)".into(),
                 },
             })?;
-        let response = match providers::kind(&provider) {
-            Ok(Kind::Aws(aws)) => self.mint(identity, name, aws, &grant).await?,
-            Ok(Kind::Gateway(_)) => self.session(identity, name, &grant)?,
+        let issued = match providers::kind(&provider) {
+            Ok(Kind::Aws(aws)) => self.mint(identity, name, aws, &grant).await?.into(),
+            Ok(Kind::Gateway(_)) => self.session(identity, name, &grant)?.into(),
             Ok(Kind::OAuth2(oauth2)) => self.token(identity, name, oauth2, &grant).await?,
             Err(e) => {
                 return Err(ExchangeError::Denied(Denial::ApiKeyNotReady {
@@ -499,7 +504,7 @@ impl Broker {
                 }));
             }
         };
-        Ok((grant, response))
+        Ok((grant, issued))
     }
 
     /// A gateway session for the pod and ApiKey, valid for the grant's TTL.
@@ -542,71 +547,6 @@ impl Broker {
                 expiration: at(exp),
             }),
             refresh_at: at(now.as_second().saturating_add(ttl * 2 / 3)),
-            grant: grant.id.clone(),
-        })
-    }
-
-    /// An access token narrowed to the grant's audiences and scopes, remembered for its
-    /// revocation.
-    async fn token(
-        &self,
-        identity: &PodIdentity,
-        name: &str,
-        oauth2: &OAuth2Provider,
-        grant: &Grant,
-    ) -> Result<ExchangeResponse, ExchangeError> {
-        let narrowed = Narrowed::from_policy(&grant.session_policy).ok_or_else(|| {
-            ExchangeError::ProviderUnavailable("the grant holds no oauth2 scope".into())
-        })?;
-        let minted = self
-            .minter
-            .mint(oauth2, &narrowed, grant.ttl)
-            .await
-            .map_err(|e| match e {
-                oauth2::mint::MintError::Refused { code, message } => {
-                    ExchangeError::ProviderRefused { code, message }
-                }
-                oauth2::mint::MintError::Wider(detail) => ExchangeError::ProviderRefused {
-                    code: "TokenWiderThanApiKey".into(),
-                    message: detail,
-                },
-                oauth2::mint::MintError::Unavailable(detail) => {
-                    ExchangeError::ProviderUnavailable(detail)
-                }
-            })?;
-        info!(
-            target: "keybroker::audit",
-            outcome = "issued",
-            api_key = name,
-            namespace = %identity.namespace,
-            pod = %identity.pod_name,
-            provider = %grant.provider,
-            grant = %grant.id,
-            idp_client = %minted.client,
-            token_id = %minted.id,
-            audiences = %minted.token.audience.join(" "),
-            scopes = %minted.token.scope.join(" "),
-            expiration = %minted.token.expiration,
-            "oauth2 token issued"
-        );
-        self.issued.record(
-            &identity.namespace,
-            name,
-            IssuedToken {
-                grant: grant.id.clone(),
-                pod: identity.pod_name.clone(),
-                id: minted.id,
-                token: minted.token.access_token.clone(),
-                expires: minted.expires,
-                provider: oauth2.clone(),
-            },
-            k8s_openapi::jiff::Timestamp::now().as_second(),
-        );
-        Ok(ExchangeResponse {
-            credentials: None,
-            session: None,
-            token: Some(minted.token),
-            refresh_at: minted.refresh_at,
             grant: grant.id.clone(),
         })
     }
@@ -709,101 +649,7 @@ pub enum PollAnswer {
     Renew,
 }
 
-/// Revocations sent to identity providers at once, so an ApiKey of many pods is cut off in one
-/// round trip or a few.
-const REVOCATIONS_AT_ONCE: usize = 16;
-
-/// Revokes at the identity provider, as soon as the ApiKey cache shows it, every oauth2 token
-/// this replica handed out whose ApiKey no longer holds the token's grant (revoked, deleted, or
-/// its rights changed). Runs as long as the process.
-async fn revoke_withdrawn_tokens(keys: Store<ApiKey>, issued: Arc<Issued>, minter: Arc<Minter>) {
-    loop {
-        issued.wake.notified().await;
-        for (ns, name) in issued.take_changed() {
-            let key = keys.get(&ObjectRef::new(&name).within(&ns));
-            let valid = key
-                .as_deref()
-                .filter(|k| !k.spec.revoked)
-                .and_then(recorded_grant);
-            let now = k8s_openapi::jiff::Timestamp::now().as_second();
-            let withdrawn = issued.withdraw(&ns, &name, valid, now);
-            futures::stream::iter(withdrawn)
-                .for_each_concurrent(REVOCATIONS_AT_ONCE, |token| {
-                    let (minter, ns, name) = (&minter, &ns, &name);
-                    async move {
-                        let outcome = minter.revoke(&token.provider, &token.token).await;
-                        let (result, detail) = match &outcome {
-                            Ok(()) => ("revoked", String::new()),
-                            Err(e) => ("failed", e.to_string()),
-                        };
-                        info!(
-                            target: "keybroker::audit",
-                            outcome = "revoked",
-                            result,
-                            api_key = %name,
-                            namespace = %ns,
-                            pod = %token.pod,
-                            grant = %token.grant,
-                            token_id = %token.id,
-                            detail,
-                            "oauth2 token revoked at the identity provider"
-                        );
-                    }
-                })
-                .await;
-        }
-    }
-}
-
 /// The grant the controller recorded for `key`, if any.
 fn recorded_grant(key: &ApiKey) -> Option<&str> {
     key.status.as_ref().and_then(|s| s.grant.as_deref())
-}
-
-/// The audit record of an issuance: identifiers only, never the secret key or session token.
-fn audit_issuance(
-    id: &PodIdentity,
-    api_key: &str,
-    client: &str,
-    grant: &Grant,
-    response: &ExchangeResponse,
-) {
-    info!(
-        target: "keybroker::audit",
-        outcome = "issued",
-        api_key,
-        namespace = %id.namespace,
-        pod = %id.pod_name,
-        pod_uid = %id.pod_uid,
-        service_account = %id.service_account,
-        provider = %grant.provider,
-        grant = %grant.id,
-        scope_hash = %grant.scope_hash,
-        access_key_id = response.credentials.as_ref().map_or("", |c| c.access_key_id.as_str()),
-        expiration = response
-            .credentials
-            .as_ref()
-            .map(|c| c.expiration.as_str())
-            .or(response.session.as_ref().map(|s| s.expiration.as_str()))
-            .unwrap_or(""),
-        client,
-        "credentials issued"
-    );
-}
-
-/// The audit record of a refusal, with its reason.
-fn audit_refusal(id: Option<&PodIdentity>, api_key: &str, client: &str, error: &ExchangeError) {
-    info!(
-        target: "keybroker::audit",
-        outcome = "refused",
-        reason = error.reason(),
-        api_key,
-        namespace = id.map(|i| i.namespace.as_str()).unwrap_or(""),
-        pod = id.map(|i| i.pod_name.as_str()).unwrap_or(""),
-        pod_uid = id.map(|i| i.pod_uid.as_str()).unwrap_or(""),
-        service_account = id.map(|i| i.service_account.as_str()).unwrap_or(""),
-        client,
-        detail = %error,
-        "exchange refused"
-    );
 }

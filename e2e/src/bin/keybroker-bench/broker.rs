@@ -44,15 +44,7 @@ pub(crate) async fn broker(requests: usize, operator: &PathBuf) -> anyhow::Resul
     .await?;
 
     let (mut component, addr, client_https) = spawn_broker(&dir, &cluster, &operator)?;
-    let body = serde_json::to_vec(&serde_json::json!({"apiKey": "uploader"}))?;
-    component
-        .wait_ready("the first exchange", Duration::from_secs(60), || async {
-            client_https
-                .send("POST", "/v1/exchange", Some(&token), body.clone())
-                .await
-                .is_ok_and(|r| r.status == 200)
-        })
-        .await?;
+    let body = first_exchange(&mut component, &client_https, &token, "uploader").await?;
 
     // Direct AssumeRole with the same session policy, as the floor.
     let minio = cluster.minio.as_ref().context("no MinIO")?;
@@ -229,6 +221,28 @@ pub(crate) fn spawn_broker(
 /// `requests` exchanges of ApiKey `body` with pod `token` on `level` workers, each its own
 /// connection from its own address (the broker caps exchanges in flight per client, as for
 /// pods).
+/// Waits until the broker answers an exchange of `token` for ApiKey `api_key`; returns the
+/// request body, for [`brokered_load`].
+pub(crate) async fn first_exchange(
+    component: &mut Component,
+    client_https: &keybroker_e2e::https::Client,
+    token: &str,
+    api_key: &str,
+) -> anyhow::Result<Vec<u8>> {
+    let body = serde_json::to_vec(&keybroker_contract::wire::ExchangeRequest {
+        api_key: api_key.into(),
+    })?;
+    component
+        .wait_ready("the first exchange", Duration::from_secs(60), || async {
+            client_https
+                .send("POST", "/v1/exchange", Some(token), body.clone())
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await?;
+    Ok(body)
+}
+
 pub(crate) async fn brokered_load(
     level: usize,
     requests: usize,

@@ -21,7 +21,7 @@ use keybroker_operator::crd::{
 };
 
 use super::*;
-use crate::broker::{brokered_load, spawn_broker};
+use crate::broker::{brokered_load, first_exchange, spawn_broker};
 
 const BROKER: &str = "keybroker";
 const REPORTS: &str = "reports-api";
@@ -133,17 +133,7 @@ pub(crate) async fn oauth2(requests: usize, operator: &Path) -> anyhow::Result<(
     .await?;
 
     let (mut component, _, client_https) = spawn_broker(&dir, &cluster, &operator)?;
-    let body = serde_json::to_vec(&keybroker_contract::wire::ExchangeRequest {
-        api_key: APIKEY.into(),
-    })?;
-    component
-        .wait_ready("the first token", Duration::from_secs(60), || async {
-            client_https
-                .send("POST", "/v1/exchange", Some(&token), body.clone())
-                .await
-                .is_ok_and(|r| r.status == 200)
-        })
-        .await?;
+    let body = first_exchange(&mut component, &client_https, &token, APIKEY).await?;
 
     // Keycloak's JIT warms up over the first few thousand tokens: both paths are run before
     // the measured rounds, so neither is measured against a cold JVM.
@@ -152,20 +142,7 @@ pub(crate) async fn oauth2(requests: usize, operator: &Path) -> anyhow::Result<(
         .client_credentials(BROKER, &secret, None)
         .await?
         .access_token;
-    {
-        let (keycloak, secret, own) = (Arc::clone(&keycloak), secret.clone(), own.clone());
-        load(16, WARM_UP, move |_| {
-            let (keycloak, secret, own) = (Arc::clone(&keycloak), secret.clone(), own.clone());
-            async move {
-                keycloak
-                    .exchange(BROKER, &secret, &own, &[REPORTS], Some(SCOPE))
-                    .await
-                    .map(drop)
-                    .map_err(|e| anyhow::anyhow!("{e}"))
-            }
-        })
-        .await?;
-    }
+    direct_exchanges(&keycloak, &secret, &own, 16, WARM_UP).await?;
     brokered_load(16, WARM_UP, &client_https, &token, &body).await?;
 
     let pids = [
@@ -188,20 +165,7 @@ pub(crate) async fn oauth2(requests: usize, operator: &Path) -> anyhow::Result<(
             .await?
             .access_token;
         let before = cpu()?;
-        let direct = {
-            let (keycloak, secret, own) = (Arc::clone(&keycloak), secret.clone(), own.clone());
-            load(level, requests, move |_| {
-                let (keycloak, secret, own) = (Arc::clone(&keycloak), secret.clone(), own.clone());
-                async move {
-                    keycloak
-                        .exchange(BROKER, &secret, &own, &[REPORTS], Some(SCOPE))
-                        .await
-                        .map(drop)
-                        .map_err(|e| anyhow::anyhow!("{e}"))
-                }
-            })
-            .await?
-        };
+        let direct = direct_exchanges(&keycloak, &secret, &own, level, requests).await?;
         let between = cpu()?;
         let brokered = brokered_load(level, requests, &client_https, &token, &body).await?;
         let after = cpu()?;
@@ -257,4 +221,27 @@ pub(crate) async fn oauth2(requests: usize, operator: &Path) -> anyhow::Result<(
     drop(cluster);
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
+}
+
+/// `total` token exchanges sent straight to Keycloak by `workers` clients, with the broker's
+/// client secret and its own token `own`: what the broker sends for each pod's token.
+async fn direct_exchanges(
+    keycloak: &Arc<Keycloak>,
+    secret: &str,
+    own: &str,
+    workers: usize,
+    total: usize,
+) -> anyhow::Result<LoadResult> {
+    let (keycloak, secret, own) = (Arc::clone(keycloak), secret.to_owned(), own.to_owned());
+    load(workers, total, move |_| {
+        let (keycloak, secret, own) = (Arc::clone(&keycloak), secret.clone(), own.clone());
+        async move {
+            keycloak
+                .exchange(BROKER, &secret, &own, &[REPORTS], Some(SCOPE))
+                .await
+                .map(drop)
+                .map_err(|e| anyhow::anyhow!("{e}"))
+        }
+    })
+    .await
 }
