@@ -21,6 +21,8 @@ pub mod env {
     pub const GATEWAY_ADDR: &str = "KEYBROKER_GATEWAY_ADDR";
     pub const REFRESH_FRACTION: &str = "KEYBROKER_REFRESH_FRACTION";
     pub const LOG_LEVEL: &str = "KEYBROKER_LOG_LEVEL";
+    /// The app's loopback URL told of new credentials (see [`crate::reload`]).
+    pub const RELOAD_URL: &str = "KEYBROKER_RELOAD_URL";
 }
 
 /// The sidecar's default ports: credentials and the gateway on loopback, health on the pod IP
@@ -111,6 +113,93 @@ mod tests {
             &"a".repeat(254),
         ] {
             assert!(!is_api_key_name(bad), "{bad:?}");
+        }
+    }
+}
+
+/// Reload notifications: the pod annotation [`reload::ANNOTATION`] names a loopback URL of the
+/// app that the sidecar POSTs to after each new credential generation, so apps that build a
+/// client once can rebuild it. The webhook refuses a URL this does not accept; the sidecar
+/// checks it again.
+pub mod reload {
+    /// The pod annotation, e.g. `keybroker.dev/reload-url: http://127.0.0.1:8080/-/reload`.
+    pub const ANNOTATION: &str = "keybroker.dev/reload-url";
+    /// Longest URL accepted.
+    pub const MAX_URL: usize = 256;
+
+    /// Where the notification goes: a port on the pod's loopback and a path.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct Target {
+        pub port: u16,
+        pub path: String,
+    }
+
+    /// Parses `http://127.0.0.1:<port>/<path>` (or `localhost`); the message says what to
+    /// change.
+    pub fn parse(url: &str) -> Result<Target, String> {
+        let refuse = |why: &str| {
+            Err(format!(
+                "{ANNOTATION} must be http://127.0.0.1:<port>/<path>, a URL of the pod itself: {why}"
+            ))
+        };
+        if url.len() > MAX_URL {
+            return refuse(&format!("it is longer than {MAX_URL} characters"));
+        }
+        if !url.bytes().all(|b| b.is_ascii_graphic()) {
+            return refuse("it holds spaces or characters outside printable ASCII");
+        }
+        let Some(rest) = url.strip_prefix("http://") else {
+            return refuse("it does not start with http://");
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, "/"),
+        };
+        let Some((host, port)) = authority.rsplit_once(':') else {
+            return refuse("it names no port");
+        };
+        if host != "127.0.0.1" && host != "localhost" {
+            return refuse(&format!("host {host:?} is not 127.0.0.1 or localhost"));
+        }
+        match port.parse::<u16>() {
+            Ok(port) if port > 0 => Ok(Target {
+                port,
+                path: path.to_owned(),
+            }),
+            _ => refuse(&format!("port {port:?} is not a number from 1 to 65535")),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn only_loopback_http_urls_with_a_port_pass() {
+            assert_eq!(
+                parse("http://127.0.0.1:8080/-/reload"),
+                Ok(Target {
+                    port: 8080,
+                    path: "/-/reload".into()
+                })
+            );
+            assert_eq!(parse("http://localhost:9/").map(|t| t.port), Ok(9));
+            assert_eq!(parse("http://127.0.0.1:80").map(|t| t.path), Ok("/".into()));
+            for bad in [
+                "https://127.0.0.1:8080/",
+                "http://10.0.0.1:8080/",
+                "http://metadata.google.internal:80/",
+                "http://127.0.0.1.nip.io:80/",
+                "http://127.0.0.1/",
+                "http://127.0.0.1:0/",
+                "http://127.0.0.1:99999/",
+                "http://127.0.0.1:80/a b",
+                "http://user@127.0.0.1:80/",
+            ] {
+                let refused = parse(bad).unwrap_err();
+                assert!(refused.contains(ANNOTATION), "{bad}: {refused}");
+            }
+            assert!(parse(&format!("http://127.0.0.1:80/{}", "a".repeat(300))).is_err());
         }
     }
 }

@@ -110,7 +110,18 @@ pub struct ExchangeResponse {
     /// ApiKey's rights changed.
     #[serde(default)]
     pub grant: String,
+    /// The ApiKey's renewal mark (a digest of its [`RENEWED_AT_ANNOTATION`], hex) when the
+    /// credentials were issued. The sidecar sends it back in its revocation poll; the broker answers `renew` when
+    /// the mark changed (`kubectl keybroker renew`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub renewal: String,
 }
+
+/// The ApiKey annotation whose change asks every pod of the ApiKey to fetch new credentials now
+/// (`kubectl keybroker renew` sets it to the time).
+pub const RENEWED_AT_ANNOTATION: &str = "keybroker.dev/renewed-at";
+/// Longest renewal mark a poll may send back (a longer one is ignored).
+pub const MAX_RENEWAL_MARK: usize = 64;
 
 /// A refused exchange: `reason` is stable and machine-readable, `message` says what to change.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,10 +133,10 @@ pub struct Refusal {
     pub retryable: bool,
 }
 
-/// Answer of `GET /v1/revocations?apiKey=<name>&grant=<grant>&waitSeconds=<n>`, a long poll
+/// Answer of `GET /v1/revocations?apiKey=<name>&grant=<grant>&renewal=<mark>&waitSeconds=<n>`, a long poll
 /// by a pod that may use the ApiKey: the broker answers as soon as the pod may no longer use it
 /// (`revoked: true`: delete the credentials now), as soon as its rights changed (`renew: true`:
-/// the credentials held were revoked at the provider; fetch new ones now), or after the wait
+/// or a renewal was asked for: fetch new ones now), or after the wait
 /// with both false (poll again).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -233,6 +233,7 @@ pub fn provider(name: &str, key_namespace: &str, upstream: &str) -> KeyProvider 
                 max_requests_per_minute: Some(1000),
                 max_requests_per_day: None,
             },
+            anomalies: None,
         },
     );
     kp.metadata.labels = Some([("e2e-scope".to_owned(), key_namespace.to_owned())].into());
@@ -262,6 +263,7 @@ pub fn apikey(name: &str, provider: &str, budget: Option<u32>) -> ApiKey {
                 requests_per_minute: Some(n),
                 requests_per_day: None,
             }),
+            anomalies: None,
         },
     )
 }

@@ -289,7 +289,7 @@ pub async fn shared() -> anyhow::Result<&'static Cluster> {
                 })
                 .await?;
                 let begun = Instant::now();
-                install(&cluster, &images, &[]).await?;
+                install(&cluster, &images, &helm_test_values()).await?;
                 eprintln!(
                     "measured: images imported, helm install to both replicas Ready in {:?}",
                     begun.elapsed()
@@ -302,6 +302,24 @@ pub async fn shared() -> anyhow::Result<&'static Cluster> {
     started
         .as_ref()
         .map_err(|e| anyhow::anyhow!("starting the cluster with keybroker installed: {e}"))
+}
+
+/// The namespace the chart's `helm test` pod runs in (the release namespace is never injected).
+pub const HELM_TEST_NAMESPACE: &str = "keybroker-helm-test";
+
+/// The chart's `helm test` set up for this cluster: a pod of the app image in
+/// [`HELM_TEST_NAMESPACE`] writing to MinIO through the provider [`uploader_tenant`] makes there.
+fn helm_test_values() -> Vec<String> {
+    vec![
+        "test.enabled=true".into(),
+        format!("test.namespace={HELM_TEST_NAMESPACE}"),
+        format!("test.keyProvider={HELM_TEST_NAMESPACE}-s3"),
+        format!("test.image={APP_IMAGE}"),
+        format!("test.s3.bucket={}", fixtures::BUCKET),
+        format!("test.s3.prefix={HELM_TEST_NAMESPACE}/helm-test/"),
+        format!("test.s3.endpointUrl={MINIO_URL}"),
+        format!("test.caConfigMap={MINIO_CA_CONFIGMAP}"),
+    ]
 }
 
 /// The object the analytics Job of `examples/` reads.

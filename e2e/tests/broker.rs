@@ -12,12 +12,12 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
 use keybroker_contract::wire::{
-    AUDIENCE, ExchangeRequest, ExchangeResponse, Refusal, RevocationStatus,
+    AUDIENCE, ExchangeRequest, ExchangeResponse, RENEWED_AT_ANNOTATION, Refusal, RevocationStatus,
 };
 use keybroker_e2e::{
     eventually, fixtures, https, in_namespace, logs, pki, shared, shared_with_crds,
 };
-use keybroker_operator::broker::{Broker, PollAnswer, server};
+use keybroker_operator::broker::{Broker, Held, PollAnswer, server};
 use keybroker_operator::crd::ApiKey;
 use keybroker_operator::metrics::Metrics;
 use keybroker_operator::tls::ReloadingCert;
@@ -271,7 +271,7 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
         // pollers are told), exchanges are refused.
         ensure!(
             broker
-                .poll(&token, "uploader", None, Duration::from_secs(2))
+                .poll(&token, "uploader", Held::default(), Duration::from_secs(2))
                 .await?
                 == PollAnswer::Revoked,
             "revocation not seen"
@@ -298,6 +298,30 @@ async fn every_wrong_request_gets_its_own_refusal() -> anyhow::Result<()> {
             },
         )
         .await?;
+
+        // A renewal asked for (`kubectl keybroker renew`): the pod's waiting poll is told to
+        // renew; credentials issued then carry the new mark, and polls under it stay quiet.
+        let issued = broker.exchange(&token, &request("uploader"), "t").await?;
+        let poll = |mark: String, wait: u64| {
+            let (broker, token, grant) = (Arc::clone(&broker), token.clone(), issued.grant.clone());
+            tokio::spawn(async move {
+                let held = Held { grant: Some(&grant), renewal: Some(&mark) };
+                broker.poll(&token, "uploader", held, Duration::from_secs(wait)).await
+            })
+        };
+        ensure!(poll(issued.renewal.clone(), 1).await?? == PollAnswer::Quiet, "a poll without a renewal was not quiet");
+        let waiting = poll(issued.renewal.clone(), 30);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let asked = Instant::now();
+        Api::<ApiKey>::namespaced(client.clone(), &ns)
+            .patch("uploader", &PatchParams::default(), &Patch::Merge(serde_json::json!({
+                "metadata": {"annotations": {RENEWED_AT_ANNOTATION: "2026-12-03T12:00:00Z"}}})))
+            .await?;
+        ensure!(waiting.await?? == PollAnswer::Renew, "the waiting poll was not told to renew");
+        eprintln!("measured: renewal asked to poll answered {:?}", asked.elapsed());
+        let renewed = broker.exchange(&token, &request("uploader"), "t").await?;
+        ensure!(renewed.renewal != issued.renewal && !renewed.renewal.is_empty(), "the new credentials carry the old mark");
+        ensure!(poll(renewed.renewal.clone(), 1).await?? == PollAnswer::Quiet, "a poll under the new mark was not quiet");
         pods.delete("app", &DeleteParams::default()).await?;
         eventually("pod app gone", Duration::from_secs(30), || async {
             matches!(pods.get_opt("app").await, Ok(None)).then_some(())
@@ -521,6 +545,206 @@ async fn revocation_reaches_a_waiting_client_within_a_second() -> anyhow::Result
         ensure!(
             refused.status == 403 && refused.json::<Refusal>()?.reason == "ApiKeyRevoked",
             "{refused:?}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// The Events about ApiKey `name` with `reason`, by their notes.
+async fn events_of(client: &Client, ns: &str, name: &str, reason: &str) -> Vec<String> {
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), ns);
+    events
+        .list(&Default::default())
+        .await
+        .map(|list| {
+            list.items
+                .into_iter()
+                .filter(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                })
+                .filter_map(|e| e.note)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn anomaly_rules_fire_above_their_threshold_and_revoke_only_when_asked() -> anyhow::Result<()>
+{
+    let cluster = shared_with_crds().await?;
+    in_namespace(cluster, "brk-anomaly", |client, ns| async move {
+        let cluster = shared().await?;
+        fixtures::uploader(cluster, &client, &ns).await?;
+        let keys = Api::<ApiKey>::namespaced(client.clone(), &ns);
+        // uploader: more than 3 refusals a minute revoke it. reader: a token after its pod
+        // only alerts.
+        keys.patch(
+            "uploader",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({
+            "spec": {"anomalies": {"refusalsPerMinute": 3, "action": "Revoke"}}})),
+        )
+        .await?;
+        fixtures::apikey(
+            &client,
+            &ns,
+            "reader",
+            &format!("{ns}-s3"),
+            &["s3:GetObject"],
+            &[fixtures::object_arn(&ns, "reports/*")],
+            None,
+        )
+        .await?;
+        keys.patch(
+            "reader",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({
+            "spec": {"anomalies": {"tokenAfterPodGone": true}}})),
+        )
+        .await?;
+        let metrics = Arc::new(Metrics::default());
+        let broker = Broker::start_with_metrics(
+            client.clone(),
+            fixtures::COUNTS_NAMESPACE,
+            fixtures::SIDECAR_IMAGE,
+            Arc::clone(&metrics),
+        )
+        .await;
+        let reason = |result: Result<
+            ExchangeResponse,
+            keybroker_operator::broker::ExchangeError,
+        >| match result {
+            Ok(_) => "issued".to_owned(),
+            Err(e) => e.reason().to_owned(),
+        };
+
+        // A pod whose service account the ApiKey does not list; the refusals counted within
+        // one minute (started early in a minute, so they cannot straddle two).
+        fixtures::service_account(&client, &ns, "intruder").await?;
+        fixtures::injected_pod(&client, &ns, "intruder-pod", "intruder", "uploader").await?;
+        let token =
+            fixtures::token(&client, &ns, "intruder", AUDIENCE, Some("intruder-pod")).await?;
+        let second = k8s_openapi::jiff::Timestamp::now()
+            .as_second()
+            .rem_euclid(60);
+        if second > 45 {
+            tokio::time::sleep(Duration::from_secs((61 - second) as u64)).await;
+        }
+        for _ in 0..3 {
+            ensure!(
+                reason(broker.exchange(&token, &request("uploader"), "t").await)
+                    == "ServiceAccountNotAllowed"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        ensure!(
+            !keys.get("uploader").await?.spec.revoked,
+            "revoked at the threshold, not above it"
+        );
+        ensure!(
+            events_of(&client, &ns, "uploader", "AnomalyRevoked")
+                .await
+                .is_empty(),
+            "an Event at the threshold"
+        );
+
+        // The fourth: revoked, the rule named in the annotation, the Event, the metric and
+        // the audit record.
+        let fired = Instant::now();
+        ensure!(
+            reason(broker.exchange(&token, &request("uploader"), "t").await)
+                == "ServiceAccountNotAllowed"
+        );
+        let revoked = eventually(
+            "the ApiKey revoked by the anomaly rule",
+            Duration::from_secs(5),
+            || async { keys.get("uploader").await.ok().filter(|k| k.spec.revoked) },
+        )
+        .await?;
+        eprintln!(
+            "measured: refusal above the threshold to the ApiKey revoked {:?}",
+            fired.elapsed()
+        );
+        ensure!(
+            revoked
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("keybroker.dev/revoked-by"))
+                .map(String::as_str)
+                == Some("anomaly:RefusalSpike"),
+            "the revocation does not name its rule: {:?}",
+            revoked.metadata.annotations
+        );
+        let notes = eventually("the anomaly's Event", Duration::from_secs(5), || async {
+            Some(events_of(&client, &ns, "uploader", "AnomalyRevoked").await)
+                .filter(|n| !n.is_empty())
+        })
+        .await?;
+        ensure!(
+            notes.len() == 1 && notes[0].contains("RefusalSpike") && notes[0].contains("4 refused"),
+            "{notes:?}"
+        );
+        // The app's own pod is refused from now on.
+        let app = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("app")).await?;
+        ensure!(reason(broker.exchange(&app, &request("uploader"), "t").await) == "ApiKeyRevoked");
+
+        // reader: a pod's token replayed after the pod was deleted (while the broker still
+        // trusts its TokenReview) raises an alert, and revokes nothing.
+        fixtures::injected_pod(&client, &ns, "gone", "uploader", "reader").await?;
+        let gone = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("gone")).await?;
+        let _ = broker.exchange(&gone, &request("reader"), "t").await;
+        let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+        pods.delete("gone", &DeleteParams::default()).await?;
+        eventually(
+            "pod gone to be deleted",
+            Duration::from_secs(30),
+            || async { matches!(pods.get_opt("gone").await, Ok(None)).then_some(()) },
+        )
+        .await?;
+        eventually(
+            "the gone pod's token refused",
+            Duration::from_secs(5),
+            || async {
+                (reason(broker.exchange(&gone, &request("reader"), "t").await) == "PodGone")
+                    .then_some(())
+            },
+        )
+        .await?;
+        let notes = eventually(
+            "the token-after-pod Event",
+            Duration::from_secs(5),
+            || async {
+                Some(events_of(&client, &ns, "reader", "AnomalyDetected").await)
+                    .filter(|n| !n.is_empty())
+            },
+        )
+        .await?;
+        ensure!(notes[0].contains("TokenAfterPodGone"), "{notes:?}");
+        ensure!(
+            !keys.get("reader").await?.spec.revoked,
+            "an alert-only rule revoked the ApiKey"
+        );
+
+        let exposed = metrics.encode()?;
+        for series in [
+            r#"keybroker_broker_anomalies_total{rule="RefusalSpike",action="revoke"} 1"#,
+            r#"keybroker_broker_anomalies_total{rule="TokenAfterPodGone",action="alert"} 1"#,
+        ] {
+            ensure!(
+                exposed.contains(series),
+                "{series} missing from:\n{exposed}"
+            );
+        }
+        let logs = logs::captured();
+        ensure!(
+            logs.lines().any(|l| l.contains("keybroker::audit")
+                && l.contains("\"outcome\":\"anomaly\"")
+                && l.contains(&ns)
+                && l.contains("RefusalSpike")),
+            "no audit record of the anomaly"
         );
         Ok(())
     })

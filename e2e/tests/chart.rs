@@ -118,14 +118,22 @@ fn first_difference(expected: &str, actual: &str) -> String {
 fn every_optional_part_renders() -> anyhow::Result<()> {
     let (ok, out) = template(&[
         "--set",
-        "certManager.enabled=true,certManager.issuerRef.name=corp-ca,networkPolicy.enabled=true,serviceMonitor.enabled=true",
+        "certManager.enabled=true,certManager.issuerRef.name=corp-ca,networkPolicy.enabled=true,serviceMonitor.enabled=true,podMonitor.enabled=true,prometheusRule.enabled=true,grafanaDashboard.enabled=true",
         "--set",
         "credentialsSecretNamespaces={platform-secrets}",
+        "--set",
+        "test.enabled=true,test.namespace=team-a,test.keyProvider=s3,test.image=app:1,test.s3.bucket=corp-data,test.s3.prefix=team-a/helm-test/",
     ])?;
     ensure!(ok, "{out}");
     for expected in [
         "kind: NetworkPolicy",
         "kind: ServiceMonitor",
+        "kind: PodMonitor",
+        "kind: PrometheusRule",
+        "alert: KeybrokerNoLeader",
+        "keybroker.json: |-",
+        "helm.sh/hook: test",
+        "resources: [\"arn:aws:s3:::corp-data/team-a/helm-test/*\"]",
         "kind: Certificate",
         "cert-manager.io/inject-ca-from: keybroker-system/keybroker-webhook",
         "--webhook-cert-file=/etc/keybroker/webhook-tls/tls.crt",
@@ -169,6 +177,8 @@ fn the_schema_refuses_bad_values() -> anyhow::Result<()> {
             "sidecar.tokenExpirationSeconds=60",
             "tokenExpirationSeconds",
         ),
+        ("prometheusRule.refusalsPerSecond=0", "refusalsPerSecond"),
+        ("test.enabled=true", "test.s3.bucket is required"),
     ] {
         let (ok, out) = template(&["--set", set])?;
         ensure!(!ok, "{set} was accepted");

@@ -90,6 +90,7 @@ fn provider(name: &str, ns: &str, issuer: String) -> KeyProvider {
                 max_requests_per_minute: None,
                 max_requests_per_day: None,
             },
+            anomalies: None,
         },
     );
     kp.metadata.labels = Some([("e2e-scope".to_owned(), ns.to_owned())].into());
@@ -111,6 +112,7 @@ fn apikey(name: &str, provider: &str, scope: &str, audience: &str) -> ApiKey {
             ttl: None,
             revoked: false,
             budget: None,
+            anomalies: None,
         },
     )
 }

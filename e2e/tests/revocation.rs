@@ -17,7 +17,7 @@ use keybroker_contract::wire::{AUDIENCE, ExchangeRequest, ExchangeResponse, Revo
 use keybroker_e2e::boto3::CachedClient;
 use keybroker_e2e::fixtures::{self, BUCKET, Controller};
 use keybroker_e2e::{eventually, https, in_namespace, logs, pki, shared, shared_with_crds};
-use keybroker_operator::broker::{Broker, PollAnswer, server};
+use keybroker_operator::broker::{Broker, Held, PollAnswer, server};
 use keybroker_operator::crd::{ApiKey, KeyProvider};
 use keybroker_operator::tls::ReloadingCert;
 
@@ -262,7 +262,15 @@ async fn a_narrowed_scope_revokes_the_wide_credentials_and_renews_the_pod() -> a
                 (Arc::clone(&s.broker), s.token.clone(), issued.grant.clone());
             tokio::spawn(async move {
                 broker
-                    .poll(&token, "uploader", Some(&grant), Duration::from_secs(30))
+                    .poll(
+                        &token,
+                        "uploader",
+                        Held {
+                            grant: Some(&grant),
+                            renewal: None,
+                        },
+                        Duration::from_secs(30),
+                    )
                     .await
             })
         };

@@ -55,6 +55,9 @@ pub struct KeyProviderSpec {
     pub namespace_selector: LabelSelector,
     /// Upper bounds for every ApiKey that uses this provider.
     pub guardrails: Guardrails,
+    /// Anomaly rules for every ApiKey of this provider that sets none of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomalies: Option<AnomalyPolicy>,
 }
 
 /// An STS endpoint and the role the broker assumes there.
@@ -438,6 +441,45 @@ pub struct ApiKeySpec {
     /// maxRequestsPerDay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
+    /// Rules over what the broker sees for this ApiKey, each raising a metric, an Event and an
+    /// audit record when it fires, and revoking the ApiKey if `action` is `Revoke`. Default:
+    /// the KeyProvider's `anomalies`, else none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomalies: Option<AnomalyPolicy>,
+}
+
+/// Anomaly rules (opt-in). Counts are per broker replica and per minute.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AnomalyPolicy {
+    /// `RefusalSpike`: more refused exchanges than this for the ApiKey within one minute (a
+    /// misconfiguration, or someone probing with tokens that do not qualify).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub refusals_per_minute: Option<u32>,
+    /// `IssuanceBurst`: more credentials issued than this for the ApiKey within one minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub issuances_per_minute: Option<u32>,
+    /// `TokenAfterPodGone`: a pod's token presented after the pod was deleted (a token copied
+    /// out of a pod).
+    #[serde(default)]
+    pub token_after_pod_gone: bool,
+    /// What a firing rule does beyond the metric, Event and audit record: `Alert` (default) or
+    /// `Revoke` (sets spec.revoked, naming the rule in the annotation
+    /// `keybroker.dev/revoked-by`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<AnomalyAction>,
+}
+
+/// What a firing anomaly rule does.
+#[derive(
+    schemars::JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum AnomalyAction {
+    #[default]
+    Alert,
+    Revoke,
 }
 
 /// Calls per minute and per day, for all of an ApiKey's pods together.

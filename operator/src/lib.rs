@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod budget;
+pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod events;

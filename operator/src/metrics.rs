@@ -36,6 +36,14 @@ pub struct ExchangeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnomalyLabels {
+    /// The rule that fired (`RefusalSpike`, `IssuanceBurst`, `TokenAfterPodGone`).
+    pub rule: &'static str,
+    /// `alert` or `revoke`.
+    pub action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GatewayLabels {
     /// `forwarded` or `refused`.
     pub outcome: &'static str,
@@ -61,6 +69,8 @@ pub struct Metrics {
     /// Broker exchanges answered, by outcome and refusal reason.
     pub exchanges: Family<ExchangeLabels, Counter>,
     pub exchange_duration: Histogram,
+    /// Anomaly rules fired, by rule and action.
+    pub anomalies: Family<AnomalyLabels, Counter>,
     /// Gateway calls answered, by outcome, refusal reason and upstream status class.
     pub gateway_calls: Family<GatewayLabels, Counter>,
     /// Time to the answer's headers (forwarded) or the refusal.
@@ -91,6 +101,12 @@ impl Default for Metrics {
             "broker_exchange_duration_seconds",
             "Time to answer one token exchange (TokenReview, authorization and minting)",
             exchange_duration.clone(),
+        );
+        let anomalies = Family::<AnomalyLabels, Counter>::default();
+        registry.register(
+            "broker_anomalies",
+            "Anomaly rules fired for ApiKeys, by rule and action (alert or revoke)",
+            anomalies.clone(),
         );
         let gateway_calls = Family::<GatewayLabels, Counter>::default();
         let gateway_call_duration = Histogram::new(exponential_buckets(0.0002, 2.0, 17));
@@ -150,6 +166,7 @@ impl Default for Metrics {
             admission_duration,
             exchanges,
             exchange_duration,
+            anomalies,
             gateway_calls,
             gateway_call_duration,
         }
@@ -232,6 +249,17 @@ impl Metrics {
     }
 
     /// The text exposition format served on `/metrics`.
+    /// Counts an anomaly rule that fired.
+    pub fn anomaly(&self, rule: &'static str, action: crate::crd::AnomalyAction) {
+        let action = match action {
+            crate::crd::AnomalyAction::Alert => "alert",
+            crate::crd::AnomalyAction::Revoke => "revoke",
+        };
+        self.anomalies
+            .get_or_create(&AnomalyLabels { rule, action })
+            .inc();
+    }
+
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;

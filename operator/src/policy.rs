@@ -500,6 +500,7 @@ scope:
             ttl: None,
             revoked: false,
             budget: None,
+            anomalies: None,
         };
         let refusal = compile(&spec, &guardrails(TEAM_PREFIX), "team-a").unwrap_err();
         assert_eq!(refusal.reason(), "PolicyTooLarge");

@@ -192,10 +192,11 @@ impl Broker {
         &self,
         api_key: &str,
         grant: Option<&str>,
+        renewal: &str,
         wait: Duration,
     ) -> Result<RevocationStatus, Error> {
         let path = format!(
-            "{}?apiKey={api_key}&grant={}&waitSeconds={}",
+            "{}?apiKey={api_key}&grant={}&renewal={renewal}&waitSeconds={}",
             paths::REVOCATIONS,
             grant.unwrap_or_default(),
             wait.as_secs()

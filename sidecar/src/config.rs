@@ -69,6 +69,10 @@ pub struct Args {
     /// Refresh after this fraction of the credentials' lifetime (or sooner if the broker says).
     #[arg(long, env = env::REFRESH_FRACTION, default_value_t = 2.0 / 3.0)]
     pub refresh_fraction: f64,
+    /// The app's loopback URL (`http://127.0.0.1:<port>/<path>`) POSTed to after each new
+    /// credential generation; from the pod's `keybroker.dev/reload-url`.
+    #[arg(long, env = env::RELOAD_URL)]
+    pub reload_url: Option<String>,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = env::LOG_LEVEL, default_value = "info")]
     pub log_level: tracing::Level,
@@ -96,6 +100,8 @@ pub enum Error {
     NotLoopback(SocketAddr),
     #[error("--refresh-fraction {0}: must be above 0 and below 1")]
     RefreshFraction(String),
+    #[error("--reload-url: {0}")]
+    ReloadUrl(String),
 }
 
 /// Where the broker is.
@@ -162,6 +168,11 @@ pub fn credentials_addr(addr: SocketAddr) -> Result<SocketAddr, Error> {
     } else {
         Err(Error::NotLoopback(addr))
     }
+}
+
+/// Checks the reload URL as the webhook did: loopback HTTP with a port only.
+pub fn reload_url(url: &str) -> Result<keybroker_contract::reload::Target, Error> {
+    keybroker_contract::reload::parse(url).map_err(Error::ReloadUrl)
 }
 
 pub fn refresh_fraction(f: f64) -> Result<f64, Error> {

@@ -9,6 +9,7 @@ mod files;
 mod gateway;
 mod http;
 mod random;
+mod reload;
 mod schedule;
 mod state;
 mod tasks;
@@ -110,6 +111,11 @@ async fn run(args: Args) -> Result<(), Error> {
     let credentials_addr = config::credentials_addr(args.credentials_addr)?;
     let gateway_addr = args.gateway_addr.map(gateway::check_addr).transpose()?;
     let refresh_fraction = config::refresh_fraction(args.refresh_fraction)?;
+    let reload = args
+        .reload_url
+        .as_deref()
+        .map(config::reload_url)
+        .transpose()?;
 
     std::fs::create_dir_all(&args.output_dir).map_err(|source| Error::OutputDir {
         path: args.output_dir.clone(),
@@ -159,6 +165,7 @@ async fn run(args: Args) -> Result<(), Error> {
         broker,
         writer,
         refresh_fraction,
+        reload,
     });
     for index in 0..keys.len() {
         tokio::spawn(tasks::refresher(Arc::clone(&ctx), Arc::clone(&keys), index));

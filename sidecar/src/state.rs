@@ -100,6 +100,8 @@ struct Inner {
     kind: Option<Kind>,
     /// The broker's grant the held credentials were minted under.
     grant: Option<String>,
+    /// The ApiKey's renewal mark when they were issued.
+    renewal: String,
     /// Why access was last taken away for good (revoked, refused), until access is held
     /// again: what the local gateway tells the app instead of "try again".
     withdrawn: Option<Removal>,
@@ -113,6 +115,23 @@ struct Inner {
     removals: BTreeMap<Removal, u64>,
 }
 
+/// What the broker issued credentials under: sent back in the revocation poll.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub grant: String,
+    pub renewal: String,
+}
+
+#[cfg(test)]
+impl From<&str> for Origin {
+    fn from(grant: &str) -> Self {
+        Self {
+            grant: grant.to_owned(),
+            renewal: String::new(),
+        }
+    }
+}
+
 /// One ApiKey's credentials and counters.
 #[derive(Debug)]
 pub struct Key {
@@ -121,6 +140,8 @@ pub struct Key {
     holding: watch::Sender<bool>,
     /// Wakes the refresh task at once (the broker said the rights changed).
     renew: Notify,
+    /// Tells the refresh task the revocation poll removed the credentials.
+    revoked: Notify,
 }
 
 impl Key {
@@ -130,6 +151,7 @@ impl Key {
             inner: Mutex::default(),
             holding: watch::Sender::new(false),
             renew: Notify::new(),
+            revoked: Notify::new(),
         }
     }
 
@@ -152,7 +174,7 @@ impl Key {
         &self,
         epoch: u64,
         held: Held,
-        grant: String,
+        origin: Origin,
         writer: &Writer,
     ) -> Result<Installed, atomic::Error> {
         let mut inner = self.lock();
@@ -169,7 +191,8 @@ impl Key {
         inner.kind = Some(held.kind());
         inner.held = Some(held);
         inner.withdrawn = None;
-        inner.grant = Some(grant).filter(|g| !g.is_empty());
+        inner.grant = Some(origin.grant).filter(|g| !g.is_empty());
+        inner.renewal = origin.renewal;
         inner.started = true;
         inner.refreshes += 1;
         self.holding.send_replace(true);
@@ -234,6 +257,16 @@ impl Key {
         self.lock().grant.clone()
     }
 
+    /// Credential generations installed so far (each exchange answer held).
+    pub fn refreshes(&self) -> u64 {
+        self.lock().refreshes
+    }
+
+    /// The renewal mark of the credentials held, for the revocation poll.
+    pub fn renewal(&self) -> String {
+        self.lock().renewal.clone()
+    }
+
     /// Asks the refresh task to fetch new credentials now.
     pub fn request_renewal(&self) {
         self.renew.notify_one();
@@ -242,6 +275,16 @@ impl Key {
     /// Resolves when a renewal was requested (a request made while nobody waited is kept).
     pub async fn renewal_requested(&self) {
         self.renew.notified().await;
+    }
+
+    /// Tells the refresh task that the revocation poll removed the credentials.
+    pub fn tell_revoked(&self) {
+        self.revoked.notify_one();
+    }
+
+    /// Resolves when the revocation poll removed the credentials (kept until awaited).
+    pub async fn revoked(&self) {
+        self.revoked.notified().await;
     }
 
     pub fn expiry(&self) -> Option<Timestamp> {

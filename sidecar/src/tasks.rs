@@ -19,8 +19,8 @@ use tracing::{debug, error, info, warn};
 use crate::atomic::Writer;
 use crate::broker::Broker;
 use crate::schedule::{self, Backoff, TRANSIENT, WITHDRAWN};
-use crate::state::{Held, Installed, Key, Removal};
-use crate::{files, gateway, random, token};
+use crate::state::{Held, Installed, Key, Origin, Removal};
+use crate::{files, gateway, random, reload, token};
 
 /// Each revocation poll waits this long at the broker (its limit is 60 s): one idle request
 /// per minute per ApiKey.
@@ -28,8 +28,10 @@ const POLL_WAIT: Duration = Duration::from_secs(55);
 /// After a "renew", the longest wait for the new credentials before polling again.
 const RENEW_SETTLE: Duration = Duration::from_secs(5);
 
-/// Removes the credentials of a revoked (or no longer usable) ApiKey.
+/// Removes the credentials of a revoked (or no longer usable) ApiKey, and has the refresh task
+/// ask again on the withdrawn schedule, so a restored ApiKey works again without a restart.
 fn remove_revoked(ctx: &Ctx, key: &Key) {
+    key.tell_revoked();
     match key.remove(Removal::Revoked, &ctx.writer) {
         Ok(_) => warn!(
             apikey = key.name,
@@ -47,6 +49,8 @@ pub struct Ctx {
     pub broker: Broker,
     pub writer: Writer,
     pub refresh_fraction: f64,
+    /// The app's loopback URL told of each new credential generation.
+    pub reload: Option<keybroker_contract::reload::Target>,
 }
 
 /// Time from now until `t` by the wall clock (zero if past), rounded up so that a wake-up is
@@ -80,6 +84,12 @@ pub async fn refresher(ctx: Arc<Ctx>, keys: Arc<[Key]>, index: usize) {
         tokio::select! {
             () = sleep_until(next) => {}
             () = key.renewal_requested() => failures = 0,
+            // Nothing is held any more: the next attempt is a withdrawn-access retry, not the
+            // refresh that was scheduled (up to two thirds of a lifetime away).
+            () = key.revoked() => {
+                next = Instant::now() + retry(WITHDRAWN, &mut failures);
+                continue;
+            }
         }
         let delay = attempt(&ctx, key, &mut failures).await;
         next = Instant::now() + delay;
@@ -98,7 +108,8 @@ async fn attempt(ctx: &Ctx, key: &Key, failures: &mut u32) -> Duration {
     let epoch = key.epoch();
     let e = match ctx.broker.exchange(&key.name).await {
         Ok(response) => {
-            return answered(
+            let generation = key.refreshes();
+            let delay = answered(
                 &ctx.writer,
                 ctx.refresh_fraction,
                 key,
@@ -106,6 +117,13 @@ async fn attempt(ctx: &Ctx, key: &Key, failures: &mut u32) -> Duration {
                 &response,
                 failures,
             );
+            if let Some(target) = &ctx.reload
+                && key.refreshes() != generation
+            {
+                let expiration = key.expiry().map(|e| e.to_string()).unwrap_or_default();
+                tokio::spawn(reload::notify(target.clone(), key.name.clone(), expiration));
+            }
+            return delay;
         }
         Err(e) => e,
     };
@@ -204,7 +222,11 @@ fn answered(
         Held::Session(_) => ("gateway session", "held", None),
     };
     let expiration = held.expiration();
-    match key.install(epoch, held, response.grant.clone(), writer) {
+    let origin = Origin {
+        grant: response.grant.clone(),
+        renewal: response.renewal.clone(),
+    };
+    match key.install(epoch, held, origin, writer) {
         Ok(Installed::Written) => {
             *failures = 0;
             let delay = next_refresh(refresh_fraction, &response.refresh_at, expiration);
@@ -260,7 +282,7 @@ pub async fn revocation_poller(ctx: Arc<Ctx>, keys: Arc<[Key]>, index: usize) {
         }
         match ctx
             .broker
-            .poll(&key.name, key.grant().as_deref(), POLL_WAIT)
+            .poll(&key.name, key.grant().as_deref(), &key.renewal(), POLL_WAIT)
             .await
         {
             Ok(answer) if answer.revoked => {
@@ -333,6 +355,7 @@ mod tests {
             token,
             refresh_at,
             grant: "g1".into(),
+            renewal: "5eed".into(),
         }
     }
 
@@ -435,6 +458,9 @@ mod tests {
             "{delay:?}"
         );
         assert_eq!(token_file(), b"TOKEN.ONE");
+        // What it was issued under goes back in the revocation poll.
+        assert_eq!(key.grant().as_deref(), Some("g1"));
+        assert_eq!(key.renewal(), "5eed");
         assert!(key.started());
 
         // An unusable answer keeps the last valid token and retries soon.

@@ -95,6 +95,25 @@ pub(super) fn refusal(
     );
 }
 
+/// The record of an anomaly rule that fired.
+pub(super) fn anomaly(id: &PodIdentity, api_key: &str, firing: &super::anomaly::Firing) {
+    info!(
+        target: "keybroker::audit",
+        outcome = "anomaly",
+        reason = firing.rule.name(),
+        action = ?firing.action,
+        api_key,
+        namespace = %id.namespace,
+        pod = %id.pod_name,
+        pod_uid = %id.pod_uid,
+        service_account = %id.service_account,
+        count = firing.count,
+        threshold = firing.threshold,
+        detail = %firing.note(),
+        "anomaly detected"
+    );
+}
+
 /// The record of an oauth2 token revoked at its identity provider (or of the attempt).
 pub(super) fn token_revocation(ns: &str, api_key: &str, token: &Token, error: Option<&MintError>) {
     let (result, detail) = match error {

@@ -3,6 +3,7 @@
 //! Pod and KeyProvider (fail closed: anything it cannot verify is refused), mints at the
 //! provider, and writes one audit record per issuance or refusal, never a secret.
 
+pub mod anomaly;
 mod audit;
 pub mod authn;
 pub mod authz;
@@ -15,13 +16,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use keybroker_contract::wire::{ExchangeRequest, ExchangeResponse, GatewaySession, Refusal};
+use keybroker_contract::wire::{
+    ExchangeRequest, ExchangeResponse, GatewaySession, RENEWED_AT_ANNOTATION, Refusal,
+};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Api, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
+use tracing::warn;
 
 use crate::budget::{BudgetError, Budgets, Counted};
-use crate::crd::{ApiKey, AwsProvider, KeyProvider};
+use crate::crd::{AnomalyAction, ApiKey, AwsProvider, KeyProvider};
+use crate::events::{EventType, Publisher};
 use crate::metrics::Metrics;
 use crate::providers::aws::{self, mint};
 use crate::providers::gateway::session::{Claims, SessionKey};
@@ -166,6 +172,10 @@ pub struct Broker {
     issued: Arc<Issued>,
     /// Mints oauth2 tokens, reusing per provider what can be.
     minter: Arc<Minter>,
+    /// The anomaly rules' counts.
+    anomalies: anomaly::Watch,
+    /// Events about ApiKeys whose anomaly rules fired.
+    events: Publisher,
 }
 
 /// What the broker needs to issue gateway sessions: the gateway's URL as pods reach it, and
@@ -279,7 +289,7 @@ impl Broker {
         let broker = Arc::new(Self {
             authn: Authenticator::new(client.clone(), keybroker_contract::wire::AUDIENCE),
             issuances: Budgets::new(client.clone(), namespace, Counted::Issuances),
-            client,
+            client: client.clone(),
             keys,
             providers,
             namespaces,
@@ -291,6 +301,12 @@ impl Broker {
             gateway: std::sync::OnceLock::new(),
             issued: Arc::clone(&issued),
             minter: Arc::clone(&minter),
+            anomalies: anomaly::Watch::default(),
+            events: Publisher::new(
+                client.clone(),
+                "keybroker-broker",
+                &std::env::var("HOSTNAME").unwrap_or_else(|_| "keybroker-broker".into()),
+            ),
         });
         tokio::spawn(oauth2::revoke_withdrawn_tokens(
             broker.keys.clone(),
@@ -307,16 +323,17 @@ impl Broker {
     }
 
     /// A revocation long-poll: waits up to `wait` while the pod behind `token` may still use
-    /// ApiKey `name` under grant `held` (the one its credentials were minted under). Answers
-    /// `Revoked` the moment it may not, `Renew` the moment its rights changed (credentials of
-    /// the new grant are ready to be fetched), `Quiet` after the wait. Authorized like an
+    /// ApiKey `name` with what it `held` (the grant and renewal mark its credentials were
+    /// issued under). Answers `Revoked` the moment it may not, `Renew` the moment its rights
+    /// changed (credentials of the new grant are ready to be fetched) or a renewal was asked
+    /// for, `Quiet` after the wait. Authorized like an
     /// exchange: only a pod that may use the ApiKey waits; any other is answered `Revoked` at
     /// once.
     pub async fn poll(
         &self,
         token: &str,
         name: &str,
-        held: Option<&str>,
+        held: Held<'_>,
         wait: Duration,
     ) -> Result<PollAnswer, ExchangeError> {
         let identity = self.authn.authenticate(token).await?;
@@ -336,8 +353,11 @@ impl Broker {
                 Err(ExchangeError::Denied(_)) => return Ok(PollAnswer::Revoked),
                 Err(e) => return Err(e),
                 Ok((key, grant)) => {
-                    let changed = held.is_some_and(|held| held != grant.id);
+                    let changed = held.grant.is_some_and(|held| held != grant.id);
                     if changed && recorded_grant(&key) == Some(grant.id.as_str()) {
+                        return Ok(PollAnswer::Renew);
+                    }
+                    if held.renewal.is_some_and(|mark| mark != renewal_mark(&key)) {
                         return Ok(PollAnswer::Renew);
                     }
                 }
@@ -381,6 +401,7 @@ impl Broker {
         let result = match self.authn.authenticate(token).await {
             Ok(identity) => {
                 let result = self.authorized_mint(&identity, &request.api_key).await;
+                self.watch_anomalies(&identity, &request.api_key, result.as_ref().map(drop));
                 match &result {
                     Ok((grant, issued)) => {
                         audit::issuance(&identity, &request.api_key, client_addr, grant, issued)
@@ -401,6 +422,44 @@ impl Broker {
         };
         self.metrics.exchange(outcome, reason, started.elapsed());
         result
+    }
+
+    /// Counts an exchange's outcome for the ApiKey's anomaly rules (its own, else its
+    /// provider's) and acts on each that fires. Only authorization refusals count: an outage
+    /// of the provider or the apiserver is no tenant's anomaly.
+    fn watch_anomalies(
+        &self,
+        identity: &PodIdentity,
+        name: &str,
+        outcome: Result<(), &ExchangeError>,
+    ) {
+        let ns = identity.namespace.as_str();
+        let Some(key) = self.keys.get(&ObjectRef::new(name).within(ns)) else {
+            return;
+        };
+        let policy = key.spec.anomalies.clone().or_else(|| {
+            self.providers
+                .get(&ObjectRef::new(&key.spec.provider_ref.name))
+                .and_then(|p| p.spec.anomalies.clone())
+        });
+        let Some(policy) = policy else { return };
+        let seen = match outcome {
+            Ok(()) => anomaly::Seen::Issued,
+            Err(ExchangeError::Denied(Denial::PodGone { .. })) => anomaly::Seen::RefusedPodGone,
+            Err(ExchangeError::Denied(_)) => anomaly::Seen::Refused,
+            Err(_) => return,
+        };
+        let now = k8s_openapi::jiff::Timestamp::now().as_second();
+        for firing in self.anomalies.observe((ns, name), seen, &policy, now) {
+            self.metrics.anomaly(firing.rule.name(), firing.action);
+            audit::anomaly(identity, name, &firing);
+            tokio::spawn(act_on_anomaly(
+                self.client.clone(),
+                self.events.clone(),
+                Arc::clone(&key),
+                firing,
+            ));
+        }
     }
 
     /// Decides from the caches (a pod missing there is read live once) whether `identity`
@@ -493,7 +552,7 @@ impl Broker {
                     detail: "the shared count's ConfigMap (see the warning logged)".into(),
                 },
             })?;
-        let issued = match providers::kind(&provider) {
+        let mut issued: Issuance = match providers::kind(&provider) {
             Ok(Kind::Aws(aws)) => self.mint(identity, name, aws, &grant).await?.into(),
             Ok(Kind::Gateway(_)) => self.session(identity, name, &grant)?.into(),
             Ok(Kind::OAuth2(oauth2)) => self.token(identity, name, oauth2, &grant).await?,
@@ -504,6 +563,7 @@ impl Broker {
                 }));
             }
         };
+        issued.response.renewal = renewal_mark(&key);
         Ok((grant, issued))
     }
 
@@ -548,6 +608,7 @@ impl Broker {
             }),
             refresh_at: at(now.as_second().saturating_add(ttl * 2 / 3)),
             grant: grant.id.clone(),
+            renewal: String::new(),
         })
     }
 
@@ -618,6 +679,7 @@ impl Broker {
             token: None,
             refresh_at: minted.refresh_at,
             grant: grant.id.clone(),
+            renewal: String::new(),
         })
     }
 }
@@ -647,6 +709,72 @@ pub enum PollAnswer {
     Revoked,
     /// The ApiKey's rights changed; credentials of the new grant can be fetched.
     Renew,
+}
+
+/// The annotation naming what revoked an ApiKey, when keybroker did (`anomaly:<rule>`).
+pub const REVOKED_BY_ANNOTATION: &str = "keybroker.dev/revoked-by";
+
+/// Revokes the ApiKey if the firing rule says so, and publishes an Event naming the rule.
+async fn act_on_anomaly(
+    client: kube::Client,
+    events: Publisher,
+    key: Arc<ApiKey>,
+    firing: anomaly::Firing,
+) {
+    let (ns, name) = (key.namespace().unwrap_or_default(), key.name_any());
+    let revoke = firing.action == AnomalyAction::Revoke;
+    if revoke {
+        let patch = serde_json::json!({
+            "metadata": {"annotations": {
+                REVOKED_BY_ANNOTATION: format!("anomaly:{}", firing.rule.name())
+            }},
+            "spec": {"revoked": true},
+        });
+        if let Err(e) = Api::<ApiKey>::namespaced(client, &ns)
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            warn!(namespace = ns, api_key = name, rule = firing.rule.name(), error = %e, "revoking an ApiKey for an anomaly failed");
+        }
+    }
+    let reason = if revoke {
+        "AnomalyRevoked"
+    } else {
+        "AnomalyDetected"
+    };
+    if let Err(e) = events
+        .publish(
+            &key.object_ref(&()),
+            EventType::Warning,
+            reason,
+            firing.rule.name(),
+            &firing.note(),
+        )
+        .await
+    {
+        warn!(namespace = ns, api_key = name, error = %e, "publishing an anomaly Event failed");
+    }
+}
+
+/// What a revocation poll says the pod's credentials were issued under.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Held<'a> {
+    pub grant: Option<&'a str>,
+    /// `None` from a sidecar that does not know renewals.
+    pub renewal: Option<&'a str>,
+}
+
+/// The renewal mark of `key`: a digest of its renewal annotation (empty without one), so that
+/// any annotation value is a short hex string on the wire.
+pub fn renewal_mark(key: &ApiKey) -> String {
+    use sha2::Digest;
+    match key.annotations().get(RENEWED_AT_ANNOTATION) {
+        None => String::new(),
+        Some(value) => sha2::Sha256::digest(value.as_bytes())[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    }
 }
 
 /// The grant the controller recorded for `key`, if any.

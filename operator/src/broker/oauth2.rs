@@ -66,6 +66,7 @@ impl Broker {
                 token: Some(minted.token),
                 refresh_at: minted.refresh_at,
                 grant: grant.id.clone(),
+                renewal: String::new(),
             },
             token_ids: Some(TokenIds {
                 id: minted.id,

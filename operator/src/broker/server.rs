@@ -2,7 +2,8 @@
 //!
 //! - `POST /v1/exchange` with `Authorization: Bearer <projected token>` and an
 //!   [`ExchangeRequest`] body → [`ExchangeResponse`], or a [`Refusal`] with 401/403/429/502/503;
-//! - `GET /v1/revocations?apiKey=<name>&grant=<grant>&waitSeconds=<n>` → [`RevocationStatus`]
+//! - `GET /v1/revocations?apiKey=<name>&grant=<grant>&renewal=<mark>&waitSeconds=<n>` →
+//!   [`RevocationStatus`]
 //!   as soon as the pod may no longer use the ApiKey or its rights changed, or after the wait;
 //!   429 past the per-pod or total cap of waiting polls.
 //!
@@ -22,11 +23,11 @@ use hyper::header::{AUTHORIZATION, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use keybroker_contract::paths;
 use keybroker_contract::wire::{
-    ExchangeRequest, MAX_REVOCATION_WAIT_SECONDS, Refusal, RevocationStatus,
+    ExchangeRequest, MAX_RENEWAL_MARK, MAX_REVOCATION_WAIT_SECONDS, Refusal, RevocationStatus,
 };
 use tokio::net::TcpListener;
 
-use super::{Broker, ExchangeError, PollAnswer};
+use super::{Broker, ExchangeError, Held, PollAnswer};
 use crate::https::{self, BodyError, Gate, Limits, PeerLimit};
 use crate::shutdown::Shutdown;
 
@@ -198,8 +199,15 @@ async fn revocations(req: Request<Incoming>, broker: &Broker) -> Response<Full<B
         .unwrap_or(30)
         .min(MAX_REVOCATION_WAIT_SECONDS);
     let held = param("grant").filter(|g| !g.is_empty() && g.len() <= 64);
+    // Absent from older sidecars: they are not asked to renew.
+    let renewal = param("renewal")
+        .filter(|r| r.len() <= MAX_RENEWAL_MARK && r.bytes().all(|b| b.is_ascii_hexdigit()));
+    let held = Held {
+        grant: held.as_deref(),
+        renewal: renewal.as_deref(),
+    };
     match broker
-        .poll(&token, &api_key, held.as_deref(), Duration::from_secs(wait))
+        .poll(&token, &api_key, held, Duration::from_secs(wait))
         .await
     {
         Ok(answer) => https::json(

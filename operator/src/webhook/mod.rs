@@ -252,7 +252,6 @@ impl Webhook {
     /// What the pod's mutation needs of `key`; reads its KeyProvider live if the cache lacks it
     /// and `live_read_left` (then spent).
     async fn facts(&self, key: &ApiKey, live_read_left: &mut bool) -> KeyFacts {
-        let ready = ready_condition(key.status.as_ref()).is_some_and(|c| c.status == "True");
         let name = &key.spec.provider_ref.name;
         let provider = match self.providers.get(&ObjectRef::new(name)) {
             Some(provider) => Some(provider),
@@ -261,38 +260,45 @@ impl Webhook {
             None if std::mem::take(live_read_left) => self.live_provider(name).await.map(Arc::new),
             None => None,
         };
-        let kind = provider.as_deref().and_then(|p| providers::kind(p).ok());
-        let region = match kind {
-            Some(Kind::Aws(aws)) => Some(aws.region.clone()),
-            _ => None,
-        };
-        let gateway = match kind {
-            Some(Kind::Gateway(gateway)) => Some(GatewayFacts {
-                env_name: gateway
-                    .app_env
-                    .as_ref()
-                    .map(|e| e.name.clone())
-                    .unwrap_or_else(|| inject::default_gateway_env(&key.name_any())),
-                path_suffix: gateway
-                    .app_env
-                    .as_ref()
-                    .and_then(|e| e.path_suffix.clone())
-                    .unwrap_or_default(),
-            }),
-            _ => None,
-        };
-        let token_env = match kind {
-            Some(Kind::OAuth2(_)) => Some(inject::default_token_env(&key.name_any())),
-            _ => None,
-        };
-        KeyFacts {
-            service_account_names: key.spec.service_account_names.clone(),
-            ready,
-            revoked: key.spec.revoked,
-            region,
-            gateway,
-            token_env,
-        }
+        key_facts(key, provider.as_deref())
+    }
+}
+
+/// What the pod's mutation needs of `key`, given its KeyProvider if known (pure: `kubectl
+/// keybroker check` decides with it too).
+pub fn key_facts(key: &ApiKey, provider: Option<&KeyProvider>) -> KeyFacts {
+    let ready = ready_condition(key.status.as_ref()).is_some_and(|c| c.status == "True");
+    let kind = provider.and_then(|p| providers::kind(p).ok());
+    let region = match kind {
+        Some(Kind::Aws(aws)) => Some(aws.region.clone()),
+        _ => None,
+    };
+    let gateway = match kind {
+        Some(Kind::Gateway(gateway)) => Some(GatewayFacts {
+            env_name: gateway
+                .app_env
+                .as_ref()
+                .map(|e| e.name.clone())
+                .unwrap_or_else(|| inject::default_gateway_env(&key.name_any())),
+            path_suffix: gateway
+                .app_env
+                .as_ref()
+                .and_then(|e| e.path_suffix.clone())
+                .unwrap_or_default(),
+        }),
+        _ => None,
+    };
+    let token_env = match kind {
+        Some(Kind::OAuth2(_)) => Some(inject::default_token_env(&key.name_any())),
+        _ => None,
+    };
+    KeyFacts {
+        service_account_names: key.spec.service_account_names.clone(),
+        ready,
+        revoked: key.spec.revoked,
+        region,
+        gateway,
+        token_env,
     }
 }
 

@@ -96,6 +96,7 @@ pub(crate) async fn oauth2(requests: usize, operator: &Path) -> anyhow::Result<(
                         max_issuances_per_minute: Some(100_000),
                         ..Guardrails::default()
                     },
+                    anomalies: None,
                 },
             ),
         )
@@ -117,6 +118,7 @@ pub(crate) async fn oauth2(requests: usize, operator: &Path) -> anyhow::Result<(
                     ttl: None,
                     revoked: false,
                     budget: None,
+                    anomalies: None,
                 },
             ),
         )

@@ -177,6 +177,9 @@ pub enum Denial {
     NotInjectedAtCreation,
     #[error("{0}")]
     Conflict(String),
+    /// The reload annotation names no loopback URL; the message says what it must be.
+    #[error("{0}")]
+    InvalidReloadUrl(String),
 }
 
 impl Denial {
@@ -193,6 +196,7 @@ impl Denial {
             Self::Windows => "Windows",
             Self::NotInjectedAtCreation => "NotInjectedAtCreation",
             Self::Conflict(_) => "Conflict",
+            Self::InvalidReloadUrl(_) => "InvalidReloadUrl",
         }
     }
 }
@@ -376,6 +380,14 @@ fn plan(
             ));
         }
     }
+    let reload_url = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(keybroker_contract::reload::ANNOTATION));
+    if let Some(url) = reload_url {
+        keybroker_contract::reload::parse(url).map_err(Denial::InvalidReloadUrl)?;
+    }
     let skipped = skipped_containers(pod);
     checks::check_conflicts(spec, &skipped, settings)?;
 
@@ -401,7 +413,7 @@ fn plan(
     let has_gateway = names
         .iter()
         .any(|n| keys.get(n.as_str()).is_some_and(|k| k.gateway.is_some()));
-    let sidecar = sidecar::sidecar(&names, &access, settings, has_gateway);
+    let sidecar = sidecar::sidecar(&names, &access, settings, has_gateway, reload_url);
     match &spec.init_containers {
         // First, so regular init containers (and everything after them) start with credentials.
         None => patch.add("/spec/initContainers", &[&sidecar]),

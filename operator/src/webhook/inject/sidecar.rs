@@ -36,11 +36,13 @@ pub(super) fn volumes(settings: &Settings) -> Vec<Value> {
 /// The native sidecar: an init container with `restartPolicy: Always` whose startupProbe
 /// passes once the first credentials are written, so app containers start with them in place.
 /// `gateway`: the pod has a gateway ApiKey, so the sidecar opens its local gateway.
+/// `reload_url`: the app's loopback URL told of new credentials (checked already).
 pub(super) fn sidecar(
     names: &[String],
     access: &FileAccess,
     settings: &Settings,
     gateway: bool,
+    reload_url: Option<&String>,
 ) -> Container {
     let mut env = vec![
         (env::BROKER_URL, settings.broker_url.clone()),
@@ -58,6 +60,9 @@ pub(super) fn sidecar(
             format!("0.0.0.0:{}", settings.health_port),
         ),
     ];
+    if let Some(url) = reload_url {
+        env.push((env::RELOAD_URL, url.clone()));
+    }
     if gateway {
         env.push((
             env::GATEWAY_ADDR,

@@ -21,11 +21,22 @@ async fn cluster() -> anyhow::Result<&'static Cluster> {
 /// The app: an unmodified boto3 program. It reports what it found at start, uploads inside and
 /// outside its scope through the container-credentials endpoint and through the files, then
 /// keeps one client (credentials cached) uploading every 100 ms and prints every change of
-/// outcome, and of the files' presence, with the time.
+/// outcome, and of the files' presence, with the time. It prints every reload notification
+/// POSTed to 127.0.0.1:8099 (for pods annotated with `keybroker.dev/reload-url`).
 const APP: &str = r#"
-import os, sys, time
+import http.server, json, os, sys, threading, time
 import boto3, botocore
 from botocore.config import Config
+
+class Reload(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+        print("reload", body["apiKey"], "at", time.time(), flush=True)
+        self.send_response(204)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+threading.Thread(target=http.server.HTTPServer(("127.0.0.1", 8099), Reload).serve_forever, daemon=True).start()
 
 ns = os.environ["NS"]
 files = "/var/run/keybroker/uploader/credentials"
@@ -673,3 +684,7 @@ async fn a_gateway_apikey_reaches_its_upstream_through_the_charts_gateway_withou
     })
     .await
 }
+
+mod cli;
+mod helm_test;
+mod monitoring;
