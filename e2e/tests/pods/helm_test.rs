@@ -20,7 +20,8 @@ async fn helm_test_proves_the_install_with_a_throwaway_apikey() -> anyhow::Resul
     let started = std::time::Instant::now();
     let out = tokio::process::Command::new(keybroker_e2e::tools::Tools::locate()?.helm)
         .args(["test", install::RELEASE, "--namespace", install::NAMESPACE])
-        .args(["--logs", "--timeout", "3m"])
+        // Not --logs: helm looks for test pods in the release namespace only.
+        .args(["--timeout", "3m"])
         .arg(format!("--kubeconfig={}", cluster.kubeconfig.display()))
         .env("NO_PROXY", "127.0.0.1,localhost")
         .kill_on_drop(true)
@@ -33,6 +34,11 @@ async fn helm_test_proves_the_install_with_a_throwaway_apikey() -> anyhow::Resul
     );
     eprintln!("$ helm test {}\n{text}", install::RELEASE);
     ensure!(out.status.success(), "helm test failed: {text}");
+    let pod = Api::<Pod>::namespaced(client.clone(), ns)
+        .get("keybroker-test")
+        .await?;
+    let text = logs(&client, &pod, "check").await?;
+    eprintln!("the test pod's log:\n{text}");
     for line in [
         "inside the ApiKey's scope: allowed",
         "outside the ApiKey's scope: denied",
