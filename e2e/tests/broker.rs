@@ -728,9 +728,66 @@ async fn anomaly_rules_fire_above_their_threshold_and_revoke_only_when_asked() -
             "an alert-only rule revoked the ApiKey"
         );
 
+        // burst: more than two issuances a minute raise an alert, two do not.
+        fixtures::apikey(
+            &client,
+            &ns,
+            "burst",
+            &format!("{ns}-s3"),
+            &["s3:GetObject"],
+            &[fixtures::object_arn(&ns, "reports/*")],
+            None,
+        )
+        .await?;
+        keys.patch(
+            "burst",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({
+            "spec": {"anomalies": {"issuancesPerMinute": 2}}})),
+        )
+        .await?;
+        fixtures::injected_pod(&client, &ns, "burster", "uploader", "burst").await?;
+        let burster = fixtures::token(&client, &ns, "uploader", AUDIENCE, Some("burster")).await?;
+        // The broker's cache sees the policy within milliseconds.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let second = k8s_openapi::jiff::Timestamp::now()
+            .as_second()
+            .rem_euclid(60);
+        if second > 45 {
+            tokio::time::sleep(Duration::from_secs((61 - second) as u64)).await;
+        }
+        for _ in 0..2 {
+            ensure!(reason(broker.exchange(&burster, &request("burst"), "t").await) == "issued");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        ensure!(
+            events_of(&client, &ns, "burst", "AnomalyDetected")
+                .await
+                .is_empty(),
+            "an Event at the threshold"
+        );
+        ensure!(
+            reason(broker.exchange(&burster, &request("burst"), "t").await) == "issued",
+            "an alert-only rule refused"
+        );
+        let notes = eventually(
+            "the issuance burst's Event",
+            Duration::from_secs(5),
+            || async {
+                Some(events_of(&client, &ns, "burst", "AnomalyDetected").await)
+                    .filter(|n| !n.is_empty())
+            },
+        )
+        .await?;
+        ensure!(
+            notes[0].contains("IssuanceBurst") && notes[0].contains("3 credentials issued"),
+            "{notes:?}"
+        );
+
         let exposed = metrics.encode()?;
         for series in [
             r#"keybroker_broker_anomalies_total{rule="RefusalSpike",action="revoke"} 1"#,
+            r#"keybroker_broker_anomalies_total{rule="IssuanceBurst",action="alert"} 1"#,
             r#"keybroker_broker_anomalies_total{rule="TokenAfterPodGone",action="alert"} 1"#,
         ] {
             ensure!(

@@ -224,7 +224,8 @@ impl Cli {
         Ok(listed.items)
     }
 
-    /// What each pod's sidecar holds, for `names` (a pod that does not answer is left out).
+    /// The expiry each pod's sidecar reports for each ApiKey the pod names (a pod that does
+    /// not answer is left out).
     async fn expiries(&self, pods: &[&Pod]) -> BTreeMap<(String, String, String), f64> {
         let scraped: Vec<_> = futures::stream::iter(pods)
             .map(|pod| async move { (pod, sidecars::scrape(&self.client, pod).await) })
