@@ -103,8 +103,11 @@ pub fn check(pod: &Pod, namespace: &str, facts: &Facts, settings: &Settings) -> 
             vec![],
         );
     }
+    let already = inject::claims_injection(&view);
+    // As in the webhook: a pod that carries the injection is judged by it alone.
     let names = match inject::requested_api_keys(&view, namespace) {
         Ok(names) => names,
+        Err(_) if already => Vec::new(),
         Err(denial) => return report(denial.reason(), denial.to_string(), vec![]),
     };
     let known: BTreeMap<String, inject::KeyFacts> = names
@@ -115,7 +118,6 @@ pub fn check(pod: &Pod, namespace: &str, facts: &Facts, settings: &Settings) -> 
             Some((n.clone(), key_facts(key, provider)))
         })
         .collect();
-    let already = inject::claims_injection(&view);
     let mut running = pod.clone();
     let injection = match inject::decide(&view, namespace, &known, settings) {
         Decision::Deny(denial) => return report(denial.reason(), denial.to_string(), vec![]),
@@ -374,5 +376,108 @@ spec: {serviceAccountName: uploader, containers: [{name: app, image: app}]}
         let revoked = run(POD, key);
         assert_eq!(revoked.api_keys[0].outcome, "ApiKeyRevoked", "{revoked:?}");
         assert!(!revoked.ok());
+    }
+
+    /// An ApiKey and KeyProvider that give the webhook exactly `facts` (none for an ApiKey of
+    /// an unknown provider).
+    fn objects(name: &str, facts: &inject::KeyFacts) -> (ApiKey, Option<KeyProvider>) {
+        let provider_name = format!("p-{name}");
+        let kind = if let Some(gateway) = &facts.gateway {
+            let mut app_env = serde_json::json!({ "name": gateway.env_name });
+            if !gateway.path_suffix.is_empty() {
+                app_env["pathSuffix"] = gateway.path_suffix.clone().into();
+            }
+            Some(serde_json::json!({ "gateway": {
+                "upstream": "https://upstream.example",
+                "keySecretRef": { "namespace": "platform", "name": "key" },
+                "presentation": { "header": { "name": "Authorization", "prefix": "Bearer " } },
+                "appEnv": app_env,
+            }}))
+        } else if facts.token_env.is_some() {
+            Some(serde_json::json!({ "oauth2": {
+                "issuer": "https://idp.example/realms/corp",
+                "clientSecretRef": { "namespace": "platform", "name": "client" },
+            }}))
+        } else {
+            facts.region.as_ref().map(|region| {
+                serde_json::json!({ "aws": {
+                    "roleArn": "arn:aws:iam::000000000000:role/x", "region": region,
+                }})
+            })
+        };
+        let provider = kind.map(|mut spec| {
+            spec["namespaceSelector"] = serde_json::json!({});
+            spec["guardrails"] =
+                serde_json::json!({ "allowedActions": ["*"], "allowedResources": ["*"] });
+            serde_json::from_value::<KeyProvider>(serde_json::json!({
+                "apiVersion": "keybroker.dev/v1alpha1", "kind": "KeyProvider",
+                "metadata": { "name": provider_name }, "spec": spec,
+            }))
+            .unwrap()
+        });
+        let mut key: ApiKey = serde_json::from_value(serde_json::json!({
+            "apiVersion": "keybroker.dev/v1alpha1", "kind": "ApiKey",
+            "metadata": { "name": name, "namespace": "team-a" },
+            "spec": {
+                "providerRef": { "name": provider_name },
+                "serviceAccountNames": facts.service_account_names,
+                "scope": { "actions": ["s3:PutObject"], "resources": ["*"] },
+                "revoked": facts.revoked,
+            },
+        }))
+        .unwrap();
+        if facts.ready {
+            ready(&mut key, None);
+        }
+        (key, provider)
+    }
+
+    /// `check` decides like the webhook on every case of the webhook's fixture table: the
+    /// objects rebuilt from each case give the webhook the case's facts, and the injection
+    /// outcome is the webhook's decision.
+    #[test]
+    fn check_agrees_with_the_webhook_on_every_fixture() {
+        #[derive(serde::Deserialize)]
+        struct Case {
+            keys: BTreeMap<String, inject::KeyFacts>,
+            pod: serde_json::Value,
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/webhook/fixtures");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "yaml") {
+                continue;
+            }
+            let case: Case =
+                yaml_serde::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let mut facts = Facts::default();
+            for (name, expected) in &case.keys {
+                let (key, provider) = objects(name, expected);
+                assert_eq!(
+                    key_facts(&key, provider.as_ref()),
+                    *expected,
+                    "{path:?}: {name}"
+                );
+                if let Some(provider) = provider {
+                    facts.providers.insert(provider.name_any(), provider);
+                }
+                facts.keys.insert(name.clone(), key);
+            }
+            let view: PodView = serde_json::from_value(case.pod.clone()).unwrap();
+            let webhook = match inject::decide(&view, "team-a", &case.keys, &Settings::default()) {
+                Decision::Deny(denial) => denial.reason().to_owned(),
+                Decision::Inject { .. } => "Injected".to_owned(),
+                Decision::Unchanged if inject::claims_injection(&view) => {
+                    "AlreadyInjected".to_owned()
+                }
+                Decision::Unchanged => "NotOptedIn".to_owned(),
+            };
+            let pod: Pod = serde_json::from_value(case.pod).unwrap();
+            let report = check(&pod, "team-a", &facts, &Settings::default());
+            assert_eq!(report.injection.outcome, webhook, "{path:?}: {report:?}");
+            checked += 1;
+        }
+        assert!(checked >= 35, "fixtures went missing: {checked}");
     }
 }
