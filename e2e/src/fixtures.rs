@@ -258,6 +258,23 @@ pub async fn apikey(
     Ok(())
 }
 
+/// Sets ApiKey `name`'s anomaly rules to `policy` (a merge patch of `spec.anomalies`).
+pub async fn set_anomalies(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    policy: &keybroker_operator::crd::AnomalyPolicy,
+) -> anyhow::Result<()> {
+    Api::<keybroker_operator::crd::ApiKey>::namespaced(client.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"anomalies": policy}})),
+        )
+        .await?;
+    Ok(())
+}
+
 /// `arn:aws:s3:::corp-data/<ns>/<rest>`.
 pub fn object_arn(ns: &str, rest: &str) -> String {
     format!("arn:aws:s3:::{BUCKET}/{ns}/{rest}")

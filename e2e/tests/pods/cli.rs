@@ -41,31 +41,13 @@ async fn kubectl_keybroker_shows_checks_revokes_restores_and_audits_real_pods() 
 {
     let cluster = cluster().await?;
     in_namespace(cluster, "cli", |client, ns| async move {
-        install::uploader_tenant(cluster, &client, &ns).await?;
         // The app asks to be told of new credentials.
-        let mut deployment = app_deployment(
-            &ns,
-            "app",
-            json!({ "runAsNonRoot": true, "runAsUser": 1000, "fsGroup": 1000 }),
-        )?;
-        deployment
-            .spec
-            .as_mut()
-            .and_then(|s| s.template.metadata.as_mut())
-            .and_then(|m| m.annotations.as_mut())
-            .context("annotations")?
-            .insert(
-                keybroker_contract::reload::ANNOTATION.into(),
-                "http://127.0.0.1:8099/-/reload".into(),
-            );
-        let pod = running_pod(&client, &deployment).await?;
-        let pod_name = pod.metadata.name.clone().context("name")?;
-        ensure!(
-            app_line(&client, &pod, "loop put")
-                .await?
-                .starts_with("ok "),
-            "the app's loop never uploaded"
+        let reload = (
+            keybroker_contract::reload::ANNOTATION,
+            "http://127.0.0.1:8099/-/reload",
         );
+        let pod = uploading_pod(cluster, &client, &ns, &[reload]).await?;
+        let pod_name = pod.metadata.name.clone().context("name")?;
         let kb = |args: &[&str]| kubectl_keybroker(cluster, args, None);
 
         // status: the ApiKey, its pod, and the expiry its sidecar holds.

@@ -111,6 +111,40 @@ fn app_deployment(ns: &str, name: &str, security: serde_json::Value) -> anyhow::
     }))?)
 }
 
+/// The app's pod security: non-root, its group owning the credential files.
+fn non_root() -> serde_json::Value {
+    json!({ "runAsNonRoot": true, "runAsUser": 1000, "fsGroup": 1000 })
+}
+
+/// An uploader tenant in `ns` and the app's running pod (with `annotations` on its template),
+/// once its loop (credentials cached) has uploaded.
+async fn uploading_pod(
+    cluster: &Cluster,
+    client: &kube::Client,
+    ns: &str,
+    annotations: &[(&str, &str)],
+) -> anyhow::Result<Pod> {
+    install::uploader_tenant(cluster, client, ns).await?;
+    let mut deployment = app_deployment(ns, "app", non_root())?;
+    deployment
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.metadata.as_mut())
+        .and_then(|m| m.annotations.as_mut())
+        .context("annotations")?
+        .extend(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+    let pod = running_pod(client, &deployment).await?;
+    ensure!(
+        app_line(client, &pod, "loop put").await?.starts_with("ok "),
+        "the app's loop never uploaded"
+    );
+    Ok(pod)
+}
+
 /// Creates the Deployment and waits until its pod's app container runs; returns the pod.
 async fn running_pod(client: &kube::Client, deployment: &Deployment) -> anyhow::Result<Pod> {
     let ns = deployment
@@ -226,11 +260,7 @@ async fn an_injected_pod_gets_credentials_before_its_app_starts_and_uses_them_in
     let cluster = cluster().await?;
     in_namespace(cluster, "pods", |client, ns| async move {
         install::uploader_tenant(cluster, &client, &ns).await?;
-        let deployment = app_deployment(
-            &ns,
-            "app",
-            json!({ "runAsNonRoot": true, "runAsUser": 1000, "fsGroup": 1000 }),
-        )?;
+        let deployment = app_deployment(&ns, "app", non_root())?;
         let pod = running_pod(&client, &deployment).await?;
 
         // The sidecar is a native sidecar that started first; the app started after its
@@ -359,13 +389,7 @@ async fn a_revocation_empties_the_running_pod_and_its_cached_client_is_refused()
 -> anyhow::Result<()> {
     let cluster = cluster().await?;
     in_namespace(cluster, "revoke", |client, ns| async move {
-        install::uploader_tenant(cluster, &client, &ns).await?;
-        let pod = running_pod(
-            &client,
-            &app_deployment(&ns, "app", json!({ "runAsNonRoot": true, "runAsUser": 1000, "fsGroup": 1000 }))?,
-        )
-        .await?;
-        ensure!(app_line(&client, &pod, "loop put").await?.starts_with("ok "), "the app's loop never uploaded");
+        let pod = uploading_pod(cluster, &client, &ns, &[]).await?;
         let revoked = now();
         fixtures::revoke(&client, &ns, "uploader").await?;
         // MinIO revoked the session itself: the client that cached the keys is refused.
@@ -452,15 +476,7 @@ async fn a_deleted_pods_sidecar_removes_the_files_and_its_token_is_refused_after
     let cluster = cluster().await?;
     in_namespace(cluster, "delete", |client, ns| async move {
         install::uploader_tenant(cluster, &client, &ns).await?;
-        let pod = running_pod(
-            &client,
-            &app_deployment(
-                &ns,
-                "app",
-                json!({ "runAsNonRoot": true, "runAsUser": 1000, "fsGroup": 1000 }),
-            )?,
-        )
-        .await?;
+        let pod = running_pod(&client, &app_deployment(&ns, "app", non_root())?).await?;
         ensure!(app_line(&client, &pod, "files inside").await? == "ok");
         let name = pod.metadata.name.clone().context("name")?;
         let uid = pod.metadata.uid.clone().context("uid")?;

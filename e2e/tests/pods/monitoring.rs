@@ -170,22 +170,7 @@ async fn the_charts_alerts_and_dashboard_query_series_the_operator_and_sidecars_
         // What live operators and a live sidecar serve. A labelled family appears only once it
         // has a sample: the sidecar is scraped holding credentials, then after a revocation
         // (credentials removed, its next exchange refused), and both operator replicas.
-        install::uploader_tenant(cluster, &client, &ns).await?;
-        let pod = running_pod(
-            &client,
-            &app_deployment(
-                &ns,
-                "app",
-                json!({ "runAsNonRoot": true, "runAsUser": 1000, "fsGroup": 1000 }),
-            )?,
-        )
-        .await?;
-        ensure!(
-            app_line(&client, &pod, "loop put")
-                .await?
-                .starts_with("ok "),
-            "the app's loop never uploaded"
-        );
+        let pod = uploading_pod(cluster, &client, &ns, &[]).await?;
         let pod_name = pod.metadata.name.clone().context("name")?;
         let health = keybroker_contract::ports::HEALTH;
         let mut live = served_series(&pod_metrics(&client, &ns, &pod_name, health).await?);

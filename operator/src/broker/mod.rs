@@ -519,13 +519,7 @@ impl Broker {
     ) -> Result<(Grant, Issuance), ExchangeError> {
         let ns = &identity.namespace;
         let (key, grant) = self.authorize(identity, name).await?;
-        // Mint only under a grant the controller has recorded, so that every tag at the
-        // provider is one it knows and will revoke (see `revocation`).
-        if recorded_grant(&key).is_some_and(|recorded| recorded != grant.id) {
-            return Err(ExchangeError::GrantPending {
-                name: name.to_owned(),
-            });
-        }
+        minted_under_recorded_grant(&key, &grant)?;
         let provider = self
             .providers
             .get(&ObjectRef::new(&key.spec.provider_ref.name))
@@ -780,4 +774,19 @@ pub fn renewal_mark(key: &ApiKey) -> String {
 /// The grant the controller recorded for `key`, if any.
 fn recorded_grant(key: &ApiKey) -> Option<&str> {
     key.status.as_ref().and_then(|s| s.grant.as_deref())
+}
+
+/// Refuses `grant` while the controller has recorded other rights for `key`: the broker mints
+/// only under a grant the controller knows, so every tag at the provider is one it will revoke
+/// (see `revocation`). `kubectl keybroker check` asks the same.
+pub(crate) fn minted_under_recorded_grant(
+    key: &ApiKey,
+    grant: &Grant,
+) -> Result<(), ExchangeError> {
+    match recorded_grant(key) {
+        Some(recorded) if recorded != grant.id => Err(ExchangeError::GrantPending {
+            name: key.name_any(),
+        }),
+        _ => Ok(()),
+    }
 }

@@ -9,6 +9,7 @@ use kube::ResourceExt;
 use serde::Serialize;
 
 use crate::broker::authz::{self, APIKEYS_ANNOTATION, INJECT_LABEL, PodIdentity};
+use crate::broker::minted_under_recorded_grant;
 use crate::crd::{ApiKey, KeyProvider};
 use crate::webhook::inject::{self, Decision, PodView, Settings};
 use crate::webhook::key_facts;
@@ -175,7 +176,7 @@ fn key_check(
 ) -> KeyCheck {
     let key = facts.keys.get(name);
     let provider = key.and_then(|k| facts.providers.get(&k.spec.provider_ref.name));
-    let (outcome, message) = match authz::authorize(
+    let checked = authz::authorize(
         identity,
         name,
         key,
@@ -183,15 +184,16 @@ fn key_check(
         provider,
         &facts.namespace_labels,
         &settings.image,
-    ) {
-        Err(denial) => (denial.reason().to_owned(), denial.to_string()),
-        // The broker mints only under the grant the controller recorded (see `revocation`).
-        Ok(grant) if key.and_then(|k| k.status.as_ref()?.grant.as_deref()) != Some(&grant.id) => (
-            "GrantPending".to_owned(),
-            format!(
-                "the controller has not recorded the current rights of ApiKey {name} yet; wait until it is Ready (kubectl get apikey {name})"
-            ),
-        ),
+    )
+    .map_err(|denial| (denial.reason().to_owned(), denial.to_string()))
+    .and_then(
+        |grant| match key.map(|k| minted_under_recorded_grant(k, &grant)) {
+            Some(Err(pending)) => Err((pending.reason().to_owned(), pending.to_string())),
+            _ => Ok(grant),
+        },
+    );
+    let (outcome, message) = match checked {
+        Err(refusal) => refusal,
         Ok(grant) => (
             "Issued".to_owned(),
             format!(
@@ -302,11 +304,16 @@ spec: {serviceAccountName: uploader, containers: [{name: app, image: app}]}
     #[test]
     fn a_new_pod_is_injected_then_issued_once_the_grant_is_recorded() {
         let mut key: ApiKey = yaml_serde::from_str(KEY).unwrap();
-        ready(&mut key, None);
+        // The controller still holds the rights from before a change: the broker would refuse.
+        ready(&mut key, Some("rights-before-the-change".into()));
         let pending = run(POD, key.clone());
         assert_eq!(pending.injection.outcome, "Injected", "{pending:?}");
         assert_eq!(pending.api_keys[0].outcome, "GrantPending", "{pending:?}");
         assert!(!pending.ok());
+        // Nothing recorded yet (a new ApiKey): the broker mints, and check agrees.
+        let mut new = key.clone();
+        ready(&mut new, None);
+        assert!(run(POD, new).ok());
 
         // The grant the broker would compute is the one the controller records.
         let pod: Pod = yaml_serde::from_str(POD).unwrap();
