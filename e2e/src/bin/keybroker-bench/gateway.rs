@@ -1,6 +1,7 @@
 //! `gateway`: app → sidecar → gateway → go-httpbin against the app calling go-httpbin
-//! directly, in one run: small and 1 MiB bodies at several concurrencies (p50/p99 and
-//! throughput), the sidecar's RSS with the proxy active, and its memory per idle keep-alive
+//! directly and against two byte relays in the sidecar's and the gateway's places (`relay`), in
+//! one run: small and 1 MiB bodies at several concurrencies (p50/p99, throughput and CPU per
+//! call), the sidecar's RSS with the proxy active, and its memory per idle keep-alive
 //! connection from the app.
 
 use std::path::Path;
@@ -18,6 +19,7 @@ use keybroker_e2e::httpbin::{self, Httpbin};
 use keybroker_operator::crd::Budget;
 
 use super::*;
+use crate::relay;
 
 /// Calls per concurrency level: small bodies, 1 MiB bodies.
 const SMALL_CALLS: usize = 2000;
@@ -77,8 +79,13 @@ pub(crate) async fn gateway(sidecar: &Path) -> anyhow::Result<()> {
         port: rig.local_port,
         prefix: "/echo".into(),
     };
-    // Warm both paths (connections, the gateway's caches and budget lease).
-    for target in [&direct, &through] {
+    let relays = relay::start(&dir.join("relays"), upstream.addr()).await?;
+    let relayed = Target {
+        port: relays.port,
+        prefix: String::new(),
+    };
+    // Warm every path (connections, the gateway's caches and budget lease).
+    for target in [&direct, &relayed, &through] {
         let conn = target.connect().await?;
         for _ in 0..50 {
             target.call(&conn, ns, &Bytes::new()).await?;
@@ -92,9 +99,9 @@ pub(crate) async fn gateway(sidecar: &Path) -> anyhow::Result<()> {
     };
     println!();
     println!(
-        "| body | concurrency | direct p50 ms | direct p99 ms | direct calls/s | gateway p50 ms | gateway p99 ms | gateway calls/s | added p50 ms | throughput vs direct |"
+        "| body | concurrency | direct p50 ms | direct p99 ms | direct calls/s | relays p50 ms | relays calls/s | gateway p50 ms | gateway p99 ms | gateway calls/s | added p50 ms | gateway vs direct | relays vs direct | gateway vs relays | sidecar peak RSS KiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut peak_rss = 0;
     let mut cpu_rows = Vec::new();
     for (label, body, calls) in [
@@ -104,45 +111,68 @@ pub(crate) async fn gateway(sidecar: &Path) -> anyhow::Result<()> {
         for &workers in &LEVELS {
             let before = pids.cpu()?;
             let floor = run(&direct, ns, workers, calls, &body).await?;
-            let between = pids.cpu()?;
+            let direct_done = pids.cpu()?;
+            let hops = run(&relayed, ns, workers, calls, &body).await?;
+            let relays_done = pids.cpu()?;
+            reset_peak_rss(rig.sidecar.pid())?;
             let measured = run(&through, ns, workers, calls, &body).await?;
             let after = pids.cpu()?;
-            cpu_rows.push((label, workers, calls, between - before, after - between));
-            peak_rss = peak_rss.max(rss_kib(rig.sidecar.pid())?);
+            let round_peak = peak_rss_kib(rig.sidecar.pid())?;
+            cpu_rows.push(CpuRow {
+                label,
+                workers,
+                calls,
+                direct: direct_done - before,
+                relays: relays_done - direct_done,
+                gateway: after - relays_done,
+            });
+            peak_rss = peak_rss.max(round_peak);
             println!(
-                "| {label} | {workers} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.0} % |",
+                "| {label} | {workers} | {:.2} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.0} % | {:.0} % | {:.0} % | {round_peak} |",
                 floor.p50_ms,
                 floor.p99_ms,
                 floor.rate,
+                hops.p50_ms,
+                hops.rate,
                 measured.p50_ms,
                 measured.p99_ms,
                 measured.rate,
                 measured.p50_ms - floor.p50_ms,
                 100.0 * measured.rate / floor.rate,
+                100.0 * hops.rate / floor.rate,
+                100.0 * measured.rate / hops.rate,
             );
         }
     }
 
     // CPU per call: what bounds the throughput once the two cores are busy. The ceiling is the
     // throughput the gateway path could reach if it used the cores as well as the direct path:
-    // direct CPU per call over gateway CPU per call.
+    // direct CPU per call over gateway CPU per call. The relays' ceiling is the same for two
+    // hops that do nothing but copy bytes.
     println!();
     println!(
-        "| body | concurrency | direct CPU µs/call (client, upstream) | gateway CPU µs/call (client + gateway, sidecar, upstream) | ceiling vs direct |"
+        "| body | concurrency | direct CPU µs/call (client, upstream) | relays CPU µs/call (client + relays, upstream) | gateway CPU µs/call (client + gateway, sidecar, upstream) | relays ceiling vs direct | gateway ceiling vs direct |"
     );
-    println!("|---|---|---|---|---|");
-    for (label, workers, calls, direct, through) in cpu_rows {
-        let per_call = |ticks: u64| ticks as f64 / USER_HZ * 1e6 / calls as f64;
+    println!("|---|---|---|---|---|---|---|");
+    for row in cpu_rows {
+        let per_call = |ticks: u64| ticks as f64 / USER_HZ * 1e6 / row.calls as f64;
+        let ceiling = |cpu: Cpu| 100.0 * row.direct.total() as f64 / cpu.total().max(1) as f64;
         println!(
-            "| {label} | {workers} | {:.0} ({:.0}, {:.0}) | {:.0} ({:.0}, {:.0}, {:.0}) | {:.0} % |",
-            per_call(direct.total()),
-            per_call(direct.bench),
-            per_call(direct.upstream),
-            per_call(through.total()),
-            per_call(through.bench),
-            per_call(through.sidecar),
-            per_call(through.upstream),
-            100.0 * direct.total() as f64 / through.total().max(1) as f64,
+            "| {} | {} | {:.0} ({:.0}, {:.0}) | {:.0} ({:.0}, {:.0}) | {:.0} ({:.0}, {:.0}, {:.0}) | {:.0} % | {:.0} % |",
+            row.label,
+            row.workers,
+            per_call(row.direct.total()),
+            per_call(row.direct.bench),
+            per_call(row.direct.upstream),
+            per_call(row.relays.total()),
+            per_call(row.relays.bench),
+            per_call(row.relays.upstream),
+            per_call(row.gateway.total()),
+            per_call(row.gateway.bench),
+            per_call(row.gateway.sidecar),
+            per_call(row.gateway.upstream),
+            ceiling(row.relays),
+            ceiling(row.gateway),
         );
     }
 
@@ -156,24 +186,41 @@ pub(crate) async fn gateway(sidecar: &Path) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_kib(rig.sidecar.pid())?;
-    let peak = peak_rss_kib(rig.sidecar.pid())?;
     drop(idle);
     println!();
     println!("| sidecar memory | KiB |");
     println!("|---|---|");
-    println!("| RSS, highest seen between the rounds | {peak_rss} |");
-    println!("| peak RSS (VmHWM) over the whole run | {peak} |");
+    println!("| peak RSS (VmHWM) of the busiest round | {peak_rss} |");
+    println!("| RSS with {IDLE_CONNECTIONS} idle keep-alive connections open | {after} |");
     println!(
         "| per idle keep-alive connection from the app ({IDLE_CONNECTIONS} open) | {:.1} |",
         after.saturating_sub(before) as f64 / IDLE_CONNECTIONS as f64
     );
     println!();
     println!(
-        "Targets: added p50 under 1 ms, throughput at least 80 % of direct, sidecar RSS under 8 MiB (8192 KiB). The direct column is the floor: the same client on keep-alive connections to go-httpbin."
+        "Targets: added p50 under 1 ms, throughput at least 80 % of direct, sidecar RSS under 8 MiB (8192 KiB). The direct column is the floor: the same client on keep-alive connections to go-httpbin. The relays are the floor of two hops: byte copies in the sidecar's and the gateway's places, TLS between them, nothing checked."
     );
+    drop(relays);
     drop(rig);
     drop(cluster);
     Ok(())
+}
+
+/// Starts `pid`'s peak resident set (VmHWM) afresh from its current RSS, so that each round
+/// reports its own peak.
+fn reset_peak_rss(pid: u32) -> anyhow::Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+        .with_context(|| format!("resetting the peak RSS of process {pid} (needs root)"))
+}
+
+/// The CPU one round's three paths used.
+struct CpuRow {
+    label: &'static str,
+    workers: usize,
+    calls: usize,
+    direct: Cpu,
+    relays: Cpu,
+    gateway: Cpu,
 }
 
 /// The processes a call costs CPU in: this one (the load generator, and the gateway and

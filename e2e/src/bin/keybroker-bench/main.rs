@@ -37,6 +37,7 @@ mod controller;
 mod gateway;
 mod hostile;
 mod oauth2;
+mod relay;
 mod revocation;
 mod sidecar;
 mod webhook;
